@@ -1,0 +1,1 @@
+//! Host side of the FlashAttention-3 Hopper forward family (sm90a). TODO(C4)
