@@ -1,16 +1,71 @@
 //! The CPU backend: the FlashAttention algorithm itself (tiles, online softmax, LSE,
 //! recomputation in the backward), threaded with rayon over batch × heads × query tiles.
+//!
+//! - [`forward`]: one rayon task per (sequence, query tile); the task walks every query head and
+//!   only the key tiles its rows can see (`Mask::key_range`), keeping a running max `m_i`, sum
+//!   `l_i` and an f32 output accumulator. Working memory is O(tile) per task; nothing of size
+//!   `seqlen_q × seqlen_k` is ever allocated.
+//! - [`backward`]: recomputes `P` tile by tile from the LSE (see `backward.rs` for the
+//!   deterministic two-pass scheme).
+//!
+//! Inner products run on the `gemm` crate (f32, single-threaded inside each rayon task);
+//! f16/bf16 tiles are widened to f32 once when loaded.
+
+mod backward;
+mod forward;
+pub mod tile;
 
 use crate::error::Result;
-use crate::layout::{Problem, Qkv};
+use crate::layout::{Problem, Qkv, RowStrides};
+use crate::math::Mask;
 use crate::options::AttnOptions;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::{ForwardOutput, Gradients};
+use half::{bf16, f16};
+
+/// Query/key tile sizes of the CPU kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiles {
+    /// Query rows per tile.
+    pub bq: usize,
+    /// Key rows per tile.
+    pub bk: usize,
+}
+
+impl Tiles {
+    /// The tile sizes used for head dim `d` (overridable for tuning with the environment
+    /// variable `FLASHATTN_CPU_TILES=BQ,BK`).
+    pub fn for_head_dim(d: usize) -> Tiles {
+        if let Some(t) = env_tiles() {
+            return t;
+        }
+        if d <= 128 {
+            Tiles { bq: 64, bk: 256 }
+        } else {
+            Tiles { bq: 64, bk: 128 }
+        }
+    }
+}
+
+fn env_tiles() -> Option<Tiles> {
+    use std::sync::OnceLock;
+    static T: OnceLock<Option<Tiles>> = OnceLock::new();
+    *T.get_or_init(|| {
+        let s = std::env::var("FLASHATTN_CPU_TILES").ok()?;
+        let (a, b) = s.split_once(',')?;
+        let (bq, bk) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        (bq > 0 && bk > 0).then_some(Tiles { bq, bk })
+    })
+}
 
 /// CPU forward. `problem` was validated from `inputs` and `opts`.
 pub fn forward(problem: &Problem, inputs: &Qkv<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
-    let _ = (problem, inputs, opts);
-    todo!("cpu forward")
+    let tiles = Tiles::for_head_dim(problem.head_dim);
+    match problem.dtype {
+        DType::F32 => forward::run::<f32>(problem, inputs, opts, tiles),
+        DType::F16 => forward::run::<f16>(problem, inputs, opts, tiles),
+        DType::BF16 => forward::run::<bf16>(problem, inputs, opts, tiles),
+    }
 }
 
 /// CPU backward. `problem` was validated from `inputs` and `opts`, and the backward tensors checked.
@@ -22,6 +77,138 @@ pub fn backward(
     dout: &Tensor,
     opts: &AttnOptions,
 ) -> Result<Gradients> {
-    let _ = (problem, inputs, out, lse, dout, opts);
-    todo!("cpu backward")
+    let tiles = Tiles::for_head_dim(problem.head_dim);
+    match problem.dtype {
+        DType::F32 => backward::run::<f32>(problem, inputs, out, lse, dout, opts, tiles),
+        DType::F16 => backward::run::<f16>(problem, inputs, out, lse, dout, opts, tiles),
+        DType::BF16 => backward::run::<bf16>(problem, inputs, out, lse, dout, opts, tiles),
+    }
 }
+
+/// Row strides of a tensor shaped like `q` (`out`, `dout`): same convention as `Problem::q`.
+pub(crate) fn q_like_strides(t: &Tensor, varlen: bool) -> RowStrides {
+    let s = t.strides();
+    if varlen {
+        RowStrides {
+            offset: t.offset(),
+            batch: 0,
+            row: s[0],
+            head: s[1],
+        }
+    } else {
+        RowStrides {
+            offset: t.offset(),
+            batch: s[0],
+            row: s[1],
+            head: s[2],
+        }
+    }
+}
+
+/// The union `[lo, hi)` of the key ranges of rows `i0..i0+rows` (empty rows ignored);
+/// `None` when no row sees a key.
+pub(crate) fn tile_key_range(
+    mask: &Mask,
+    i0: usize,
+    rows: usize,
+    sq: usize,
+    sk: usize,
+) -> Option<(usize, usize)> {
+    let mut lo = usize::MAX;
+    let mut hi = 0;
+    for i in i0..i0 + rows {
+        let (a, b) = mask.key_range(i, sq, sk);
+        if a < b {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    (lo < hi).then_some((lo, hi))
+}
+
+/// The query rows `[ia, ib)` that see at least one key of `[j0, j1)` (key ranges are monotone
+/// in the row index, so they form one interval).
+pub(crate) fn query_range_for_keys(
+    mask: &Mask,
+    j0: usize,
+    j1: usize,
+    sq: usize,
+    sk: usize,
+) -> (usize, usize) {
+    // First row with hi > j0.
+    let first = |pred: &dyn Fn(usize) -> bool| {
+        let (mut a, mut b) = (0usize, sq);
+        while a < b {
+            let m = (a + b) / 2;
+            if pred(m) {
+                b = m;
+            } else {
+                a = m + 1;
+            }
+        }
+        a
+    };
+    let ia = first(&|i| mask.key_range(i, sq, sk).1 > j0);
+    let ib = first(&|i| mask.key_range(i, sq, sk).0 >= j1);
+    (ia, ib.max(ia))
+}
+
+/// Applies softcap, ALiBi and the mask to one score row (`s[c]` is key `j0 + c` of row `i`).
+/// `dt` (empty, or as long as `s`) receives the softcap derivative factor `1 − tanh²`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn transform_row(
+    p: &Problem,
+    slope: Option<f32>,
+    i: usize,
+    j0: usize,
+    sq: usize,
+    sk: usize,
+    s: &mut [f32],
+    dt: &mut [f32],
+) {
+    let jn = s.len();
+    if p.softcap > 0.0 {
+        tile::softcap_in_place(s, p.softcap, dt);
+    }
+    if let Some(sl) = slope {
+        for (c, x) in s.iter_mut().enumerate() {
+            *x -= crate::math::alibi_bias(sl, i, j0 + c, sq, sk);
+        }
+    }
+    if !p.mask.is_none() {
+        let (lo, hi) = p.mask.key_range(i, sq, sk);
+        let a = lo.saturating_sub(j0).min(jn);
+        let b = hi.saturating_sub(j0).min(jn).max(a);
+        s[..a].fill(f32::NEG_INFINITY);
+        s[b..].fill(f32::NEG_INFINITY);
+    }
+}
+
+/// Dropout on one probability row, in place: kept values scaled by `1/(1−p)`, dropped set to 0.
+/// When `other` is non-empty the same keep factor multiplies it too.
+#[inline]
+pub(crate) fn dropout_row(
+    drop: &crate::math::Dropout,
+    b: usize,
+    h: usize,
+    i: usize,
+    j0: usize,
+    row: &mut [f32],
+) {
+    let thr = drop.threshold();
+    let sc = drop.scale;
+    let mut words = [0u32; 4];
+    let mut blk = usize::MAX;
+    for (c, x) in row.iter_mut().enumerate() {
+        let j = j0 + c;
+        if j >> 2 != blk {
+            blk = j >> 2;
+            words = drop.words(b, h, i, j);
+        }
+        *x = if words[j & 3] >= thr { *x * sc } else { 0.0 };
+    }
+}
+
+#[cfg(test)]
+mod tests;
