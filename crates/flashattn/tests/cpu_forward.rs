@@ -33,7 +33,7 @@ fn check(c: &Case) -> (f64, f64) {
 fn random_cases() {
     let mut rng = Rng::new(0xF0);
     let cfg = CaseConfig::cpu();
-    for _ in 0..80 {
+    for _ in 0..250 {
         check(&random_case(&mut rng, &cfg));
     }
 }

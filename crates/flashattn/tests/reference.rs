@@ -232,3 +232,31 @@ fn helpers_are_reproducible_and_nonzero() {
             .unwrap_or_else(|e| panic!("{e}: {}", c.spec.describe()));
     }
 }
+
+#[test]
+fn backward_given_exact_out_is_backward() {
+    let c = Case::varlen(
+        DType::F32,
+        &[(5, 7), (3, 0), (6, 2)],
+        4,
+        2,
+        5,
+        AttnOptions::new().causal(true).softcap(1.0).dropout(0.2, 3),
+        8,
+    );
+    let rp = RefProblem::from_qkv(&c.qkv());
+    let dout: Vec<f64> = rand_values(c.q.numel(), 4)
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let (out, _) = rp.forward(c.opts());
+    let a = rp.backward(c.opts(), &dout);
+    let b = rp.backward_given_out(c.opts(), &dout, Some(&out));
+    for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+        let worst = x
+            .iter()
+            .zip(y)
+            .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
+        assert!(worst < 1e-12, "{worst}");
+    }
+}

@@ -434,6 +434,20 @@ impl RefProblem {
 
     /// Gradients of `sum(out · dout)` w.r.t. q, k, v (`dout` in q's logical layout).
     pub fn backward(&self, o: &AttnOptions, dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        self.backward_given_out(o, dout, None)
+    }
+
+    /// Like [`RefProblem::backward`], but the row term `D_i = Σ_j P_ij dP_ij` is taken as
+    /// `dout_i · out_i` with the `out` the kernel was given (when `Some`), as FlashAttention's
+    /// backward does. Mathematically identical; with an f16/bf16 `out` it models the rounding
+    /// the backward API cannot avoid (it only sees the rounded `out`), which otherwise dominates
+    /// `dq`/`dk` when a softmax row is nearly one-hot.
+    pub fn backward_given_out(
+        &self,
+        o: &AttnOptions,
+        dout: &[f64],
+        out: Option<&[f64]>,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let d = self.d;
         let group = self.heads_q / self.heads_k;
         let scale = o.scale.map(|x| x as f64).unwrap_or(1.0 / (d as f64).sqrt());
@@ -459,7 +473,14 @@ impl RefProblem {
                             z[j] * dorow.iter().zip(vrow).map(|(a, b)| a * b).sum::<f64>()
                         })
                         .collect();
-                    let rowdot: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    let rowdot: f64 = match out {
+                        Some(out) => dorow
+                            .iter()
+                            .zip(&out[qoff..][..d])
+                            .map(|(a, b)| a * b)
+                            .sum(),
+                        None => p.iter().zip(&dp).map(|(a, b)| a * b).sum(),
+                    };
                     for j in 0..s.sk {
                         if p[j] == 0.0 {
                             continue;
@@ -501,6 +522,17 @@ pub fn ref_backward(
     dout: &Tensor,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     RefProblem::from_qkv(inputs).backward(opts, &to_f64(dout))
+}
+
+/// [`ref_backward`] with the row term `D = rowsum(dout ∘ out)` taken from the rounded `out`
+/// the backward is given (see [`RefProblem::backward_given_out`]); use it for f16/bf16.
+pub fn ref_backward_given_out(
+    inputs: &Qkv<'_>,
+    opts: &AttnOptions,
+    dout: &Tensor,
+    out: &Tensor,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    RefProblem::from_qkv(inputs).backward_given_out(opts, &to_f64(dout), Some(&to_f64(out)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -588,7 +620,7 @@ impl CaseConfig {
 pub struct CaseSpec {
     pub dtype: DType,
     pub batch: usize,
-    /// `(sq, sk)` per batch entry (all equal for dense).
+    /// `(sq, sk)` per batch entry (dense: all equal, and at least one entry even for batch 0).
     pub seqlens: Vec<(usize, usize)>,
     pub varlen: bool,
     pub heads_q: usize,
@@ -771,7 +803,8 @@ impl Case {
         Case::build(CaseSpec {
             dtype,
             batch,
-            seqlens: vec![(sq, sk); batch],
+            // Dense keeps one entry even for batch 0 so the seqlens survive.
+            seqlens: vec![(sq, sk); batch.max(1)],
             varlen: false,
             heads_q,
             heads_k,
@@ -834,6 +867,14 @@ impl Case {
 
     pub fn ref_backward(&self, dout: &Tensor) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         ref_backward(&self.qkv(), &self.spec.opts, dout)
+    }
+
+    pub fn ref_backward_given_out(
+        &self,
+        dout: &Tensor,
+        out: &Tensor,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        ref_backward_given_out(&self.qkv(), &self.spec.opts, dout, out)
     }
 }
 
