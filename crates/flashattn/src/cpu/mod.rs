@@ -40,7 +40,7 @@ impl Tiles {
             return t;
         }
         if d <= 128 {
-            Tiles { bq: 64, bk: 256 }
+            Tiles { bq: 128, bk: 128 }
         } else {
             Tiles { bq: 64, bk: 128 }
         }

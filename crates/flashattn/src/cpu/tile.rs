@@ -306,13 +306,24 @@ pub(crate) use dispatch;
 dispatch! {
     /// `y[i] = exp_fast(x[i] - sub)` in place; returns the sum.
     pub fn exp_sub_sum(x: &mut [f32], sub: f32) -> f32 {
+        // Sixteen independent partial sums so that the loop vectorises (a single f32
+        // accumulator would force a serial, in-order reduction).
+        let mut acc = [0.0f32; 16];
+        let mut ch = x.chunks_exact_mut(16);
+        for c in &mut ch {
+            for l in 0..16 {
+                let e = exp_fast(c[l] - sub);
+                c[l] = e;
+                acc[l] += e;
+            }
+        }
         let mut s = 0.0f32;
-        for v in x.iter_mut() {
+        for v in ch.into_remainder() {
             let e = exp_fast(*v - sub);
             *v = e;
             s += e;
         }
-        s
+        s + acc.iter().sum::<f32>()
     }
 }
 
