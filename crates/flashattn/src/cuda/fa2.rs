@@ -1,1 +1,509 @@
-//! Host side of the FlashAttention-2 forward family (sm80+): variants, launch. TODO(C2)
+//! Host side of the FlashAttention-2 forward family (sm80/86/89/90, `kernels/sm80/fwd.cu`):
+//! the variant (head dim, dtype, feature group, tile shape) → [`KernelSpec`], the tile table,
+//! the grid, the dynamic shared memory and the launch.
+//!
+//! Feature groups keep the shipped set small (6 head dims × 2 dtypes × 3 groups = 36 kernels):
+//! `Plain` (no mask, softcap, ALiBi or dropout), `Mask` (causal / sliding window) and `Full`
+//! (every switch compiled in; a feature that is off at run time costs one uniform branch).
+
+use std::sync::Arc;
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::context::{driver_err, Gpu};
+use super::jit::KernelSpec;
+use super::tensor::{DeviceBuffer, DeviceTensor};
+use crate::error::{Error, Result};
+use crate::layout::Problem;
+use crate::options::AttnOptions;
+use crate::tensor::DType;
+
+/// Head dimensions with a compiled kernel.
+pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
+
+/// Which optional features a kernel is compiled with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Features {
+    /// Plain softmax attention (any scale, GQA, varlen).
+    Plain,
+    /// Plus causal / sliding-window masking.
+    Mask,
+    /// Plus softcap, ALiBi and dropout (and masking).
+    Full,
+}
+
+impl Features {
+    pub const ALL: [Features; 3] = [Features::Plain, Features::Mask, Features::Full];
+
+    /// The smallest group that covers `problem`'s options.
+    pub fn of(problem: &Problem, opts: &AttnOptions) -> Features {
+        if problem.softcap > 0.0 || opts.alibi_slopes.is_some() || problem.dropout.is_some() {
+            Features::Full
+        } else if !problem.mask.is_none() {
+            Features::Mask
+        } else {
+            Features::Plain
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Features::Plain => "plain",
+            Features::Mask => "mask",
+            Features::Full => "full",
+        }
+    }
+}
+
+/// A tile shape: `bq` query rows per block (16-row slabs spread over `warps` warps), `bk` keys
+/// per K/V tile, and the `__launch_bounds__` minimum blocks per SM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tile {
+    pub bq: usize,
+    pub bk: usize,
+    pub warps: usize,
+    pub min_blocks: usize,
+}
+
+impl Tile {
+    pub const fn new(bq: usize, bk: usize, warps: usize) -> Tile {
+        Tile {
+            bq,
+            bk,
+            warps,
+            min_blocks: 1,
+        }
+    }
+    /// Dynamic shared memory: Q tile plus one K and one V tile, `d` halves per row.
+    pub fn smem_bytes(&self, d: usize) -> usize {
+        (self.bq + 2 * self.bk) * d * 2
+    }
+    /// Parses `BQxBKwW`, e.g. `128x64w8` (benchmark overrides).
+    pub fn parse(s: &str) -> Option<Tile> {
+        let (bq, rest) = s.split_once('x')?;
+        let (bk, w) = rest.split_once('w')?;
+        let t = Tile::new(bq.parse().ok()?, bk.parse().ok()?, w.parse().ok()?);
+        let ok = t.bk % 16 == 0 && t.warps > 0 && t.bq % (16 * t.warps) == 0 && t.bq > 0;
+        ok.then_some(t)
+    }
+}
+
+impl std::fmt::Display for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}w{}", self.bq, self.bk, self.warps)
+    }
+}
+
+/// The tile table. One 16-row slab per warp (8 warps, BQ = 128) everywhere: two slabs per warp
+/// (4 warps) need 255 registers and spill at d >= 64 with BK = 64 (ptxas -v, sm_90, NVRTC
+/// 13.0). BK is the largest that compiles without spills for the feature group:
+///   plain/mask: d32 214 regs @BK128 ... d128 208 @BK64, d192 245 @BK64, d256 247 @BK32
+///   full:       d<=96 spill at BK128 (d32/64) or BK64 (d96, 4 B): BK 64 / 32 there.
+/// H100 timings of the alternatives are in bench/RESULTS.md ("CUDA FA2 forward").
+pub fn tile_for(head_dim: usize, features: Features) -> Tile {
+    let full = features == Features::Full;
+    match head_dim {
+        32 | 64 if full => Tile::new(128, 64, 8),
+        32 | 64 => Tile::new(128, 128, 8),
+        96 if full => Tile::new(128, 32, 8),
+        96 | 128 | 192 => Tile::new(128, 64, 8),
+        _ => Tile::new(128, 32, 8),
+    }
+}
+
+/// One compiled FA2 forward kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub head_dim: usize,
+    pub dtype: DType,
+    pub features: Features,
+    pub tile: Tile,
+}
+
+impl Variant {
+    pub fn new(head_dim: usize, dtype: DType, features: Features) -> Variant {
+        Variant {
+            head_dim,
+            dtype,
+            features,
+            tile: tile_for(head_dim, features),
+        }
+    }
+
+    pub fn spec(&self) -> KernelSpec {
+        let (mask, full) = match self.features {
+            Features::Plain => (0, 0),
+            Features::Mask => (1, 0),
+            Features::Full => (1, 1),
+        };
+        KernelSpec::new("sm80/fwd.cu", "fa2_fwd")
+            .define("HEAD_DIM", self.head_dim)
+            .define("IS_BF16", (self.dtype == DType::BF16) as u32)
+            .define("BLOCK_Q", self.tile.bq)
+            .define("BLOCK_K", self.tile.bk)
+            .define("N_WARPS", self.tile.warps)
+            .define("MIN_BLOCKS", self.tile.min_blocks)
+            .define("HAS_MASK", mask)
+            .define("HAS_SOFTCAP", full)
+            .define("HAS_ALIBI", full)
+            .define("HAS_DROPOUT", full)
+    }
+
+    /// Short name for reports, e.g. `d128 bf16 mask 128x64w8`.
+    pub fn name(&self) -> String {
+        format!(
+            "d{} {} {} {}",
+            self.head_dim,
+            self.dtype,
+            self.features.name(),
+            self.tile
+        )
+    }
+}
+
+/// Every shipped variant (compile-all). The kernel is the same source on every sm80+ arch.
+pub fn all_variants(_arch: &str) -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for d in HEAD_DIMS {
+        for dtype in [DType::F16, DType::BF16] {
+            for f in Features::ALL {
+                v.push(Variant::new(d, dtype, f).spec());
+            }
+        }
+    }
+    v
+}
+
+/// Kernel arguments; mirrors `kernels/sm80/fwd_params.cuh` field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FwdParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    pub alibi_slopes: u64,
+    pub q_batch_stride: i64,
+    pub q_row_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_row_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_row_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_row_stride: i64,
+    pub o_head_stride: i64,
+    pub lse_batch_stride: i64,
+    pub lse_head_stride: i64,
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub heads_q: i32,
+    pub group: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub alibi_batch_stride: i32,
+    pub dropout_key0: u32,
+    pub dropout_key1: u32,
+    pub dropout_offset_lo: u32,
+    pub dropout_threshold: u32,
+    pub scale: f32,
+    pub scale_log2: f32,
+    pub softcap_inner: f32,
+    pub softcap_outer: f32,
+    pub dropout_scale: f32,
+}
+
+// SAFETY: plain-old-data, #[repr(C)], laid out as the CUDA struct it mirrors.
+unsafe impl DeviceRepr for FwdParams {}
+
+/// "Unbounded" window side for the kernel (keeps `i + sk - sq ± w` inside i32).
+const UNBOUNDED: i32 = 1 << 29;
+
+fn unsupported(gpu: &Gpu, arg: &str, got: impl std::fmt::Display, ok: &str) -> Error {
+    Error::unsupported(gpu.device_name(), arg, got, ok)
+}
+
+/// Checks that FA2 can run `problem` on `gpu`.
+pub fn check(gpu: &Gpu, problem: &Problem) -> Result<()> {
+    if gpu.arch().major < 8 {
+        return Err(unsupported(
+            gpu,
+            "compute capability",
+            gpu.arch().nvrtc_name(),
+            "sm_80 or newer",
+        ));
+    }
+    if !matches!(problem.dtype, DType::F16 | DType::BF16) {
+        return Err(unsupported(gpu, "dtype", problem.dtype, "f16, bf16"));
+    }
+    if !HEAD_DIMS.contains(&problem.head_dim) {
+        return Err(unsupported(
+            gpu,
+            "head_dim",
+            problem.head_dim,
+            "32, 64, 96, 128, 192, 256",
+        ));
+    }
+    if problem.max_sq.max(problem.max_sk) >= (1 << 28) {
+        return Err(unsupported(
+            gpu,
+            "seqlen",
+            problem.max_sq.max(problem.max_sk),
+            "< 2^28",
+        ));
+    }
+    if problem.batch > 65535 {
+        return Err(unsupported(gpu, "batch", problem.batch, "at most 65535"));
+    }
+    Ok(())
+}
+
+/// FA2 forward: allocates `out` (shape and dtype of `q`) and `lse` (f32) and runs the kernel.
+pub fn forward(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    opts: &AttnOptions,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    check(gpu, problem)?;
+    let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape)?;
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
+    forward_into(gpu, problem, q, k, v, &out, &lse, opts, None)?;
+    Ok((out, lse))
+}
+
+/// FA2 forward into caller-owned `out` (shape of `q`, its own strides) and contiguous `lse`;
+/// `tile` overrides the table (benchmarks). Launches asynchronously on the GPU's stream.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    opts: &AttnOptions,
+    tile: Option<Tile>,
+) -> Result<()> {
+    check(gpu, problem)?;
+    let features = Features::of(problem, opts);
+    let mut variant = Variant::new(problem.head_dim, problem.dtype, features);
+    if let Some(t) = tile {
+        variant.tile = t;
+    }
+    let p = prepare(gpu, problem, q, k, v, out, lse, opts)?;
+    launch(gpu, problem, &variant, p)
+}
+
+/// Device-side inputs that must live until the launch is queued.
+struct Prepared {
+    params: FwdParams,
+    _cu: Option<(DeviceBuffer, DeviceBuffer)>,
+    _alibi: Option<DeviceBuffer>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    opts: &AttnOptions,
+) -> Result<Prepared> {
+    for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        if t.dtype() != problem.dtype {
+            return Err(Error::invalid(name, t.dtype(), problem.dtype));
+        }
+        let want: &[usize] = if name == "k" || name == "v" {
+            &problem.k_shape
+        } else {
+            &problem.q_shape
+        };
+        if t.shape() != want {
+            return Err(Error::invalid(
+                name,
+                format!("shape {:?}", t.shape()),
+                format!("{want:?}"),
+            ));
+        }
+        let s = t.strides();
+        if t.numel() > 0 && s[s.len() - 1] != 1 {
+            return Err(Error::invalid(
+                name,
+                "a non-contiguous last dim",
+                "stride 1",
+            ));
+        }
+        // 16-byte loads and stores: rows and heads must start 16-byte aligned.
+        let misaligned = t.ptr() % 16 != 0 || s[..s.len() - 1].iter().any(|&x| x % 8 != 0);
+        if misaligned && t.numel() > 0 {
+            return Err(Error::invalid(
+                name,
+                "a view not aligned to 16 bytes",
+                "16-byte aligned rows (strides multiple of 8 elements)",
+            ));
+        }
+    }
+    if lse.dtype() != DType::F32
+        || lse.shape() != problem.lse_shape().as_slice()
+        || !lse.is_contiguous()
+    {
+        return Err(Error::invalid(
+            "lse",
+            format!("{} {:?}", lse.dtype(), lse.shape()),
+            format!("contiguous f32 {:?}", problem.lse_shape()),
+        ));
+    }
+    // (batch, row, head) strides of a [b, s, h, d] or packed [t, h, d] tensor.
+    let bsh = |t: &DeviceTensor| -> (i64, i64, i64) {
+        let s = t.strides();
+        if problem.varlen {
+            (0, s[0] as i64, s[1] as i64)
+        } else {
+            (s[0] as i64, s[1] as i64, s[2] as i64)
+        }
+    };
+    let (qb, qr, qh) = bsh(q);
+    let (kb, kr, kh) = bsh(k);
+    let (vb, vr, vh) = bsh(v);
+    let (ob, or, oh) = bsh(out);
+
+    let mut p = FwdParams {
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        o: out.ptr(),
+        lse: lse.ptr(),
+        q_batch_stride: qb,
+        q_row_stride: qr,
+        q_head_stride: qh,
+        k_batch_stride: kb,
+        k_row_stride: kr,
+        k_head_stride: kh,
+        v_batch_stride: vb,
+        v_row_stride: vr,
+        v_head_stride: vh,
+        o_batch_stride: ob,
+        o_row_stride: or,
+        o_head_stride: oh,
+        heads_q: problem.heads_q as i32,
+        group: problem.group() as i32,
+        scale: problem.scale,
+        scale_log2: problem.scale * std::f32::consts::LOG2_E,
+        dropout_scale: 1.0,
+        window_left: problem
+            .mask
+            .left
+            .map_or(UNBOUNDED, |l| l.min(UNBOUNDED as usize) as i32),
+        window_right: problem
+            .mask
+            .right
+            .map_or(UNBOUNDED, |r| r.min(UNBOUNDED as usize) as i32),
+        ..Default::default()
+    };
+    let mut cu = None;
+    if problem.varlen {
+        let mut cq: Vec<i32> = problem.seqs.iter().map(|s| s.q_start as i32).collect();
+        let mut ck: Vec<i32> = problem.seqs.iter().map(|s| s.k_start as i32).collect();
+        cq.push(problem.total_q as i32);
+        ck.push(problem.total_k as i32);
+        let (bq, bk) = (
+            DeviceBuffer::from_i32(gpu, &cq)?,
+            DeviceBuffer::from_i32(gpu, &ck)?,
+        );
+        p.cu_seqlens_q = bq.ptr();
+        p.cu_seqlens_k = bk.ptr();
+        p.lse_batch_stride = 0;
+        p.lse_head_stride = problem.total_q as i64;
+        cu = Some((bq, bk));
+    } else {
+        p.seqlen_q = problem.q_shape[1] as i32;
+        p.seqlen_k = problem.k_shape[1] as i32;
+        p.lse_head_stride = problem.q_shape[1] as i64;
+        p.lse_batch_stride = (problem.heads_q * problem.q_shape[1]) as i64;
+    }
+    if problem.softcap > 0.0 {
+        p.softcap_inner = problem.scale / problem.softcap;
+        p.softcap_outer = problem.softcap * std::f32::consts::LOG2_E;
+    }
+    let mut alibi = None;
+    if let Some(a) = &opts.alibi_slopes {
+        let buf = DeviceBuffer::from_f32(gpu, &a.values)?;
+        p.alibi_slopes = buf.ptr();
+        p.alibi_batch_stride = if a.per_batch {
+            problem.heads_q as i32
+        } else {
+            0
+        };
+        alibi = Some(buf);
+    }
+    if let Some(d) = &problem.dropout {
+        let key = d.key();
+        p.dropout_key0 = key[0];
+        p.dropout_key1 = key[1];
+        // counter word 3 is batch ^ offset_lo: read offset_lo back through batch 0.
+        p.dropout_offset_lo = d.counter(0, 0, 0, 0)[3];
+        p.dropout_threshold = d.threshold();
+        p.dropout_scale = d.scale;
+    }
+    Ok(Prepared {
+        params: p,
+        _cu: cu,
+        _alibi: alibi,
+    })
+}
+
+/// The function for `variant` with its shared memory raised (cached by the runtime).
+pub fn kernel(gpu: &Gpu, variant: &Variant) -> Result<Arc<cudarc::driver::CudaFunction>> {
+    gpu.kernel_with_smem(
+        &variant.spec(),
+        variant.tile.smem_bytes(variant.head_dim) as u32,
+    )
+}
+
+fn launch(gpu: &Gpu, problem: &Problem, variant: &Variant, prep: Prepared) -> Result<()> {
+    if problem.batch == 0 || problem.max_sq == 0 || problem.heads_q == 0 {
+        return Ok(());
+    }
+    let tile = variant.tile;
+    let m_blocks = problem.max_sq.div_ceil(tile.bq);
+    if m_blocks > 65535 {
+        return Err(unsupported(
+            gpu,
+            "seqlen_q",
+            problem.max_sq,
+            "at most 65535 query tiles",
+        ));
+    }
+    let f = kernel(gpu, variant)?;
+    let cfg = LaunchConfig {
+        // x = query head (fastest: GQA heads share K/V in L2), y = query tile (reversed in the
+        // kernel for masks: longest first), z = batch.
+        grid_dim: (
+            problem.heads_q as u32,
+            m_blocks as u32,
+            problem.batch as u32,
+        ),
+        block_dim: ((tile.warps * 32) as u32, 1, 1),
+        shared_mem_bytes: tile.smem_bytes(variant.head_dim) as u32,
+    };
+    let stream = gpu.stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&prep.params);
+    // SAFETY: the params struct matches the kernel's by-value argument; every pointer in it
+    // refers to a live device allocation covering the strided extents validated above.
+    unsafe { b.launch(cfg) }
+        .map_err(|e| driver_err(&format!("launching {}", variant.name()), e))?;
+    drop(prep);
+    Ok(())
+}
