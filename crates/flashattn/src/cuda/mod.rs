@@ -1,8 +1,10 @@
 //! The CUDA backend (feature `cuda`): kernels are CUDA C++ sources under `kernels/`, embedded
 //! in the binary and JIT-compiled with NVRTC for the device's own architecture.
 //!
-//! Layers: `context` (driver, device, stream) → `jit` + `cache` (NVRTC, disk/memory cache) →
-//! `tensor` (device buffers) → kernel families (`fa2` forward, `fa2_bwd` backward, `fa3` Hopper).
+//! Layers, raw to safe: `loader` (find/preload libcuda, libnvrtc) → `nvrtc` (raw NVRTC FFI) →
+//! `jit` + `cache` (specs, options, disk/memory cache) → `context` (device, stream, loaded
+//! kernels) → `tensor` (device buffers) → kernel families (`fa2` forward, `fa2_bwd` backward,
+//! `fa3` Hopper) → this module's dispatch, and `report` (info, compile-all).
 
 pub mod cache;
 pub mod context;
@@ -10,13 +12,105 @@ pub mod fa2;
 pub mod fa2_bwd;
 pub mod fa3;
 pub mod jit;
+pub mod loader;
+mod nvrtc;
+pub mod report;
 pub mod tensor;
 
-use crate::error::Result;
+pub use context::{Arch, Gpu};
+pub use jit::{Compiled, KernelSpec, Resources};
+pub use report::{compile_all, info_report, CompileReport, KernelReport};
+pub use tensor::{DeviceBuffer, DeviceTensor};
+
+use crate::error::{Error, Result};
 use crate::layout::{Problem, Qkv};
 use crate::options::AttnOptions;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::{ForwardOutput, Gradients};
+
+/// Which kernel family runs a forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Family {
+    /// FA3 on sm_90 when it supports the problem, else FA2.
+    #[default]
+    Auto,
+    /// FlashAttention-2 (mma.sync, sm80+).
+    Fa2,
+    /// FlashAttention-3 (wgmma + TMA, sm_90a only).
+    Fa3,
+}
+
+impl Family {
+    /// `FLASHATTN_FAMILY=fa2|fa3|auto` (default auto): lets tests and benchmarks pin a family
+    /// through the host API.
+    pub fn from_env() -> Result<Family> {
+        match std::env::var("FLASHATTN_FAMILY").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Ok(Family::Auto),
+            Ok("fa2") => Ok(Family::Fa2),
+            Ok("fa3") => Ok(Family::Fa3),
+            Ok(other) => Err(Error::invalid("FLASHATTN_FAMILY", other, "auto, fa2 or fa3")),
+        }
+    }
+}
+
+/// Forward on device tensors: `(out, lse)`.
+pub fn forward_device(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    opts: &AttnOptions,
+    family: Family,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    let use_fa3 = match family {
+        Family::Fa2 => false,
+        Family::Fa3 => {
+            if !gpu.arch().is_hopper() || !fa3::supports(gpu, problem) {
+                return Err(Error::unsupported(
+                    gpu.device_name(),
+                    "family",
+                    "fa3",
+                    "fa3 needs sm 9.0 and a problem fa3::supports (use fa2 or auto)",
+                ));
+            }
+            true
+        }
+        Family::Auto => gpu.arch().is_hopper() && fa3::supports(gpu, problem),
+    };
+    if use_fa3 {
+        fa3::forward(gpu, problem, q, k, v, opts)
+    } else {
+        fa2::forward(gpu, problem, q, k, v, opts)
+    }
+}
+
+/// Backward on device tensors: `(dq, dk, dv)` (FA2 backward; `Family::Fa3` is unsupported).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_device(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    opts: &AttnOptions,
+    family: Family,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    if family == Family::Fa3 {
+        return Err(Error::unsupported(gpu.device_name(), "family", "fa3 backward", "fa2 or auto"));
+    }
+    fa2_bwd::backward(gpu, problem, q, k, v, out, lse, dout, opts)
+}
+
+fn check_dtype(gpu: &Gpu, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F16 | DType::BF16 => Ok(()),
+        DType::F32 => Err(Error::unsupported(gpu.device_name(), "dtype", dtype, "f16, bf16")),
+    }
+}
 
 /// Forward on host tensors: upload, run the best kernel family for the device, download.
 pub fn forward_host(
@@ -25,11 +119,28 @@ pub fn forward_host(
     inputs: &Qkv<'_>,
     opts: &AttnOptions,
 ) -> Result<ForwardOutput> {
-    let _ = (ordinal, problem, inputs, opts);
-    todo!("C1: context + dispatch to fa3 (sm90) or fa2")
+    let family = Family::from_env()?;
+    let gpu = Gpu::get(ordinal)?;
+    check_dtype(&gpu, problem.dtype)?;
+    if inputs.q.numel() == 0 || problem.seqs.iter().all(|s| s.sk == 0) {
+        // Nothing to attend to: out = 0, lse = -inf (empty when there are no query rows).
+        let lse_n: usize = problem.lse_shape().iter().product();
+        return Ok(ForwardOutput {
+            out: Tensor::zeros(problem.dtype, &problem.q_shape),
+            lse: Tensor::from_f32(vec![f32::NEG_INFINITY; lse_n], &problem.lse_shape())?,
+        });
+    }
+    let q = DeviceTensor::upload(&gpu, inputs.q)?;
+    let k = DeviceTensor::upload(&gpu, inputs.k)?;
+    let v = DeviceTensor::upload(&gpu, inputs.v)?;
+    let (out, lse) = forward_device(&gpu, problem, &q, &k, &v, opts, family)?;
+    Ok(ForwardOutput {
+        out: out.download()?,
+        lse: lse.download()?,
+    })
 }
 
-/// Backward on host tensors.
+/// Backward on host tensors: upload, run FA2 backward, download.
 pub fn backward_host(
     ordinal: usize,
     problem: &Problem,
@@ -39,6 +150,23 @@ pub fn backward_host(
     dout: &Tensor,
     opts: &AttnOptions,
 ) -> Result<Gradients> {
-    let _ = (ordinal, problem, inputs, out, lse, dout, opts);
-    todo!("C1: dispatch to fa2_bwd")
+    let family = Family::from_env()?;
+    let gpu = Gpu::get(ordinal)?;
+    check_dtype(&gpu, problem.dtype)?;
+    if inputs.q.numel() == 0 || inputs.k.numel() == 0 {
+        return Ok(Gradients {
+            dq: Tensor::zeros(problem.dtype, &problem.q_shape),
+            dk: Tensor::zeros(problem.dtype, &problem.k_shape),
+            dv: Tensor::zeros(problem.dtype, inputs.v.shape()),
+        });
+    }
+    let up = |t: &Tensor| DeviceTensor::upload(&gpu, t);
+    let (q, k, v) = (up(inputs.q)?, up(inputs.k)?, up(inputs.v)?);
+    let (o, l, d) = (up(out)?, up(lse)?, up(dout)?);
+    let (dq, dk, dv) = backward_device(&gpu, problem, &q, &k, &v, &o, &l, &d, opts, family)?;
+    Ok(Gradients {
+        dq: dq.download()?,
+        dk: dk.download()?,
+        dv: dv.download()?,
+    })
 }
