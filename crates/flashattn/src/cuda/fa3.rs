@@ -1,1 +1,371 @@
-//! Host side of the FlashAttention-3 Hopper forward family (sm90a). TODO(C4)
+//! Host side of the FlashAttention-3 Hopper forward family (sm_90a): `kernels/sm90/fwd.cu`.
+//!
+//! One CTA of 384 threads per (query tile of 128 rows, query head, batch): a TMA producer warp
+//! and two wgmma consumer warpgroups (see the kernel's header comment for the math and the
+//! pipeline). The host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
+//! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
+//! passes them by value in one `__grid_constant__` parameter struct.
+//!
+//! [`supports`] is the exact envelope of the kernel: dense (not varlen) bf16/f16, head dim 64,
+//! 128, 192 or 256, no mask or causal (bottom-right), GQA/MQA, any lengths, 16-byte aligned
+//! row/head/batch strides. Everything else goes to FA2 through the dispatcher; ALiBi (which
+//! `supports` cannot see, it lives in the options) is forwarded to FA2 by [`forward`] itself.
+
+use super::context::{driver_err, Gpu};
+use super::jit::KernelSpec;
+use super::tensor::DeviceTensor;
+use crate::error::{Error, Result};
+use crate::layout::Problem;
+use crate::options::AttnOptions;
+use crate::tensor::DType;
+use cudarc::driver::sys;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// Kernel source (under `kernels/`) and entry point.
+pub const SOURCE: &str = "sm90/fwd.cu";
+pub const ENTRY: &str = "fa3_fwd";
+/// Query rows per CTA (two consumer warpgroups of 64).
+pub const BQ: usize = 128;
+/// Head dims the kernel is compiled for.
+pub const HEAD_DIMS: [usize; 4] = [64, 128, 192, 256];
+
+/// One compiled configuration of the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub d: usize,
+    pub bk: usize,
+    pub stages: usize,
+    pub f16: bool,
+    pub causal: bool,
+    /// Intra-warpgroup overlap (QKᵀ of the next tile issued before PV of this one).
+    pub overlap: bool,
+    /// Ping-pong of the two consumer warpgroups (needs `overlap`).
+    pub pingpong: bool,
+}
+
+impl Variant {
+    /// The shipped tuning for head dim `d`.
+    pub fn default_for(d: usize, f16: bool, causal: bool) -> Variant {
+        let (bk, stages) = match d {
+            64 => (128, 3),
+            128 => (128, 2),
+            192 => (96, 2),
+            _ => (64, 2),
+        };
+        let mut v = Variant {
+            d,
+            bk,
+            stages,
+            f16,
+            causal,
+            overlap: true,
+            pingpong: true,
+        };
+        v.apply_env();
+        v
+    }
+
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0"` overrides knobs (benchmarks).
+    fn apply_env(&mut self) {
+        let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") else {
+            return;
+        };
+        for kv in s.split(',') {
+            let mut it = kv.splitn(2, '=');
+            let (Some(k), Some(val)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let Ok(n) = val.trim().parse::<usize>() else {
+                continue;
+            };
+            match k.trim() {
+                "bk" if n % 16 == 0 && n > 0 && n <= 256 => self.bk = n,
+                "stages" if (1..=4).contains(&n) => self.stages = n,
+                "overlap" => self.overlap = n != 0,
+                "pingpong" => self.pingpong = n != 0,
+                _ => {}
+            }
+        }
+        if !self.overlap {
+            self.pingpong = false;
+        }
+        if self.smem_bytes() > 227 * 1024 {
+            *self = Variant {
+                stages: 2,
+                ..*self
+            };
+        }
+    }
+
+    /// Dynamic shared memory, as the kernel lays it out (1 KiB of alignment slack included).
+    pub fn smem_bytes(&self) -> usize {
+        let dp = self.d.div_ceil(64) * 64;
+        let q = BQ * dp * 2;
+        let kv = self.bk * dp * 2;
+        q + 2 * self.stages * kv + 8 * (1 + 4 * self.stages) + 1024
+    }
+
+    pub fn spec(&self) -> KernelSpec {
+        KernelSpec::new(SOURCE, ENTRY)
+            .define("FA3_D", self.d)
+            .define("FA3_BK", self.bk)
+            .define("FA3_STAGES", self.stages)
+            .define("FA3_DT", u32::from(self.f16))
+            .define("FA3_CAUSAL", u32::from(self.causal))
+            .define("FA3_OVERLAP", u32::from(self.overlap))
+            .define("FA3_PINGPONG", u32::from(self.pingpong))
+    }
+}
+
+/// Every shipped variant for `arch` (compile-all; only sm_90a has any).
+pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
+    if arch != "sm_90a" {
+        return vec![];
+    }
+    let mut v = Vec::new();
+    for d in HEAD_DIMS {
+        for f16 in [false, true] {
+            for causal in [false, true] {
+                v.push(Variant::default_for(d, f16, causal).spec());
+            }
+        }
+    }
+    v
+}
+
+fn is_causal(problem: &Problem) -> bool {
+    problem.mask.left.is_none() && problem.mask.right == Some(0)
+}
+
+/// Whether FA3 handles `problem` on `gpu` exactly (anything else must go to FA2).
+pub fn supports(gpu: &Gpu, problem: &Problem) -> bool {
+    let arch = gpu.arch();
+    if !(arch.major == 9 && arch.minor == 0) {
+        return false;
+    }
+    if !matches!(problem.dtype, DType::BF16 | DType::F16) {
+        return false;
+    }
+    if !HEAD_DIMS.contains(&problem.head_dim) || problem.varlen {
+        return false;
+    }
+    if !(problem.mask.is_none() || is_causal(problem)) {
+        return false;
+    }
+    if problem.softcap > 0.0 || problem.dropout.is_some() {
+        return false;
+    }
+    // The kernel takes row maxima on raw scores: needs a positive scale.
+    if !(problem.scale > 0.0 && problem.scale.is_finite()) {
+        return false;
+    }
+    if problem.max_sq > i32::MAX as usize / 2 || problem.max_sk > i32::MAX as usize / 2 {
+        return false;
+    }
+    let v = Variant::default_for(problem.head_dim, problem.dtype == DType::F16, is_causal(problem));
+    v.smem_bytes() <= gpu.max_smem_optin() as usize
+}
+
+/// Strides (elements) of a `[batch, rows, heads, d]` device tensor that TMA can address:
+/// last dim contiguous, every other stride a multiple of 16 bytes (or irrelevant: extent 1).
+fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
+    let (sh, st) = (t.shape(), t.strides());
+    if sh.len() != 4 || (sh[3] > 1 && st[3] != 1) {
+        return Err(Error::invalid(name, format!("shape {sh:?} strides {st:?}"), "[batch, rows, heads, d] with a contiguous d"));
+    }
+    let esz = t.dtype().size() as u64;
+    // Map dims 1, 2, 3 are the tensor's rows (1), heads (2) and batch (0).
+    let mut out = [0u64; 3];
+    let mut extent = sh[3] as u64 * esz; // bytes spanned so far, for strides of extent-1 dims
+    for (slot, dim) in [(0usize, 1usize), (1, 2), (2, 0)] {
+        let s = st[dim] as u64 * esz;
+        let v = if s % 16 == 0 && s > 0 && s < (1u64 << 40) {
+            s
+        } else if sh[dim] <= 1 {
+            extent.div_ceil(16) * 16
+        } else {
+            return Err(Error::invalid(
+                name,
+                format!("stride {} of dim {dim}", st[dim]),
+                "strides that are multiples of 16 bytes (fa3 TMA)",
+            ));
+        };
+        extent = extent.max(v * sh[dim].max(1) as u64);
+        out[slot] = v;
+    }
+    if (t.ptr() + t.offset() as u64 * esz) % 16 != 0 {
+        return Err(Error::invalid(name, "a base address not 16-byte aligned", "16-byte aligned (fa3 TMA)"));
+    }
+    Ok(out)
+}
+
+fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Result<[u64; 16]> {
+    let sh = t.shape();
+    let strides = tma_strides(t, name)?;
+    let esz = t.dtype().size() as u64;
+    let dtype = match t.dtype() {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::F32 => return Err(Error::invalid(name, "f32", "bf16 or f16 (fa3)")),
+    };
+    let dims: [u64; 4] = [sh[3] as u64, sh[1] as u64, sh[2] as u64, sh[0] as u64];
+    let boxd: [u32; 4] = [64, box_rows as u32, 1, 1];
+    let estr: [u32; 4] = [1, 1, 1, 1];
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let addr = t.ptr() + t.offset() as u64 * esz;
+    // SAFETY: all arrays live for the call and have the lengths the rank (4) implies; the map
+    // is plain output memory of the right size and alignment.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            4,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::invalid(
+            name,
+            format!("shape {sh:?}, byte strides {strides:?}: cuTensorMapEncodeTiled {r:?}"),
+            "a tensor the TMA engine can address",
+        ));
+    }
+    Ok(map.opaque)
+}
+
+/// Mirrors `struct Fa3Params` in kernels/sm90/fwd.cu (C layout, 64-byte aligned).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Fa3Params {
+    q: [u64; 16],
+    k: [u64; 16],
+    v: [u64; 16],
+    o: u64,
+    lse: u64,
+    o_batch: i64,
+    o_row: i64,
+    o_head: i64,
+    sq: i32,
+    sk: i32,
+    heads_q: i32,
+    group: i32,
+    m_tiles: i32,
+    scale_log2: f32,
+    pad0: i32,
+    pad1: i32,
+}
+// SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
+unsafe impl DeviceRepr for Fa3Params {}
+
+/// FA3 forward: `(out, lse)`; `out` contiguous with q's shape, `lse` f32 `[batch, heads_q, sq]`.
+pub fn forward(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    opts: &AttnOptions,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    if opts.alibi_slopes.is_some() {
+        // Not in this kernel; `supports` cannot see options, so hand over here.
+        return super::fa2::forward(gpu, problem, q, k, v, opts);
+    }
+    if !supports(gpu, problem) {
+        return Err(Error::unsupported(
+            gpu.device_name(),
+            "problem",
+            "fa3",
+            "dense bf16/f16, head dim 64/128/192/256, no mask or causal, no softcap/dropout, sm 9.0",
+        ));
+    }
+    let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape)?;
+    let lse_shape = problem.lse_shape();
+    if problem.q_shape[1] > 0 && problem.k_shape[1] == 0 {
+        // No keys: out = 0 (alloc zero-fills), lse = -inf.
+        let n: usize = lse_shape.iter().product();
+        let t = crate::tensor::Tensor::from_f32(vec![f32::NEG_INFINITY; n], &lse_shape)?;
+        return Ok((out, DeviceTensor::upload(gpu, &t)?));
+    }
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &lse_shape)?;
+    forward_into(gpu, problem, q, k, v, &out, &lse)?;
+    Ok((out, lse))
+}
+
+/// The launch itself, into caller-provided `out` (q's shape, any 16-bit-element strides with a
+/// contiguous last dim) and contiguous f32 `lse`. Every element of both is written (tests
+/// poison them first). Needs `supports(gpu, problem)` and at least one key per sequence.
+pub fn forward_into(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+) -> Result<()> {
+    let sq = problem.q_shape[1];
+    let sk = problem.k_shape[1];
+    if out.shape() != problem.q_shape.as_slice() || out.dtype() != problem.dtype {
+        return Err(Error::invalid("out", format!("{} {:?}", out.dtype(), out.shape()), "q's dtype and shape"));
+    }
+    if lse.shape() != problem.lse_shape().as_slice() || lse.dtype() != DType::F32 || !lse.is_contiguous() {
+        return Err(Error::invalid("lse", format!("{} {:?}", lse.dtype(), lse.shape()), "contiguous f32 [batch, heads_q, sq]"));
+    }
+    if problem.batch == 0 || sq == 0 || problem.heads_q == 0 {
+        return Ok(());
+    }
+    if sk == 0 {
+        return Err(Error::invalid("k", "no keys", "at least one key (use fa3::forward)"));
+    }
+    let var = Variant::default_for(problem.head_dim, problem.dtype == DType::F16, is_causal(problem));
+    let smem = var.smem_bytes();
+    let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
+    let m_tiles = sq.div_ceil(BQ);
+    let ost = out.strides();
+    let params = Fa3Params {
+        q: encode_map(q, "q", BQ)?,
+        k: encode_map(k, "k", var.bk)?,
+        v: encode_map(v, "v", var.bk)?,
+        o: out.ptr() + out.offset() as u64 * out.dtype().size() as u64,
+        lse: lse.ptr() + lse.offset() as u64 * 4,
+        o_batch: ost[0] as i64,
+        o_row: ost[1] as i64,
+        o_head: ost[2] as i64,
+        sq: sq as i32,
+        sk: sk as i32,
+        heads_q: problem.heads_q as i32,
+        group: problem.group() as i32,
+        m_tiles: m_tiles as i32,
+        scale_log2: problem.scale * std::f32::consts::LOG2_E,
+        pad0: 0,
+        pad1: 0,
+    };
+    if m_tiles > i32::MAX as usize || problem.heads_q > 65535 || problem.batch > 65535 {
+        return Err(Error::invalid(
+            "shape",
+            format!("{} query tiles x {} heads x {} batch", m_tiles, problem.heads_q, problem.batch),
+            "grid within (2^31-1, 65535, 65535)",
+        ));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (m_tiles as u32, problem.heads_q as u32, problem.batch as u32),
+        block_dim: (384, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let stream = gpu.stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&params);
+    // SAFETY: the kernel's single parameter is `Fa3Params` by value (layout mirrored above);
+    // the tensor maps address q/k/v, which outlive the launch (the stream is synchronized
+    // before they can be dropped by callers that download), and out/lse are sized by Problem.
+    unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd", e))?;
+    Ok(())
+}

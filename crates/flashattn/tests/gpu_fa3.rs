@@ -1,0 +1,247 @@
+//! FA3 (sm_90a) forward against the float64 reference, the SASS check hook, and a CUDA-event
+//! benchmark. Skips with a printed reason without a GPU or on a GPU that is not sm 9.0.
+//!
+//! Env: `FA3_CUBIN_DIR=dir` writes every shipped variant's cubin there (for `cuobjdump -sass`);
+//! `FA3_BENCH=1` runs the SPEC §4 sweep (`FA3_BENCH_SEQ=512,4096` to pick lengths).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{lse_err, rand_tensor, ref_forward, rel_err, Rng};
+use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
+use flashattn::{AttnOptions, DType, Problem, Qkv, Tensor};
+use std::sync::Arc;
+
+fn hopper_or_skip() -> Option<Arc<Gpu>> {
+    match Gpu::get(0) {
+        Err(e) => {
+            eprintln!("skipping fa3 GPU test: {e}");
+            None
+        }
+        Ok(g) => {
+            let a = g.arch();
+            if a.major == 9 && a.minor == 0 {
+                Some(g)
+            } else {
+                eprintln!("skipping fa3 GPU test: {} is sm {}.{}, not 9.0", g.name(), a.major, a.minor);
+                None
+            }
+        }
+    }
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 2e-2,
+        _ => 5e-3,
+    }
+}
+
+struct Case {
+    dtype: DType,
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    causal: bool,
+}
+
+/// Runs one case through `fa3::forward_into` with poisoned outputs; returns (out err, lse err).
+fn run_case(gpu: &Gpu, c: &Case, seed: u64) -> (f64, f64) {
+    let q = rand_tensor(c.dtype, &[c.b, c.sq, c.hq, c.d], seed);
+    let k = rand_tensor(c.dtype, &[c.b, c.sk, c.hk, c.d], seed + 1);
+    let v = rand_tensor(c.dtype, &[c.b, c.sk, c.hk, c.d], seed + 2);
+    let opts = AttnOptions::new().causal(c.causal);
+    let qkv = Qkv::dense(&q, &k, &v);
+    let problem = Problem::new(&qkv, &opts).expect("valid problem");
+    assert!(fa3::supports(gpu, &problem), "fa3 must support this case");
+    let (dq, dk, dv) = (
+        DeviceTensor::upload(gpu, &q).unwrap(),
+        DeviceTensor::upload(gpu, &k).unwrap(),
+        DeviceTensor::upload(gpu, &v).unwrap(),
+    );
+    let out = DeviceTensor::alloc(gpu, c.dtype, &problem.q_shape).unwrap();
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
+    out.fill_poison().unwrap();
+    lse.fill_poison().unwrap();
+    fa3::forward_into(gpu, &problem, &dq, &dk, &dv, &out, &lse).expect("fa3 launch");
+    gpu.synchronize().expect("fa3 kernel ran");
+    let got = out.download().unwrap().to_f32_vec();
+    let got_lse = lse.download().unwrap().to_f32_vec();
+    let (want, want_lse) = ref_forward(&qkv, &opts);
+    (rel_err(&got, &want), lse_err(&got_lse, &want_lse))
+}
+
+#[test]
+fn fa3_matches_reference() {
+    let Some(gpu) = hopper_or_skip() else { return };
+    let mut rng = Rng::new(0xfa3);
+    let mut fails = Vec::new();
+    let mut n = 0;
+    for dtype in [DType::BF16, DType::F16] {
+        for d in fa3::HEAD_DIMS {
+            for causal in [false, true] {
+                // Fixed edge shapes then random ones.
+                let mut shapes = vec![(1, 1, 1, 1, 1), (1, 128, 128, 2, 1), (2, 200, 77, 2, 2)];
+                if causal {
+                    shapes.push((1, 300, 129, 2, 1)); // sq > sk: empty rows
+                    shapes.push((1, 65, 511, 1, 1)); // sq < sk: offset diagonal
+                }
+                for _ in 0..2 {
+                    let hk = rng.range(1, 3);
+                    shapes.push((rng.range(1, 3), rng.range(1, 400), rng.range(1, 400), hk * rng.range(1, 4), hk));
+                }
+                for (b, sq, sk, hq, hk) in shapes {
+                    let c = Case { dtype, b, sq, sk, hq, hk, d, causal };
+                    let (e, le) = run_case(&gpu, &c, rng.next_u64() % 1_000_000);
+                    n += 1;
+                    let ok = e <= tol(dtype) && le <= 1e-3;
+                    let line = format!(
+                        "{} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk}: rel_err {e:.2e}, lse_err {le:.2e} {}",
+                        dtype.name(),
+                        if ok { "ok" } else { "FAIL" }
+                    );
+                    eprintln!("{line}");
+                    if !ok {
+                        fails.push(line);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("fa3: {} of {n} cases passed", n - fails.len());
+    assert!(fails.is_empty(), "fa3 failures:\n{}", fails.join("\n"));
+}
+
+#[test]
+fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
+    let Some(gpu) = hopper_or_skip() else { return };
+    let q = rand_tensor(DType::BF16, &[1, 64, 2, 128], 1);
+    let opts = AttnOptions::new().causal(true);
+    let p = Problem::new(&Qkv::dense(&q, &q, &q), &opts).unwrap();
+    assert!(fa3::supports(&gpu, &p));
+    // Unsupported by fa3: head dim 96, windows, softcap, f32.
+    let q96 = rand_tensor(DType::BF16, &[1, 64, 2, 96], 1);
+    let p96 = Problem::new(&Qkv::dense(&q96, &q96, &q96), &opts).unwrap();
+    assert!(!fa3::supports(&gpu, &p96));
+    let pw = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().window(16, 0)).unwrap();
+    assert!(!fa3::supports(&gpu, &pw));
+    let ps = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().softcap(30.0)).unwrap();
+    assert!(!fa3::supports(&gpu, &ps));
+    // Family::Fa3 through the device dispatcher runs and matches the reference.
+    let (dq, _) = (DeviceTensor::upload(&gpu, &q).unwrap(), ());
+    let (out, _lse) = flashattn::cuda::forward_device(&gpu, &p, &dq, &dq, &dq, &opts, Family::Fa3).unwrap();
+    let got = out.download().unwrap().to_f32_vec();
+    let (want, _) = ref_forward(&Qkv::dense(&q, &q, &q), &opts);
+    let e = rel_err(&got, &want);
+    eprintln!("dispatch Family::Fa3: rel_err {e:.2e}");
+    assert!(e <= tol(DType::BF16));
+}
+
+/// Writes every shipped variant's cubin (NVRTC only, no GPU needed) and checks the ptxas report:
+/// no spills, no stack frame.
+#[test]
+fn fa3_variants_compile_without_spills() {
+    if let Err(e) = flashattn::cuda::loader::nvrtc() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let dir = std::env::var("FA3_CUBIN_DIR").ok();
+    let mut bad = Vec::new();
+    for spec in fa3::all_variants("sm_90a") {
+        let c = jit::compile(&spec, "sm_90a").expect("fa3 variant compiles");
+        let r = &c.resources;
+        eprintln!(
+            "{}: {} regs, spill {}/{}, stack {}",
+            spec.label(),
+            r.registers,
+            r.spill_stores,
+            r.spill_loads,
+            r.stack_bytes
+        );
+        if r.spills() || r.stack_bytes > 0 || c.log.contains("C7508") || c.log.contains("serialized") {
+            bad.push(format!("{}: {:?}\n{}", spec.label(), r, c.log));
+        }
+        if let Some(d) = &dir {
+            let name: String = spec
+                .label()
+                .chars()
+                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
+                .collect();
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(format!("{d}/{name}.cubin"), &c.cubin).unwrap();
+        }
+    }
+    assert!(fa3::all_variants("sm_80").is_empty());
+    assert!(bad.is_empty(), "variants with spills or serialized wgmma:\n{}", bad.join("\n"));
+}
+
+fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
+    let stream = gpu.stream();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    for _ in 0..3 {
+        f();
+    }
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a = stream.record_event(flags).unwrap();
+        f();
+        let b = stream.record_event(flags).unwrap();
+        b.synchronize().unwrap();
+        ts.push(a.elapsed_ms(&b).unwrap() as f64);
+    }
+    ts.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    ts[ts.len() / 2]
+}
+
+/// SPEC §4 sweep (bf16, 16k tokens, hidden 2048) plus the tuning knobs at d = 128.
+#[test]
+fn fa3_bench() {
+    if std::env::var("FA3_BENCH").as_deref() != Ok("1") {
+        eprintln!("skipping fa3_bench (set FA3_BENCH=1)");
+        return;
+    }
+    let Some(gpu) = hopper_or_skip() else { return };
+    let seqs: Vec<usize> = std::env::var("FA3_BENCH_SEQ")
+        .unwrap_or_else(|_| "512,2048,8192,16384".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let tunes: Vec<String> = std::env::var("FA3_BENCH_TUNES")
+        .unwrap_or_else(|_| "".into())
+        .split(';')
+        .map(|s| s.to_string())
+        .collect();
+    println!("{:<28} {:>4} {:>6} {:>6} {:>3} {:>6} {:>9} {:>8}", "variant", "d", "causal", "seq", "b", "heads", "ms", "TFLOP/s");
+    for d in [64usize, 128, 256] {
+        for causal in [false, true] {
+            for &s in &seqs {
+                let b = (16384 / s).max(1);
+                let h = 2048 / d;
+                let q = rand_tensor(DType::BF16, &[b, s, h, d], 11);
+                let k = rand_tensor(DType::BF16, &[b, s, h, d], 12);
+                let v = rand_tensor(DType::BF16, &[b, s, h, d], 13);
+                let opts = AttnOptions::new().causal(causal);
+                let p = Problem::new(&Qkv::dense(&q, &k, &v), &opts).unwrap();
+                let (dq, dk, dv) = (
+                    DeviceTensor::upload(&gpu, &q).unwrap(),
+                    DeviceTensor::upload(&gpu, &k).unwrap(),
+                    DeviceTensor::upload(&gpu, &v).unwrap(),
+                );
+                let out = DeviceTensor::alloc(&gpu, DType::BF16, &p.q_shape).unwrap();
+                let lse = DeviceTensor::alloc(&gpu, DType::F32, &p.lse_shape()).unwrap();
+                for t in &tunes {
+                    std::env::set_var("FLASHATTN_FA3_TUNE", t);
+                    let ms = time_ms(&gpu, 30, || fa3::forward_into(&gpu, &p, &dq, &dk, &dv, &out, &lse).unwrap());
+                    let tf = p.forward_flops() / (ms * 1e-3) / 1e12;
+                    let name = if t.is_empty() { "default".to_string() } else { t.clone() };
+                    println!("FA3 {:<24} {:>4} {:>6} {:>6} {:>3} {:>6} {:>9.3} {:>8.1}", name, d, causal as u8, s, b, h, ms, tf);
+                }
+                std::env::remove_var("FLASHATTN_FA3_TUNE");
+            }
+        }
+    }
+    let _ = Tensor::zeros(DType::F32, &[1]);
+}

@@ -1,0 +1,350 @@
+// fwd.cu — FlashAttention-3 style forward for Hopper (sm_90a), self-contained (no CUDA headers).
+//
+// Math. For one (batch b, query head h, query tile of 128 rows) and key tiles j = 0..n-1:
+//   S_j = Q K_jᵀ (raw scores, f32);  m_new = max(m, rowmax S_j);  P_j = 2^(c·S_j − c·m_new)
+//   with c = scale·log2(e);  l = l·2^(c·(m − m_new)) + rowsum P_j;  O = O·2^(c·(m − m_new)) + P_j V_j
+//   and at the end O /= l, LSE = ln 2 · (c·m + log2 l)  (−inf and O = 0 for rows with no key).
+// Masks (bottom-right): key j is visible from row i iff j < sk and (not causal or j ≤ i + sk − sq).
+//
+// Roles (384 threads, __launch_bounds__(384, 1)): warpgroup 0 is the producer (one thread issues
+// TMA loads of Q once and of K/V tiles into an FA3_STAGES-deep ring, completing on mbarriers with
+// transaction counts; the warpgroup gives registers away with setmaxnreg.dec). Warpgroups 1 and 2
+// are consumers, 64 query rows each: S = Q Kᵀ by wgmma with both operands from 128B-swizzled
+// shared memory (K-major), online softmax in registers, then O += P V by wgmma with P from
+// registers (the S accumulator re-packed as the A fragment) and V from shared memory through an
+// MN-major descriptor. Consumers free K and V slots by arriving on per-stage "empty" barriers.
+// FA3_OVERLAP=1 issues S_{j+1} = Q K_{j+1}ᵀ before P_j V_j and runs the softmax of tile j+1 while
+// P_j V_j is in flight (wgmma.wait_group 1). FA3_PINGPONG=1 (needs overlap) makes the two
+// consumers take turns issuing their GEMMs (named barriers 2 and 3), so one's softmax overlaps
+// the other's GEMMs.
+//
+// Defines: FA3_D (head dim: 64, 128, 192, 256), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16,
+// 1 f16), FA3_CAUSAL, FA3_OVERLAP, FA3_PINGPONG. Entry point: fa3_fwd (one CTA per query tile;
+// grid (m_tiles, heads_q, batch), query tiles taken longest-first for causal).
+#include "sm90/util.cuh"
+#include "sm90/mbarrier.cuh"
+#include "sm90/tma.cuh"
+#include "sm90/wgmma.cuh"
+#include "sm90/softmax.cuh"
+
+#ifndef FA3_D
+#define FA3_D 128
+#endif
+#ifndef FA3_BK
+#define FA3_BK 128
+#endif
+#ifndef FA3_STAGES
+#define FA3_STAGES 2
+#endif
+#ifndef FA3_DT
+#define FA3_DT 0
+#endif
+#ifndef FA3_CAUSAL
+#define FA3_CAUSAL 0
+#endif
+#ifndef FA3_OVERLAP
+#define FA3_OVERLAP 1
+#endif
+#ifndef FA3_PINGPONG
+#define FA3_PINGPONG 1
+#endif
+
+constexpr int D = FA3_D;
+constexpr int BK = FA3_BK;
+constexpr int BQ = 128;
+constexpr int STAGES = FA3_STAGES;
+constexpr int DP = (D + 63) / 64 * 64;     // head dim padded to whole 64-element (128 B) chunks
+constexpr int NCH = DP / 64;               // swizzle chunks along d
+constexpr int Q_BYTES = BQ * DP * 2;
+constexpr int KV_BYTES = BK * DP * 2;      // one K (or V) stage
+constexpr int QCHUNK = BQ * 128;           // bytes of one 64-column chunk of Q
+constexpr int KCHUNK = BK * 128;
+constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (1 + 4 * STAGES) + 1024;
+static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 256 && D <= 256, "tile shape");
+static_assert(D % 64 == 0, "PV wgmma N spans whole 64-column swizzle atoms");
+
+struct __align__(64) Fa3Params {
+  TmaMap q, k, v;
+  u64 o;      // out, same dtype as q, element strides below
+  u64 lse;    // f32 [batch, heads_q, sq]
+  i64 o_batch, o_row, o_head;
+  int sq, sk, heads_q, group;
+  int m_tiles;
+  float scale_log2;
+  int pad0, pad1;
+};
+
+__device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
+                                         u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
+                                         int m, int h, int hk, int b, int n_end) {
+  tma_prefetch_map(&p.q);
+  tma_prefetch_map(&p.k);
+  tma_prefetch_map(&p.v);
+  mbar_expect_tx(q_full, Q_BYTES);
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * 64, m * BQ, h, b);
+  for (int it = 0; it < n_end; ++it) {
+    const int tile = n_end - 1 - it;
+    const int s = it % STAGES;
+    const u32 par = ((it / STAGES) + 1) & 1;  // parity of the previous use of slot s
+    if (it >= STAGES) mbar_wait(k_empty + 8 * s, par);
+    mbar_expect_tx(k_full + 8 * s, KV_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+      tma_load_4d(sK + s * KV_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * 64, tile * BK, hk, b);
+    if (it >= STAGES) mbar_wait(v_empty + 8 * s, par);
+    mbar_expect_tx(v_full + 8 * s, KV_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+      tma_load_4d(sV + s * KV_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, tile * BK, hk, b);
+  }
+}
+
+// S = Q Kᵀ for this consumer's 64 rows against K slot s (issue only; caller commits/waits).
+__device__ __forceinline__ void issue_qk(float* sc, u32 sQw, u32 sKs) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk / 4, w = (kk % 4) * 32;
+    const u64 da = make_desc(sQw + c * QCHUNK + w, 16, 1024);
+    const u64 db = make_desc(sKs + c * KCHUNK + w, 16, 1024);
+    Wgmma<BK, FA3_DT>::ss(sc, da, db, kk > 0);
+  }
+}
+// O += P V for V slot s (issue only).
+__device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 sVs) {
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    const u64 db = make_desc(sVs + kk * 2048, KCHUNK, 1024);
+    Wgmma<D, FA3_DT>::rs(o, pf[kk], db, 1);
+  }
+}
+
+__device__ __forceinline__ void apply_mask(float* sc, int tile, int row0, int sq, int sk, int tq) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    int limit = sk;
+    if (FA3_CAUSAL) limit = min(limit, row + sk - sq + 1);
+    const int lim = limit - tile * BK - 2 * tq;  // column index 8j + e must stay below this
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (8 * j + e >= lim) sc[4 * j + 2 * r + e] = FA3_NEG_INF;
+  }
+}
+
+__device__ __forceinline__ void to_pfrag(const float* sc, u32 (*pf)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    pf[kk][0] = pack2<FA3_DT>(sc[8 * kk + 0], sc[8 * kk + 1]);
+    pf[kk][1] = pack2<FA3_DT>(sc[8 * kk + 2], sc[8 * kk + 3]);
+    pf[kk][2] = pack2<FA3_DT>(sc[8 * kk + 4], sc[8 * kk + 5]);
+    pf[kk][3] = pack2<FA3_DT>(sc[8 * kk + 6], sc[8 * kk + 7]);
+  }
+}
+
+__device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
+                                         u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
+                                         int m, int h, int b, int n_end, int cw) {
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+  const int row0 = m * BQ + cw * 64 + warp * 16 + g;
+  const int sq = p.sq, sk = p.sk;
+  const float c = p.scale_log2;
+  // Tiles whose columns can reach past a row's limit need the mask.
+  const int first_diag = m * BQ + cw * 64 + sk - sq;  // smallest visible-limit-1 in this warpgroup
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  OnlineSoftmax<BK / 8> sm;
+  sm.init();
+  const u32 sQw = sQ + cw * 64 * 128;
+
+  if (n_end > 0) {
+    mbar_wait(q_full, 0);
+#if FA3_PINGPONG
+    if (cw == 1) named_arrive(2, 256);
+#endif
+#if FA3_OVERLAP
+    u32 pf[BK / 16][4];
+    {
+      float sc[BK / 2];
+      mbar_wait(k_full, 0);
+#if FA3_PINGPONG
+      named_sync(2 + cw, 256);
+#endif
+      fence_regs<BK / 2>(sc);
+      wgmma_fence();
+      issue_qk(sc, sQw, sK);
+      wgmma_commit();
+#if FA3_PINGPONG
+      named_arrive(3 - cw, 256);
+#endif
+      wgmma_wait<0>();
+      fence_regs<BK / 2>(sc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(k_empty);
+      const int tile = n_end - 1;
+      if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
+        apply_mask(sc, tile, row0, sq, sk, tq);
+      float alpha[2];
+      sm.step(sc, c, alpha);
+      to_pfrag(sc, pf);
+    }
+    for (int it = 1; it < n_end; ++it) {
+      const int tile = n_end - 1 - it;
+      const int s = it % STAGES, sp = (it - 1) % STAGES;
+      const u32 ph = (it / STAGES) & 1, php = ((it - 1) / STAGES) & 1;
+      float sc[BK / 2];
+      mbar_wait(k_full + 8 * s, ph);
+      mbar_wait(v_full + 8 * sp, php);
+#if FA3_PINGPONG
+      named_sync(2 + cw, 256);
+#endif
+      fence_regs<BK / 2>(sc);
+      fence_regs<D / 2>(o);
+      wgmma_fence();
+      issue_qk(sc, sQw, sK + s * KV_BYTES);
+      wgmma_commit();
+      issue_pv(o, pf, sV + sp * KV_BYTES);
+      wgmma_commit();
+#if FA3_PINGPONG
+      named_arrive(3 - cw, 256);
+#endif
+      wgmma_wait<1>();
+      fence_regs<BK / 2>(sc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(k_empty + 8 * s);
+      if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
+        apply_mask(sc, tile, row0, sq, sk, tq);
+      float alpha[2];
+      sm.step(sc, c, alpha);
+      wgmma_wait<0>();
+      fence_regs<D / 2>(o);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(v_empty + 8 * sp);
+      rescale_o<D / 8>(o, alpha);
+      to_pfrag(sc, pf);
+    }
+    {
+      const int sp = (n_end - 1) % STAGES;
+      const u32 php = ((n_end - 1) / STAGES) & 1;
+      mbar_wait(v_full + 8 * sp, php);
+#if FA3_PINGPONG
+      named_sync(2 + cw, 256);
+#endif
+      fence_regs<D / 2>(o);
+      wgmma_fence();
+      issue_pv(o, pf, sV + sp * KV_BYTES);
+      wgmma_commit();
+#if FA3_PINGPONG
+      named_arrive(3 - cw, 256);
+#endif
+      wgmma_wait<0>();
+      fence_regs<D / 2>(o);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(v_empty + 8 * sp);
+    }
+#if FA3_PINGPONG
+    if (cw == 0) named_sync(2, 256);  // balance consumer 1's opening arrive
+#endif
+#else
+    for (int it = 0; it < n_end; ++it) {
+      const int tile = n_end - 1 - it;
+      const int s = it % STAGES;
+      const u32 ph = (it / STAGES) & 1;
+      float sc[BK / 2];
+      mbar_wait(k_full + 8 * s, ph);
+      fence_regs<BK / 2>(sc);
+      wgmma_fence();
+      issue_qk(sc, sQw, sK + s * KV_BYTES);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs<BK / 2>(sc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(k_empty + 8 * s);
+      if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
+        apply_mask(sc, tile, row0, sq, sk, tq);
+      float alpha[2];
+      sm.step(sc, c, alpha);
+      rescale_o<D / 8>(o, alpha);
+      u32 pf[BK / 16][4];
+      to_pfrag(sc, pf);
+      mbar_wait(v_full + 8 * s, ph);
+      fence_regs<D / 2>(o);
+      wgmma_fence();
+      issue_pv(o, pf, sV + s * KV_BYTES);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs<D / 2>(o);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(v_empty + 8 * s);
+    }
+#endif
+  }
+
+  // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past sq are not written.
+  float inv[2], lse[2];
+  sm.finish(c, inv, lse);
+  unsigned short* out = (unsigned short*)p.o;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row < sq) {
+      unsigned short* orow = out + b * p.o_batch + (i64)row * p.o_row + (i64)h * p.o_head + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *(u32*)(orow + 8 * j) = pack2<FA3_DT>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+      if (tq == 0) ((float*)p.lse)[((i64)b * p.heads_q + h) * sq + row] = lse[r];
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_constant__ Fa3Params p) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const u32 sQ = base;
+  const u32 sK = sQ + Q_BYTES;
+  const u32 sV = sK + STAGES * KV_BYTES;
+  const u32 bars = sV + STAGES * KV_BYTES;
+  const u32 q_full = bars;
+  const u32 k_full = bars + 8;
+  const u32 v_full = k_full + 8 * STAGES;
+  const u32 k_empty = v_full + 8 * STAGES;
+  const u32 v_empty = k_empty + 8 * STAGES;
+
+  const int m = FA3_CAUSAL ? (p.m_tiles - 1 - (int)blockIdx.x) : (int)blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int sq = p.sq, sk = p.sk;
+  int n_end = (sk + BK - 1) / BK;
+  if (FA3_CAUSAL) {
+    const int last_row = min(sq, (m + 1) * BQ) - 1;
+    const int jmax = last_row + sk - sq;  // last visible key of the tile's last row
+    n_end = jmax < 0 ? 0 : min(n_end, jmax / BK + 1);
+  }
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(k_full + 8 * s, 1);
+      mbar_init(v_full + 8 * s, 1);
+      mbar_init(k_empty + 8 * s, 8);  // 2 consumer warpgroups x 4 warps
+      mbar_init(v_empty + 8 * s, 8);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    reg_dealloc<24>();
+    if (threadIdx.x == 0 && n_end > 0)
+      producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, m, h, hk, b, n_end);
+  } else {
+    reg_alloc<240>();
+    consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, m, h, b, n_end, wg - 1);
+  }
+}
+
+// Host reads this to size the launch (bytes of dynamic shared memory).
+extern "C" __global__ void fa3_fwd_smem_bytes(int* out) { *out = SMEM_BYTES; }
