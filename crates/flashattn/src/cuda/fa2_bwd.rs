@@ -1,1 +1,447 @@
-//! Host side of the FlashAttention-2 backward family (sm80+). TODO(C3)
+//! Host side of the FlashAttention-2 backward family (sm80+): `kernels/sm80/bwd.cu`.
+//!
+//! One call runs, on the device's stream:
+//! 1. `fa2_bwd_pre`: `D = rowsum(dout ∘ out)` (f32, LSE layout) and, on the atomic path, zeroes
+//!    the f32 dQ accumulator;
+//! 2. `fa2_bwd_main`: grid (key blocks, heads_k, batch); dK, dV in registers (summed over the GQA
+//!    group inside the CTA), dQ by f32 atomics (fast path);
+//! 3. fast path: `fa2_bwd_convert` (dq = dtype(dq_accum)); deterministic path: `fa2_bwd_dq`, a
+//!    second pass parallel over query blocks that recomputes P and dS and sums dQ in registers in
+//!    a fixed order (bit-identical run to run; the main kernel then skips its dQ atomics).
+//!
+//! The tile shapes live in [`tiles`], one row per head dim.
+
+use super::context::{driver_err, Gpu};
+use super::jit::KernelSpec;
+use super::tensor::{DeviceBuffer, DeviceTensor};
+use crate::error::{Error, Result};
+use crate::layout::Problem;
+use crate::options::AttnOptions;
+use crate::tensor::DType;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Head dims with a tile table entry.
+pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
+
+const SOURCE: &str = "sm80/bwd.cu";
+
+/// Tile shape of the main kernel (and of the deterministic dQ kernel, with `bc`/`br` as its
+/// key/query tile). Warp grids: phase A (Sᵀ, dPᵀ) `wm_a × nw/wm_a`, phase B (dK, dV)
+/// `wm_b × nw/wm_b`, phase C (dQ) `wm_c × nw/wm_c`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiles {
+    pub bc: usize,
+    pub br: usize,
+    pub nw: usize,
+    pub wm_a: usize,
+    pub wm_b: usize,
+    pub wm_c: usize,
+}
+
+/// The tile table: one row per head dim (chosen by register/smem budget; see bench/RESULTS.md).
+pub fn tiles(d: usize) -> Tiles {
+    match d {
+        _ => Tiles {
+            bc: 64,
+            br: 64,
+            nw: 8,
+            wm_a: 4,
+            wm_b: 4,
+            wm_c: 4,
+        },
+    }
+}
+
+fn smem_main(d: usize, t: &Tiles, stages: usize) -> usize {
+    2 * t.bc * d * 2 + stages * 2 * t.br * d * 2 + 2 * t.bc * t.br * 2 + stages * 2 * t.br * 4
+}
+
+fn smem_dq(d: usize, t: &Tiles, stages: usize) -> usize {
+    2 * t.br * d * 2 + stages * 2 * t.bc * d * 2 + t.br * t.bc * 2 + 2 * t.br * 4
+}
+
+/// Feature switches of one compiled variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Features {
+    pub mask: bool,
+    pub softcap: bool,
+    pub alibi: bool,
+    pub dropout: bool,
+}
+
+impl Features {
+    const ALL: Features = Features {
+        mask: true,
+        softcap: true,
+        alibi: true,
+        dropout: true,
+    };
+    fn of(problem: &Problem, opts: &AttnOptions) -> Features {
+        Features {
+            mask: problem.mask.left.is_some() || problem.mask.right.is_some(),
+            softcap: problem.softcap > 0.0,
+            alibi: opts.alibi_slopes.is_some(),
+            dropout: problem.dropout.is_some(),
+        }
+    }
+}
+
+fn base_spec(entry: &str, d: usize, bf16: bool) -> KernelSpec {
+    KernelSpec::new(SOURCE, entry)
+        .define("FA_D", d)
+        .define("FA_BF16", bf16 as u8)
+}
+
+fn tiled_spec(entry: &str, d: usize, bf16: bool, t: &Tiles, stages: usize, f: Features, det: bool) -> KernelSpec {
+    base_spec(entry, d, bf16)
+        .define("FA_BC", t.bc)
+        .define("FA_BR", t.br)
+        .define("FA_NW", t.nw)
+        .define("FA_WM_A", t.wm_a)
+        .define("FA_WM_B", t.wm_b)
+        .define("FA_WM_C", t.wm_c)
+        .define("FA_STAGES", stages)
+        .define("FA_MASK", f.mask as u8)
+        .define("FA_SOFTCAP", f.softcap as u8)
+        .define("FA_ALIBI", f.alibi as u8)
+        .define("FA_DROPOUT", f.dropout as u8)
+        .define("FA_DET", det as u8)
+}
+
+/// Pipeline depth of Q/dO (main) or K/V (dq) tiles that fits `smem_limit` bytes.
+fn stages_for(smem: impl Fn(usize) -> usize, smem_limit: usize) -> Option<usize> {
+    [2, 1].into_iter().find(|&s| smem(s) <= smem_limit)
+}
+
+/// Opt-in shared memory per block by architecture name (for compile-all without a device).
+fn smem_limit_of(arch: &str) -> usize {
+    match arch.trim_start_matches("sm_").trim_end_matches(['a', 'f']) {
+        "80" | "87" => 166_912,
+        "90" | "100" => 232_448,
+        _ => 101_376,
+    }
+}
+
+/// Every shipped variant for `arch`: per head dim and dtype, the preprocess and convert
+/// kernels, and the main and deterministic-dQ kernels without options and with every option.
+pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
+    let limit = smem_limit_of(arch);
+    let mut v = Vec::new();
+    for &d in &HEAD_DIMS {
+        for bf16 in [false, true] {
+            let t = tiles(d);
+            v.push(base_spec("fa2_bwd_pre", d, bf16));
+            v.push(base_spec("fa2_bwd_convert", d, bf16));
+            for f in [Features::default(), Features::ALL] {
+                if let Some(s) = stages_for(|s| smem_main(d, &t, s), limit) {
+                    v.push(tiled_spec("fa2_bwd_main", d, bf16, &t, s, f, false));
+                    if f == Features::default() {
+                        v.push(tiled_spec("fa2_bwd_main", d, bf16, &t, s, f, true));
+                    }
+                }
+                if let Some(s) = stages_for(|s| smem_dq(d, &t, s), limit) {
+                    v.push(tiled_spec("fa2_bwd_dq", d, bf16, &t, s, f, true));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Mirrors `struct BwdParams` of kernels/sm80/bwd_params.cuh field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BwdParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    dout: u64,
+    lse: u64,
+    dsum: u64,
+    dq_accum: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    cu_q: u64,
+    cu_k: u64,
+    alibi: u64,
+    q_b: i64,
+    q_r: i64,
+    q_h: i64,
+    k_b: i64,
+    k_r: i64,
+    k_h: i64,
+    v_b: i64,
+    v_r: i64,
+    v_h: i64,
+    o_b: i64,
+    o_r: i64,
+    o_h: i64,
+    do_b: i64,
+    do_r: i64,
+    do_h: i64,
+    lse_b: i64,
+    lse_h: i64,
+    n_dq: i64,
+    batch: i32,
+    heads_q: i32,
+    heads_k: i32,
+    group: i32,
+    sq: i32,
+    sk: i32,
+    rows_q: i32,
+    left: i32,
+    right: i32,
+    alibi_b: i32,
+    drop_thr: u32,
+    key0: u32,
+    key1: u32,
+    off_lo: u32,
+    scale: f32,
+    softcap: f32,
+    drop_scale: f32,
+    pad0: i32,
+}
+
+// SAFETY: `BwdParams` is `#[repr(C)]` plain data (integers, floats, device addresses) with the
+// exact layout of the CUDA struct; the kernels only read it.
+unsafe impl cudarc::driver::DeviceRepr for BwdParams {}
+
+/// (batch, row, head) element strides of a `[b, s, h, d]` or varlen `[t, h, d]` device tensor,
+/// checked for what cp.async needs (last dim contiguous, 16-byte aligned rows).
+fn strides3(name: &str, t: &DeviceTensor, varlen: bool, dtype: DType, d: usize) -> Result<(i64, i64, i64)> {
+    if t.dtype() != dtype {
+        return Err(Error::invalid(name, format!("dtype {}", t.dtype()), format!("dtype {dtype}")));
+    }
+    let s = t.strides();
+    let rank = if varlen { 3 } else { 4 };
+    if t.shape().len() != rank || t.shape()[rank - 1] != d {
+        return Err(Error::invalid(name, format!("shape {:?}", t.shape()), format!("rank {rank}, head_dim {d}")));
+    }
+    if s[rank - 1] != 1 && d > 1 {
+        return Err(Error::invalid(name, format!("last-dim stride {}", s[rank - 1]), "1"));
+    }
+    let (b, r, h) = if varlen { (0, s[0], s[1]) } else { (s[0], s[1], s[2]) };
+    let shape = t.shape();
+    // Strides of size-1 dimensions never matter; the others must keep 16-byte alignment.
+    let dims_ok = [(b, if varlen { 1 } else { shape[0] }), (r, shape[rank - 3]), (h, shape[rank - 2])]
+        .iter()
+        .all(|&(st, n)| n <= 1 || st % 8 == 0);
+    if !dims_ok || t.ptr() % 16 != 0 {
+        return Err(Error::invalid(
+            name,
+            format!("strides {:?} at device address {:#x}", s, t.ptr()),
+            "16-byte aligned rows (strides multiples of 8 elements) for the FA2 backward",
+        ));
+    }
+    Ok((b as i64, r as i64, h as i64))
+}
+
+fn launch(gpu: &Gpu, spec: &KernelSpec, grid: (u32, u32, u32), threads: u32, smem: usize, p: &BwdParams) -> Result<()> {
+    let f = gpu.kernel_with_smem(spec, smem as u32)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let stream = gpu.stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(p);
+    // SAFETY: the params struct mirrors the kernel's; every pointer in it refers to a live
+    // device allocation of the size the kernel indexes (checked shapes above), and all work is
+    // ordered on this one stream.
+    unsafe { b.launch(cfg) }.map_err(|e| driver_err(&format!("launching {}", spec.label()), e))?;
+    Ok(())
+}
+
+/// FA2 backward on device tensors: `(dq, dk, dv)`, contiguous, in the input dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    opts: &AttnOptions,
+) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    let dtype = problem.dtype;
+    let d = problem.head_dim;
+    let arch = gpu.arch();
+    if arch.major < 8 {
+        return Err(Error::unsupported(gpu.device_name(), "architecture", arch, "sm 8.0 or newer"));
+    }
+    let bf16 = match dtype {
+        DType::F16 => false,
+        DType::BF16 => true,
+        DType::F32 => return Err(Error::unsupported(gpu.device_name(), "dtype", dtype, "f16, bf16")),
+    };
+    if !HEAD_DIMS.contains(&d) {
+        return Err(Error::unsupported(
+            gpu.device_name(),
+            "head_dim",
+            d,
+            format!("one of {HEAD_DIMS:?} for the FA2 backward"),
+        ));
+    }
+    let dq = DeviceTensor::alloc(gpu, dtype, &problem.q_shape)?;
+    let dk = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
+    let dv = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
+    if problem.total_q == 0 || problem.total_k == 0 || problem.heads_q == 0 || problem.batch == 0 {
+        return Ok((dq, dk, dv)); // zeros
+    }
+    if std::env::var_os("FLASHATTN_BWD_POISON").is_some() {
+        // Tests: NaN-fill the outputs so that any element the kernels miss shows up.
+        dq.fill_poison()?;
+        dk.fill_poison()?;
+        dv.fill_poison()?;
+    }
+    let varlen = problem.varlen;
+    let (q_b, q_r, q_h) = strides3("q", q, varlen, dtype, d)?;
+    let (k_b, k_r, k_h) = strides3("k", k, varlen, dtype, d)?;
+    let (v_b, v_r, v_h) = strides3("v", v, varlen, dtype, d)?;
+    let (o_b, o_r, o_h) = strides3("out", out, varlen, dtype, d)?;
+    let (do_b, do_r, do_h) = strides3("dout", dout, varlen, dtype, d)?;
+    if lse.dtype() != DType::F32 || lse.shape() != problem.lse_shape().as_slice() || !lse.is_contiguous() {
+        return Err(Error::invalid(
+            "lse",
+            format!("{} {:?} strides {:?}", lse.dtype(), lse.shape(), lse.strides()),
+            format!("a contiguous f32 tensor {:?}", problem.lse_shape()),
+        ));
+    }
+
+    let det = opts.deterministic;
+    let feats = Features::of(problem, opts);
+    let t = tiles(d);
+    let limit = gpu.max_smem_optin() as usize;
+    let no_fit = || {
+        Error::unsupported(
+            gpu.device_name(),
+            "head_dim",
+            d,
+            format!("a head dim whose backward tiles fit {limit} bytes of shared memory"),
+        )
+    };
+    let st_main = stages_for(|s| smem_main(d, &t, s), limit).ok_or_else(no_fit)?;
+
+    let dsum = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
+    let n_dq = problem.total_q * problem.heads_q * d;
+    let dq_accum = if det { None } else { Some(DeviceBuffer::zeros(gpu, n_dq * 4)?) };
+
+    let (cu_q, cu_k) = if varlen {
+        let mut cq: Vec<i32> = problem.seqs.iter().map(|s| s.q_start as i32).collect();
+        let mut ck: Vec<i32> = problem.seqs.iter().map(|s| s.k_start as i32).collect();
+        cq.push(problem.total_q as i32);
+        ck.push(problem.total_k as i32);
+        (Some(DeviceBuffer::from_i32(gpu, &cq)?), Some(DeviceBuffer::from_i32(gpu, &ck)?))
+    } else {
+        (None, None)
+    };
+    let alibi = match &opts.alibi_slopes {
+        Some(a) => Some((DeviceBuffer::from_f32(gpu, &a.values)?, a.per_batch)),
+        None => None,
+    };
+    let side = |x: Option<usize>| x.map(|v| v.min(i32::MAX as usize) as i32).unwrap_or(-1);
+    let (sq, sk) = if varlen { (0, 0) } else { (problem.q_shape[1], problem.k_shape[1]) };
+    let (lse_b, lse_h) = if varlen {
+        (0i64, problem.total_q as i64)
+    } else {
+        ((problem.heads_q * sq) as i64, sq as i64)
+    };
+    let mut p = BwdParams {
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        o: out.ptr(),
+        dout: dout.ptr(),
+        lse: lse.ptr(),
+        dsum: dsum.ptr(),
+        dq_accum: dq_accum.as_ref().map_or(0, |b| b.ptr()),
+        dq: dq.ptr(),
+        dk: dk.ptr(),
+        dv: dv.ptr(),
+        cu_q: cu_q.as_ref().map_or(0, |b| b.ptr()),
+        cu_k: cu_k.as_ref().map_or(0, |b| b.ptr()),
+        alibi: alibi.as_ref().map_or(0, |(b, _)| b.ptr()),
+        q_b,
+        q_r,
+        q_h,
+        k_b,
+        k_r,
+        k_h,
+        v_b,
+        v_r,
+        v_h,
+        o_b,
+        o_r,
+        o_h,
+        do_b,
+        do_r,
+        do_h,
+        lse_b,
+        lse_h,
+        n_dq: n_dq as i64,
+        batch: problem.batch as i32,
+        heads_q: problem.heads_q as i32,
+        heads_k: problem.heads_k as i32,
+        group: problem.group() as i32,
+        sq: sq as i32,
+        sk: sk as i32,
+        rows_q: problem.total_q as i32,
+        left: side(problem.mask.left),
+        right: side(problem.mask.right),
+        alibi_b: match &alibi {
+            Some((_, true)) => problem.heads_q as i32,
+            _ => 0,
+        },
+        scale: problem.scale,
+        softcap: problem.softcap,
+        drop_scale: 1.0,
+        ..Default::default()
+    };
+    if let Some(dr) = &problem.dropout {
+        p.drop_thr = dr.threshold();
+        p.key0 = dr.key()[0];
+        p.key1 = dr.key()[1];
+        p.off_lo = dr.counter(0, 0, 0, 0)[3];
+        p.drop_scale = dr.scale;
+    }
+
+    // 1. D = rowsum(dout ∘ out); zero dq_accum.
+    let pairs = problem.total_q * problem.heads_q;
+    launch(gpu, &base_spec("fa2_bwd_pre", d, bf16), (pairs.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
+
+    // 2. dK, dV (and dQ atomics on the fast path).
+    let grid_main = (
+        problem.max_sk.div_ceil(t.bc) as u32,
+        problem.heads_k as u32,
+        problem.batch as u32,
+    );
+    if grid_main.0 > 0 {
+        let spec = tiled_spec("fa2_bwd_main", d, bf16, &t, st_main, feats, det);
+        launch(gpu, &spec, grid_main, (t.nw * 32) as u32, smem_main(d, &t, st_main), &p)?;
+    }
+
+    // 3. dq.
+    if det {
+        let st = stages_for(|s| smem_dq(d, &t, s), limit).ok_or_else(no_fit)?;
+        let spec = tiled_spec("fa2_bwd_dq", d, bf16, &t, st, feats, true);
+        let grid = (
+            problem.max_sq.div_ceil(t.br) as u32,
+            problem.heads_q as u32,
+            problem.batch as u32,
+        );
+        if grid.0 > 0 {
+            launch(gpu, &spec, grid, (t.nw * 32) as u32, smem_dq(d, &t, st), &p)?;
+        }
+    } else {
+        let blocks = (n_dq.div_ceil(512)).min(gpu.sm_count() as usize * 16).max(1);
+        launch(gpu, &base_spec("fa2_bwd_convert", d, bf16), (blocks as u32, 1, 1), 256, 0, &p)?;
+    }
+    // The temporaries are freed stream-ordered (cuMemFreeAsync) after the kernels that read them.
+    drop((dsum, dq_accum, cu_q, cu_k, alibi));
+    Ok((dq, dk, dv))
+}
