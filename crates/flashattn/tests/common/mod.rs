@@ -575,7 +575,7 @@ impl CaseConfig {
             head_dims: vec![],
             max_d: 160,
             max_batch: 3,
-            max_seq: 200,
+            max_seq: 320,
             max_heads_k: 3,
             max_group: 4,
             varlen: true,
@@ -643,8 +643,8 @@ pub struct Case {
 }
 
 fn draw_len(rng: &mut Rng, max: usize, empty: bool) -> usize {
-    const LENS: [usize; 16] = [
-        1, 2, 3, 5, 7, 16, 17, 31, 33, 63, 64, 65, 100, 127, 129, 200,
+    const LENS: [usize; 20] = [
+        1, 2, 3, 5, 7, 16, 17, 31, 33, 63, 64, 65, 100, 127, 128, 129, 200, 255, 257, 300,
     ];
     let x = match rng.range(0, 10) {
         0 if empty => 0,
