@@ -15,6 +15,12 @@
 //!
 //! Pass 2 repeats two of pass 1's products (7 tile products instead of 5), the price of
 //! owning every output tile in exactly one task without atomics or order-dependent sums.
+//!
+//! When there are enough (sequence, key head) pairs to keep every thread busy, a fused mode
+//! is used instead: one task per (sequence, key head) walks all key tiles in order and also
+//! accumulates dQ of the group's query heads into a task-owned f32 buffer (5 products per tile
+//! pair); again each output has one owner and a fixed summation order, so the result does not
+//! depend on scheduling either. `FLASHATTN_CPU_BWD=fused|split` forces a mode (tests, tuning).
 
 use super::forward::{q_tiles, split_chunks};
 use super::tile::{self, CpuElem, Mat};
@@ -49,6 +55,7 @@ pub(crate) fn run<T: CpuElem>(
     dout: &Tensor,
     opts: &AttnOptions,
     tiles: Tiles,
+    force_fused: Option<bool>,
 ) -> Result<Gradients> {
     let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
     let n_q: usize = p.q_shape.iter().product();
@@ -119,35 +126,108 @@ pub(crate) fn run<T: CpuElem>(
         tiles,
     };
 
-    // Pass 1: dK, dV per (sequence, key tile).
-    let mut kt = Vec::new();
-    for (b, s) in p.seqs.iter().enumerate() {
-        let mut j0 = 0;
-        while j0 < s.sk {
-            let jn = tiles.bk.min(s.sk - j0);
-            kt.push((b, j0, jn));
-            j0 += jn;
+    let threads = rayon::current_num_threads().max(1);
+    let units = p.batch * hk;
+    let fused = match (force_fused, std::env::var("FLASHATTN_CPU_BWD").as_deref()) {
+        (Some(f), _) => f,
+        (None, Ok("fused")) => true,
+        (None, Ok("split")) => false,
+        _ => units >= 2 * threads || (units >= threads && units % threads == 0),
+    };
+    if fused {
+        // Fused mode: one task per (sequence, key head) walks every key tile of the sequence
+        // and accumulates dK/dV per tile and dQ of the group's query heads in a task-owned
+        // buffer (5 tile products per tile pair); scattered into place afterwards in order.
+        let grp = p.group();
+        let parts: Vec<(Vec<T>, Vec<T>, Vec<f32>)> = (0..units)
+            .into_par_iter()
+            .map(|u| {
+                let (b, g) = (u / hk, u % hk);
+                let seq = p.seqs[b];
+                let mut dkl = vec![T::zero(); seq.sk * d];
+                let mut dvl = vec![T::zero(); seq.sk * d];
+                let mut dqa = vec![0.0f32; grp * seq.sq * d];
+                let mut w = BwdWork::new(tiles, d);
+                let mut j0 = 0;
+                while j0 < seq.sk {
+                    let jn = tiles.bk.min(seq.sk - j0);
+                    kv_tile(
+                        &cx,
+                        b,
+                        g,
+                        j0,
+                        jn,
+                        &mut w,
+                        &mut dkl[j0 * d..],
+                        &mut dvl[j0 * d..],
+                        d,
+                        Some(&mut dqa),
+                    );
+                    j0 += jn;
+                }
+                (dkl, dvl, dqa)
+            })
+            .collect();
+        for (u, (dkl, dvl, dqa)) in parts.iter().enumerate() {
+            let (b, g) = (u / hk, u % hk);
+            let seq = p.seqs[b];
+            for j in 0..seq.sk {
+                let o = p.kv_grad_index(b, g, j);
+                dk[o..o + d].copy_from_slice(&dkl[j * d..j * d + d]);
+                dv[o..o + d].copy_from_slice(&dvl[j * d..j * d + d]);
+            }
+            for hh in 0..grp {
+                for i in 0..seq.sq {
+                    let o = p.out_index(b, g * grp + hh, i);
+                    let src = &dqa[(hh * seq.sq + i) * d..][..d];
+                    for (x, &y) in dq[o..o + d].iter_mut().zip(src) {
+                        *x = T::from_f32(y * p.scale);
+                    }
+                }
+            }
         }
-    }
-    let dk_chunks = split_chunks(&mut dk, kt.iter().map(|t| t.2 * hk * d));
-    let dv_chunks = split_chunks(&mut dv, kt.iter().map(|t| t.2 * hk * d));
-    kt.par_iter()
-        .zip(dk_chunks.into_par_iter().zip(dv_chunks))
-        .for_each(|(&(b, j0, jn), (dkc, dvc))| {
+    } else {
+        // Pass 1: dK, dV per (sequence, key tile).
+        let mut kt = Vec::new();
+        for (b, s) in p.seqs.iter().enumerate() {
+            let mut j0 = 0;
+            while j0 < s.sk {
+                let jn = tiles.bk.min(s.sk - j0);
+                kt.push((b, j0, jn));
+                j0 += jn;
+            }
+        }
+        let dk_chunks = split_chunks(&mut dk, kt.iter().map(|t| t.2 * hk * d));
+        let dv_chunks = split_chunks(&mut dv, kt.iter().map(|t| t.2 * hk * d));
+        kt.par_iter()
+            .zip(dk_chunks.into_par_iter().zip(dv_chunks))
+            .for_each(|(&(b, j0, jn), (dkc, dvc))| {
+                let mut w = BwdWork::new(tiles, d);
+                for g in 0..hk {
+                    kv_tile(
+                        &cx,
+                        b,
+                        g,
+                        j0,
+                        jn,
+                        &mut w,
+                        &mut dkc[g * d..],
+                        &mut dvc[g * d..],
+                        hk * d,
+                        None,
+                    );
+                }
+            });
+
+        // Pass 2: dQ per (sequence, query tile).
+        let dq_chunks = split_chunks(&mut dq, qt.iter().map(|t| t.rows * hq * d));
+        qt.par_iter().zip(dq_chunks).for_each(|(t, dqc)| {
             let mut w = BwdWork::new(tiles, d);
-            for g in 0..hk {
-                kv_tile(&cx, b, g, j0, jn, &mut w, dkc, dvc);
+            for h in 0..hq {
+                q_tile(&cx, t.b, h, t.i0, t.rows, &mut w, dqc);
             }
         });
-
-    // Pass 2: dQ per (sequence, query tile).
-    let dq_chunks = split_chunks(&mut dq, qt.iter().map(|t| t.rows * hq * d));
-    qt.par_iter().zip(dq_chunks).for_each(|(t, dqc)| {
-        let mut w = BwdWork::new(tiles, d);
-        for h in 0..hq {
-            q_tile(&cx, t.b, h, t.i0, t.rows, &mut w, dqc);
-        }
-    });
+    }
 
     Ok(Gradients {
         dq: Tensor::new(T::storage(dq), &p.q_shape)?,
@@ -156,12 +236,16 @@ pub(crate) fn run<T: CpuElem>(
     })
 }
 
-/// Per-task scratch (O(tile)).
-struct BwdWork {
+/// Per-task conversion buffers for f16/bf16 tiles (f32 inputs are read in place).
+struct Bufs {
     qb: Vec<f32>,
     dob: Vec<f32>,
     kb: Vec<f32>,
     vb: Vec<f32>,
+}
+
+/// Per-task scratch tiles and accumulators.
+struct Scr {
     sb: Vec<f32>,
     dpb: Vec<f32>,
     pdb: Vec<f32>,
@@ -172,81 +256,116 @@ struct BwdWork {
     dr: Vec<f32>,
 }
 
+/// Per-task working memory: O(tile).
+struct BwdWork {
+    bufs: Bufs,
+    scr: Scr,
+}
+
 impl BwdWork {
     fn new(t: Tiles, d: usize) -> BwdWork {
         let st = t.bq * t.bk;
         let rows = t.bq.max(t.bk);
         BwdWork {
-            qb: vec![0.0; t.bq * d],
-            dob: vec![0.0; t.bq * d],
-            kb: vec![0.0; t.bk * d],
-            vb: vec![0.0; t.bk * d],
-            sb: vec![0.0; st],
-            dpb: vec![0.0; st],
-            pdb: vec![0.0; st],
-            dtb: vec![0.0; st],
-            acc1: vec![0.0; rows * d],
-            acc2: vec![0.0; rows * d],
-            lr: vec![0.0; t.bq],
-            dr: vec![0.0; t.bq],
+            bufs: Bufs {
+                qb: vec![0.0; t.bq * d],
+                dob: vec![0.0; t.bq * d],
+                kb: vec![0.0; t.bk * d],
+                vb: vec![0.0; t.bk * d],
+            },
+            scr: Scr {
+                sb: vec![0.0; st],
+                dpb: vec![0.0; st],
+                pdb: vec![0.0; st],
+                dtb: vec![0.0; st],
+                acc1: vec![0.0; rows * d],
+                acc2: vec![0.0; rows * d],
+                lr: vec![0.0; t.bq],
+                dr: vec![0.0; t.bq],
+            },
         }
     }
 }
 
 impl<T: CpuElem> Ctx<'_, T> {
-    /// Loads the scaled Q tile, the dO tile, LSE and D of rows `i0..i0+rows`, head `h`.
-    fn load_q_side(&self, b: usize, h: usize, i0: usize, rows: usize, w: &mut BwdWork) {
+    /// Views of the Q and dO rows `i0..i0+rows` of head `h` (unscaled), and LSE/D into `scr`.
+    #[allow(clippy::too_many_arguments)]
+    fn q_side<'a>(
+        &'a self,
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        qb: &'a mut [f32],
+        dob: &'a mut [f32],
+        scr: &mut Scr,
+    ) -> (Mat<'a>, Mat<'a>) {
         let p = self.p;
         let d = p.head_dim;
         let seq = p.seqs[b];
-        tile::load_rows(
+        let qv = tile::view(
             self.q,
             rows,
             d,
-            |r| p.q.at(b, seq.q_start, i0 + r, h),
-            p.scale,
-            &mut w.qb,
+            p.q.at(b, seq.q_start, i0, h),
+            p.q.row,
+            1.0,
+            qb,
         );
-        let dos = self.dos;
-        tile::load_rows(
+        let dov = tile::view(
             self.dout,
             rows,
             d,
-            |r| dos.at(b, seq.q_start, i0 + r, h),
+            self.dos.at(b, seq.q_start, i0, h),
+            self.dos.row,
             1.0,
-            &mut w.dob,
+            dob,
         );
         for r in 0..rows {
             let li = p.lse_index(b, h, i0 + r);
-            w.lr[r] = self.lse[li];
-            w.dr[r] = self.dd[li];
+            scr.lr[r] = self.lse[li];
+            scr.dr[r] = self.dd[li];
         }
+        (qv, dov)
     }
 
-    fn load_k_side(&self, b: usize, g: usize, j0: usize, jn: usize, w: &mut BwdWork) {
+    /// Views of the K and V rows `j0..j0+jn` of key head `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn k_side<'a>(
+        &'a self,
+        b: usize,
+        g: usize,
+        j0: usize,
+        jn: usize,
+        kb: &'a mut [f32],
+        vb: &'a mut [f32],
+    ) -> (Mat<'a>, Mat<'a>) {
         let p = self.p;
         let d = p.head_dim;
         let seq = p.seqs[b];
-        tile::load_rows(
+        let kv = tile::view(
             self.k,
             jn,
             d,
-            |r| p.k.at(b, seq.k_start, j0 + r, g),
+            p.k.at(b, seq.k_start, j0, g),
+            p.k.row,
             1.0,
-            &mut w.kb,
+            kb,
         );
-        tile::load_rows(
+        let vv = tile::view(
             self.v,
             jn,
             d,
-            |r| p.v.at(b, seq.k_start, j0 + r, g),
+            p.v.at(b, seq.k_start, j0, g),
+            p.v.row,
             1.0,
-            &mut w.vb,
+            vb,
         );
+        (kv, vv)
     }
 
-    /// With Q side and K side loaded: `sb = P`, `pdb = dropout(P)` (only with dropout),
-    /// `dpb = dS` (the gradient w.r.t. the scaled score, before the `scale` factor).
+    /// `sb = P`, `pdb = dropout(P)` (only with dropout), `dpb = dS` (the gradient w.r.t. the
+    /// scaled score `scale·QKᵀ`, so `dQ = scale·dS K` and `dK = scale·dSᵀ Q`).
     #[allow(clippy::too_many_arguments)]
     fn recompute(
         &self,
@@ -256,33 +375,17 @@ impl<T: CpuElem> Ctx<'_, T> {
         rows: usize,
         j0: usize,
         jn: usize,
-        w: &mut BwdWork,
+        (qv, dov): (Mat<'_>, Mat<'_>),
+        (kv, vv): (Mat<'_>, Mat<'_>),
+        w: &mut Scr,
     ) {
         let p = self.p;
         let d = p.head_dim;
         let bk = self.tiles.bk;
         let seq = p.seqs[b];
         let (sq, sk) = (seq.sq, seq.sk);
-        tile::matmul(
-            rows,
-            jn,
-            d,
-            &mut w.sb,
-            bk,
-            Mat::rows(&w.qb, d),
-            Mat::trans(&w.kb, d),
-            false,
-        );
-        tile::matmul(
-            rows,
-            jn,
-            d,
-            &mut w.dpb,
-            bk,
-            Mat::rows(&w.dob, d),
-            Mat::trans(&w.vb, d),
-            false,
-        );
+        tile::matmul_beta(rows, jn, d, &mut w.sb, bk, qv, kv.t(), false, p.scale);
+        tile::matmul(rows, jn, d, &mut w.dpb, bk, dov, vv.t(), false);
         let slope = self
             .opts
             .alibi_slopes
@@ -310,8 +413,7 @@ impl<T: CpuElem> Ctx<'_, T> {
                 let pdr = &mut w.pdb[rg.clone()];
                 pdr.copy_from_slice(srow);
                 super::dropout_row(drop, b, h, i, j0, pdr);
-                // dP through dropout: keep/(1-p) factor = pd / p where p > 0; recompute the
-                // mask on dP directly so that p == 0 entries are handled too.
+                // dP through dropout: the same keep mask and 1/(1-p) factor.
                 super::dropout_row(drop, b, h, i, j0, dpr);
             }
             ds_row(srow, dpr, w.dr[r]);
@@ -339,7 +441,9 @@ tile::dispatch! {
     }
 }
 
-/// Pass 1 for key head `g`, key tile `j0..j0+jn` of sequence `b`.
+/// dK/dV of key head `g`, key tile `j0..j0+jn` of sequence `b` (rows written at
+/// `dkc[r·out_rs ..]`), and optionally dQ (unscaled) of the group's query heads accumulated into
+/// `dq_acc` (`[group][sq][d]`).
 #[allow(clippy::too_many_arguments)]
 fn kv_tile<T: CpuElem>(
     cx: &Ctx<'_, T>,
@@ -350,55 +454,77 @@ fn kv_tile<T: CpuElem>(
     w: &mut BwdWork,
     dkc: &mut [T],
     dvc: &mut [T],
+    out_rs: usize,
+    mut dq_acc: Option<&mut [f32]>,
 ) {
     let p = cx.p;
-    let (d, hk) = (p.head_dim, p.heads_k);
+    let d = p.head_dim;
     let (bq, bk) = (cx.tiles.bq, cx.tiles.bk);
     let seq = p.seqs[b];
     let (ia, ib) = query_range_for_keys(&p.mask, j0, j0 + jn, seq.sq, seq.sk);
-    w.acc1[..jn * d].fill(0.0); // dK
-    w.acc2[..jn * d].fill(0.0); // dV
+    let BwdWork { bufs, scr } = w;
+    scr.acc1[..jn * d].fill(0.0); // dK / scale
+    scr.acc2[..jn * d].fill(0.0); // dV
     if ia < ib {
-        cx.load_k_side(b, g, j0, jn, w);
+        let kside = cx.k_side(b, g, j0, jn, &mut bufs.kb, &mut bufs.vb);
         let grp = p.group();
         for h in g * grp..(g + 1) * grp {
             let mut i0 = ia;
             while i0 < ib {
                 let rows = bq.min(ib - i0);
-                cx.load_q_side(b, h, i0, rows, w);
-                cx.recompute(b, h, i0, rows, j0, jn, w);
-                let pmat = if p.dropout.is_some() { &w.pdb } else { &w.sb };
+                let qside = cx.q_side(b, h, i0, rows, &mut bufs.qb, &mut bufs.dob, scr);
+                cx.recompute(b, h, i0, rows, j0, jn, qside, kside, scr);
+                let pmat = if p.dropout.is_some() {
+                    &scr.pdb
+                } else {
+                    &scr.sb
+                };
                 // dV += P̃ᵀ dO
                 tile::matmul(
                     jn,
                     d,
                     rows,
-                    &mut w.acc2,
+                    &mut scr.acc2,
                     d,
                     Mat::trans(pmat, bk),
-                    Mat::rows(&w.dob, d),
+                    qside.1,
                     true,
                 );
-                // dK += dSᵀ (scale·Q)
+                // dK += dSᵀ Q (scaled at the end)
                 tile::matmul(
                     jn,
                     d,
                     rows,
-                    &mut w.acc1,
+                    &mut scr.acc1,
                     d,
-                    Mat::trans(&w.dpb, bk),
-                    Mat::rows(&w.qb, d),
+                    Mat::trans(&scr.dpb, bk),
+                    qside.0,
                     true,
                 );
+                if let Some(dqa) = dq_acc.as_deref_mut() {
+                    // dQ (unscaled) += dS K, rows of head h in the group's accumulator.
+                    let o = ((h - g * grp) * seq.sq + i0) * d;
+                    tile::matmul(
+                        rows,
+                        d,
+                        jn,
+                        &mut dqa[o..o + rows * d],
+                        d,
+                        Mat::rows(&scr.dpb, bk),
+                        kside.0,
+                        true,
+                    );
+                }
                 i0 += rows;
             }
         }
     }
+    let sc = p.scale;
     for r in 0..jn {
-        let o = (r * hk + g) * d;
+        let o = r * out_rs;
         for c in 0..d {
-            dkc[o + c] = T::from_f32(w.acc1[r * d + c]);
-            dvc[o + c] = T::from_f32(w.acc2[r * d + c]);
+            dkc[o + c] = T::from_f32(scr.acc1[r * d + c] * sc);
+            dvc[o + c] = T::from_f32(scr.acc2[r * d + c]);
         }
     }
 }
@@ -418,23 +544,24 @@ fn q_tile<T: CpuElem>(
     let bk = cx.tiles.bk;
     let seq = p.seqs[b];
     let g = h / p.group();
-    w.acc1[..rows * d].fill(0.0);
+    let BwdWork { bufs, scr } = w;
+    scr.acc1[..rows * d].fill(0.0);
     if let Some((klo, khi)) = tile_key_range(&p.mask, i0, rows, seq.sq, seq.sk) {
-        cx.load_q_side(b, h, i0, rows, w);
+        let qside = cx.q_side(b, h, i0, rows, &mut bufs.qb, &mut bufs.dob, scr);
         let mut j0 = klo;
         while j0 < khi {
             let jn = bk.min(khi - j0);
-            cx.load_k_side(b, g, j0, jn, w);
-            cx.recompute(b, h, i0, rows, j0, jn, w);
+            let kside = cx.k_side(b, g, j0, jn, &mut bufs.kb, &mut bufs.vb);
+            cx.recompute(b, h, i0, rows, j0, jn, qside, kside, scr);
             // dQ += dS K  (the scale is applied at the end)
             tile::matmul(
                 rows,
                 d,
                 jn,
-                &mut w.acc1,
+                &mut scr.acc1,
                 d,
-                Mat::rows(&w.dpb, bk),
-                Mat::rows(&w.kb, d),
+                Mat::rows(&scr.dpb, bk),
+                kside.0,
                 true,
             );
             j0 += jn;
@@ -444,7 +571,7 @@ fn q_tile<T: CpuElem>(
     for r in 0..rows {
         let o = (r * hq + h) * d;
         for c in 0..d {
-            dqc[o + c] = T::from_f32(w.acc1[r * d + c] * sc);
+            dqc[o + c] = T::from_f32(scr.acc1[r * d + c] * sc);
         }
     }
 }

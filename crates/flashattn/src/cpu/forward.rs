@@ -174,19 +174,21 @@ fn fwd_tile<T: CpuElem>(
     let mut j0 = klo;
     while j0 < khi {
         let jn = bk.min(khi - j0);
-        tile::load_rows(
+        let kv = tile::view(
             k,
             jn,
             d,
-            |r| p.k.at(t.b, seq.k_start, j0 + r, hk),
+            p.k.at(t.b, seq.k_start, j0, hk),
+            p.k.row,
             1.0,
             &mut w.kb,
         );
-        tile::load_rows(
+        let vv = tile::view(
             v,
             jn,
             d,
-            |r| p.v.at(t.b, seq.k_start, j0 + r, hk),
+            p.v.at(t.b, seq.k_start, j0, hk),
+            p.v.row,
             1.0,
             &mut w.vb,
         );
@@ -198,7 +200,7 @@ fn fwd_tile<T: CpuElem>(
             &mut w.sb,
             bk,
             Mat::rows(&w.qb, d),
-            Mat::trans(&w.kb, d),
+            kv.t(),
             false,
         );
         for r in 0..rows {
@@ -224,16 +226,7 @@ fn fwd_tile<T: CpuElem>(
             }
         }
         // O += P V
-        tile::matmul(
-            rows,
-            d,
-            jn,
-            &mut w.acc,
-            d,
-            Mat::rows(&w.sb, bk),
-            Mat::rows(&w.vb, d),
-            true,
-        );
+        tile::matmul(rows, d, jn, &mut w.acc, d, Mat::rows(&w.sb, bk), vv, true);
         j0 += jn;
     }
 

@@ -77,11 +77,25 @@ pub fn backward(
     dout: &Tensor,
     opts: &AttnOptions,
 ) -> Result<Gradients> {
+    backward_mode(problem, inputs, out, lse, dout, opts, None)
+}
+
+/// [`backward`] with the parallel scheme forced (`Some(true)`: fused per (sequence, key head);
+/// `Some(false)`: two passes over key tiles then query tiles; `None`: chosen by size).
+pub(crate) fn backward_mode(
+    problem: &Problem,
+    inputs: &Qkv<'_>,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    opts: &AttnOptions,
+    fused: Option<bool>,
+) -> Result<Gradients> {
     let tiles = Tiles::for_head_dim(problem.head_dim);
     match problem.dtype {
-        DType::F32 => backward::run::<f32>(problem, inputs, out, lse, dout, opts, tiles),
-        DType::F16 => backward::run::<f16>(problem, inputs, out, lse, dout, opts, tiles),
-        DType::BF16 => backward::run::<bf16>(problem, inputs, out, lse, dout, opts, tiles),
+        DType::F32 => backward::run::<f32>(problem, inputs, out, lse, dout, opts, tiles, fused),
+        DType::F16 => backward::run::<f16>(problem, inputs, out, lse, dout, opts, tiles, fused),
+        DType::BF16 => backward::run::<bf16>(problem, inputs, out, lse, dout, opts, tiles, fused),
     }
 }
 

@@ -27,7 +27,7 @@ fn naive(
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let p = Problem::new(qkv, opts).unwrap();
     let (q, k, v) = (qkv.q.to_f32_vec(), qkv.k.to_f32_vec(), qkv.v.to_f32_vec());
-    let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
+    let (hq, d) = (p.heads_q, p.head_dim);
     let mut out = vec![0.0f64; q.len()];
     let mut dq = vec![0.0f64; q.len()];
     let mut dk = vec![0.0f64; k.len()];
@@ -174,10 +174,28 @@ fn check(
             q.shape()
         );
     }
-    // Determinism.
-    let g2 = backward(&qkv, &f.out, &f.lse, &dout, opts, Device::Cpu).unwrap();
-    assert_eq!(g.dq, g2.dq);
-    assert_eq!(g.dk, g2.dk);
+    // Both parallel schemes, and determinism of each.
+    let p = Problem::new(&qkv, opts).unwrap();
+    for fused in [false, true] {
+        let run =
+            || super::backward_mode(&p, &qkv, &f.out, &f.lse, &dout, opts, Some(fused)).unwrap();
+        let (g1, g2) = (run(), run());
+        for (name, t, w) in [
+            ("dq", &g1.dq, &dq),
+            ("dk", &g1.dk, &dk),
+            ("dv", &g1.dv, &dv),
+        ] {
+            let e = rel(t, w);
+            assert!(
+                e < tol,
+                "{name} err {e} fused={fused} (opts {opts:?}, shape {:?})",
+                q.shape()
+            );
+        }
+        assert_eq!(g1.dq, g2.dq);
+        assert_eq!(g1.dk, g2.dk);
+        assert_eq!(g1.dv, g2.dv);
+    }
 }
 
 fn dense(

@@ -8,11 +8,19 @@ use half::{bf16, f16};
 /// A CPU element type with typed access to [`Storage`].
 pub trait CpuElem: Element {
     fn slice(s: &Storage) -> &[Self];
+    /// The same slice as f32 when `Self` is f32 (zero-copy tile views).
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
     fn storage(v: Vec<Self>) -> Storage;
     fn zero() -> Self;
 }
 
 impl CpuElem for f32 {
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
     fn slice(s: &Storage) -> &[Self] {
         match s {
             Storage::F32(v) => v,
@@ -83,6 +91,14 @@ impl<'a> Mat<'a> {
             cs: rs,
         }
     }
+    /// The transpose (a view, no copy).
+    pub fn t(self) -> Self {
+        Mat {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
     fn fits(&self, r: usize, c: usize) -> bool {
         r == 0 || c == 0 || self.off + (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
     }
@@ -100,6 +116,22 @@ pub fn matmul(
     lhs: Mat<'_>,
     rhs: Mat<'_>,
     accumulate: bool,
+) {
+    matmul_beta(m, n, k, dst, dst_rs, lhs, rhs, accumulate, 1.0)
+}
+
+/// `dst = (accumulate ? dst : 0) + beta · lhs · rhs` (see [`matmul`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_beta(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    accumulate: bool,
+    beta: f32,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -137,7 +169,7 @@ pub fn matmul(
             rhs.cs as isize,
             rhs.rs as isize,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
@@ -216,6 +248,32 @@ pub fn load_rows<T: CpuElem>(
             }
         }
     }
+}
+
+/// A `rows × d` f32 view of tensor rows `base + r·rs`: zero-copy for f32 inputs when `mul`
+/// is 1, otherwise converted (and multiplied by `mul`) into `buf`.
+#[inline]
+pub fn view<'a, T: CpuElem>(
+    src: &'a [T],
+    rows: usize,
+    d: usize,
+    base: usize,
+    rs: usize,
+    mul: f32,
+    buf: &'a mut [f32],
+) -> Mat<'a> {
+    if let Some(f) = T::as_f32(src) {
+        if mul == 1.0 {
+            return Mat {
+                data: f,
+                off: base,
+                rs,
+                cs: 1,
+            };
+        }
+    }
+    load_rows(src, rows, d, |r| base + r * rs, mul, buf);
+    Mat::rows(buf, d)
 }
 
 /// `exp(x)` for f32 with ~2e-7 relative error, vectorisable (no calls, no branches).
