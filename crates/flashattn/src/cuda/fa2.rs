@@ -507,3 +507,20 @@ fn launch(gpu: &Gpu, problem: &Problem, variant: &Variant, prep: Prepared) -> Re
     drop(prep);
     Ok(())
 }
+
+/// A CUDA event that records timing (for benchmarks, so callers need not name cudarc).
+pub fn timing_event(gpu: &Gpu) -> Result<cudarc::driver::CudaEvent> {
+    gpu.ctx()
+        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|e| driver_err("creating a timing event", e))
+}
+
+/// Free device memory in bytes as the driver reports it (cuMemGetInfo).
+pub fn free_memory(gpu: &Gpu) -> Result<usize> {
+    gpu.ctx()
+        .bind_to_thread()
+        .map_err(|e| driver_err("binding the context", e))?;
+    cudarc::driver::result::mem_get_info()
+        .map(|(free, _total)| free)
+        .map_err(|e| driver_err("cuMemGetInfo", e))
+}
