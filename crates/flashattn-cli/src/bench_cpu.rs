@@ -41,6 +41,10 @@ pub struct CpuBenchArgs {
     /// Size n of the n×n×n f32 GEMM giving the reference rate.
     #[arg(long, default_value_t = 2048)]
     pub gemm_size: usize,
+    /// Size of the square GEMM timed alternately with every case (the per-row GEMM column and
+    /// the ratios use it, so that both sides see the same machine load).
+    #[arg(long, default_value_t = 1024)]
+    pub row_gemm_size: usize,
     /// Rayon threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -125,6 +129,44 @@ fn time_it<R>(repeats: usize, mut f: impl FnMut() -> Result<R, Error>) -> Result
         drop(r);
     }
     Ok(median(ts))
+}
+
+/// Median seconds of `f` and of `g`, timed alternately (`f, g, f, g, ...`) after one warm-up
+/// of each, so that both see the same machine load.
+fn time_pair<R, S>(
+    repeats: usize,
+    mut f: impl FnMut() -> Result<R, Error>,
+    mut g: impl FnMut() -> Result<S, Error>,
+) -> Result<(f64, f64), Error> {
+    f()?;
+    g()?;
+    let (mut tf, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let r = f()?;
+        tf.push(t.elapsed().as_secs_f64());
+        drop(r);
+        let t = Instant::now();
+        let r = g()?;
+        tg.push(t.elapsed().as_secs_f64());
+        drop(r);
+    }
+    Ok((median(tf), median(tg)))
+}
+
+/// A square f32 GEMM of size n (the same `gemm` code, `threads` threads) as a closure, for
+/// timing next to attention; returns its FLOPs.
+fn gemm_job(n: usize, threads: usize) -> (impl FnMut() -> Result<(), Error>, f64) {
+    let a = rand_vec(n * n, 5);
+    let b = rand_vec(n * n, 6);
+    let mut c = vec![0.0f32; n * n];
+    (
+        move || {
+            tile::matmul_parallel(n, n, n, &mut c, &a, &b, threads);
+            Ok(())
+        },
+        2.0 * (n as f64).powi(3),
+    )
 }
 
 /// f32 GEMM GFLOP/s of the `gemm` crate on an n×n×n product with `threads` rayon threads.
@@ -227,6 +269,9 @@ struct Row {
     fwd: f64,
     naive: Option<f64>,
     bwd: Option<f64>,
+    /// GEMM GFLOP/s timed alternately with fwd / with bwd.
+    gemm_f: f64,
+    gemm_b: Option<f64>,
 }
 
 fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
@@ -257,7 +302,10 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                 let opts = AttnOptions::new().causal(causal);
                 let qkv = Qkv::dense(&q, &k, &v);
                 let flops = Problem::new(&qkv, &opts)?.forward_flops();
-                let tf = time_it(args.repeats, || forward(&qkv, &opts, Device::Cpu))?;
+                let (mut gj, gflop) = gemm_job(args.row_gemm_size, threads);
+                let (tf, tg) =
+                    time_pair(args.repeats, || forward(&qkv, &opts, Device::Cpu), &mut gj)?;
+                let gemm_f = gflop / tg / 1e9;
                 let naive = if args.no_naive {
                     None
                 } else {
@@ -266,14 +314,16 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                     })?;
                     Some(flops / tn / 1e9)
                 };
-                let bwd = if args.no_backward {
-                    None
+                let (bwd, gemm_b) = if args.no_backward {
+                    (None, None)
                 } else {
                     let f = forward(&qkv, &opts, Device::Cpu)?;
-                    let tb = time_it(args.repeats, || {
-                        backward(&qkv, &f.out, &f.lse, &dout, &opts, Device::Cpu)
-                    })?;
-                    Some(2.5 * flops / tb / 1e9)
+                    let (tb, tg) = time_pair(
+                        args.repeats,
+                        || backward(&qkv, &f.out, &f.lse, &dout, &opts, Device::Cpu),
+                        &mut gj,
+                    )?;
+                    (Some(2.5 * flops / tb / 1e9), Some(gflop / tg / 1e9))
                 };
                 rows.push(Row {
                     d,
@@ -284,6 +334,8 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                     fwd: flops / tf / 1e9,
                     naive,
                     bwd,
+                    gemm_f,
+                    gemm_b,
                 });
             }
         }
@@ -304,9 +356,10 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                 s.push(',');
             }
             s.push_str(&format!(
-                "{{\"d\":{},\"seqlen\":{},\"batch\":{},\"heads\":{},\"causal\":{},\"fwd_gflops\":{:.3},\"naive_gflops\":{},\"bwd_gflops\":{},\"fwd_over_naive\":{},\"fwd_over_gemm\":{:.4},\"bwd_over_gemm\":{}}}",
+                "{{\"d\":{},\"seqlen\":{},\"batch\":{},\"heads\":{},\"causal\":{},\"fwd_gflops\":{:.3},\"naive_gflops\":{},\"bwd_gflops\":{},\"fwd_over_naive\":{},\"gemm_gflops_fwd\":{:.3},\"gemm_gflops_bwd\":{},\"fwd_over_gemm\":{:.4},\"bwd_over_gemm\":{}}}",
                 r.d, r.seqlen, r.batch, r.heads, r.causal, r.fwd, js(r.naive), js(r.bwd),
-                js(r.naive.map(|n| r.fwd / n)), r.fwd / gemm, js(r.bwd.map(|b| b / gemm))
+                js(r.naive.map(|n| r.fwd / n)), r.gemm_f, js(r.gemm_b), r.fwd / r.gemm_f,
+                js(r.bwd.zip(r.gemm_b).map(|(b, g)| b / g))
             ));
         }
         s.push_str("]}\n");
@@ -314,18 +367,20 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
     }
     let mut s = format!(
         "flashattn CPU benchmark: {threads} threads, dtype {dtype}, tokens {}, hidden {}, {} of {} (GFLOP/s, SPEC §4 FLOPs; bwd = 2.5x fwd FLOPs)\n\
-         f32 GEMM {n}x{n}x{n} (same gemm crate, {threads} threads): {gemm:.2} GFLOP/s\n\n",
+         f32 GEMM {n}x{n}x{n} (same gemm crate, {threads} threads): {gemm:.2} GFLOP/s\n\
+         GEMM column: f32 GEMM {m}x{m}x{m} timed alternately with each forward (and backward) run; the % columns divide by it\n\n",
         args.tokens,
         args.hidden,
         args.stat,
         args.repeats,
-        n = args.gemm_size
+        n = args.gemm_size,
+        m = args.row_gemm_size
     );
-    s.push_str("|   d | seqlen | batch | heads | causal |    fwd |  naive | fwd/naive | fwd/GEMM |    bwd | bwd/GEMM |\n");
-    s.push_str("|----:|-------:|------:|------:|:------:|-------:|-------:|----------:|---------:|-------:|---------:|\n");
+    s.push_str("|   d | seqlen | batch | heads | causal |    fwd |  naive | fwd/naive |   GEMM | fwd/GEMM |    bwd | bwd/GEMM |\n");
+    s.push_str("|----:|-------:|------:|------:|:------:|-------:|-------:|----------:|-------:|---------:|-------:|---------:|\n");
     for r in &rows {
         s.push_str(&format!(
-            "| {:>3} | {:>6} | {:>5} | {:>5} | {:^6} | {:>6.2} | {:>6} | {:>9} | {:>7.1}% | {:>6} | {:>8} |\n",
+            "| {:>3} | {:>6} | {:>5} | {:>5} | {:^6} | {:>6.2} | {:>6} | {:>9} | {:>6.2} | {:>7.1}% | {:>6} | {:>8} |\n",
             r.d,
             r.seqlen,
             r.batch,
@@ -334,9 +389,13 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
             r.fwd,
             opt(r.naive),
             r.naive.map(|n| format!("{:.2}x", r.fwd / n)).unwrap_or_else(|| "-".into()),
-            100.0 * r.fwd / gemm,
+            r.gemm_f,
+            100.0 * r.fwd / r.gemm_f,
             opt(r.bwd),
-            r.bwd.map(|b| format!("{:.1}%", 100.0 * b / gemm)).unwrap_or_else(|| "-".into()),
+            r.bwd
+                .zip(r.gemm_b)
+                .map(|(b, g)| format!("{:.1}%", 100.0 * b / g))
+                .unwrap_or_else(|| "-".into()),
         ));
     }
     s.push_str(&format!("\n({secs:.1} s in total)\n"));
