@@ -20,7 +20,10 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) {
             walk(&path, root, out);
         } else if path.is_file() && std::fs::read_to_string(&path).is_ok() {
             let rel = path.strip_prefix(root).unwrap_or(&path);
-            let rel: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            let rel: Vec<_> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
             out.push((rel.join("/"), path.clone()));
         }
     }
@@ -41,7 +44,12 @@ fn main() {
          pub static SOURCES: &[(&str, &str)] = &[\n",
     );
     for (rel, abs) in &files {
-        writeln!(code, "    ({rel:?}, include_str!({:?})),", abs.display().to_string()).unwrap();
+        writeln!(
+            code,
+            "    ({rel:?}, include_str!({:?})),",
+            abs.display().to_string()
+        )
+        .unwrap();
     }
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("kernels.rs");

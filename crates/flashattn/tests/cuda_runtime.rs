@@ -44,7 +44,11 @@ fn no_gpu_is_an_error_not_a_panic() {
     // Through the public API as well.
     let q = Tensor::from_f32_as(&[0.5; 16], &[1, 2, 1, 8], DType::F16).unwrap();
     let res = std::panic::catch_unwind(|| {
-        flashattn::forward(&flashattn::Qkv::dense(&q, &q, &q), &Default::default(), flashattn::Device::Cuda(0))
+        flashattn::forward(
+            &flashattn::Qkv::dense(&q, &q, &q),
+            &Default::default(),
+            flashattn::Device::Cuda(0),
+        )
     })
     .expect("forward on cuda must not panic");
     if let Err(e) = res {
@@ -72,7 +76,12 @@ fn compile_reports_resources_and_cache_hits() {
     let cold = t.elapsed();
     assert_eq!(o1, CacheOutcome::Miss);
     assert!(c1.cubin.starts_with(b"\x7fELF"), "CUBIN is an ELF image");
-    assert!(c1.resources.registers > 0, "ptxas -v report parsed: {:?}\n{}", c1.resources, c1.log);
+    assert!(
+        c1.resources.registers > 0,
+        "ptxas -v report parsed: {:?}\n{}",
+        c1.resources,
+        c1.log
+    );
     assert!(!c1.resources.spills());
 
     let t = Instant::now();
@@ -110,13 +119,20 @@ fn corrupt_cache_entries_are_rebuilt() {
     let mut flipped = bytes.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
-    for bad in [flipped, bytes[..bytes.len() / 3].to_vec(), b"garbage".to_vec()] {
+    for bad in [
+        flipped,
+        bytes[..bytes.len() / 3].to_vec(),
+        b"garbage".to_vec(),
+    ] {
         std::fs::write(&path, &bad).unwrap();
         let (c, o) = jit::compile_with(&spec, "sm_86", Some(&cache)).unwrap();
         assert_eq!(o, CacheOutcome::Rebuilt);
         assert_eq!(c.cubin, good.cubin);
         let rewritten = std::fs::read(&path).unwrap();
-        assert!(rewritten.len() > good.cubin.len() && rewritten != bad, "file rewritten");
+        assert!(
+            rewritten.len() > good.cubin.len() && rewritten != bad,
+            "file rewritten"
+        );
         let (_, o) = jit::compile_with(&spec, "sm_86", Some(&cache)).unwrap();
         assert_eq!(o, CacheOutcome::Hit);
     }
@@ -134,7 +150,10 @@ fn compile_errors_carry_the_log() {
         other => panic!("expected a compile error, got {:?}", other.map(|c| c.1)),
     }
     let missing = KernelSpec::new("nope/none.cu", "x");
-    assert!(matches!(jit::compile_with(&missing, "sm_80", None), Err(Error::Compile(_))));
+    assert!(matches!(
+        jit::compile_with(&missing, "sm_80", None),
+        Err(Error::Compile(_))
+    ));
 }
 
 #[test]
@@ -146,20 +165,37 @@ fn device_roundtrip_when_a_gpu_exists() {
             return;
         }
     };
-    eprintln!("{gpu:?} arch {} target {}", gpu.arch(), gpu.arch().nvrtc_name());
+    eprintln!(
+        "{gpu:?} arch {} target {}",
+        gpu.arch(),
+        gpu.arch().nvrtc_name()
+    );
     let data: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25 - 7.0).collect();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let host = Tensor::from_f32_as(&data, &[10, 4, 25], dtype).unwrap();
         let dev = DeviceTensor::upload(&gpu, &host).unwrap();
-        assert_eq!((dev.dtype(), dev.shape(), dev.strides()), (dtype, &[10, 4, 25][..], &[100, 25, 1][..]));
+        assert_eq!(
+            (dev.dtype(), dev.shape(), dev.strides()),
+            (dtype, &[10, 4, 25][..], &[100, 25, 1][..])
+        );
         assert_eq!(dev.download().unwrap(), host);
         // A strided view: [10, 25] at head 2.
         let view = dev.view(&[10, 25], &[100, 1], 50).unwrap();
         let d = &data;
-        let want: Vec<f32> = (0..10).flat_map(|b| (0..25).map(move |j| d[b * 100 + 50 + j])).collect();
-        assert_eq!(view.download().unwrap().to_f32_vec(), host_round(&want, dtype));
+        let want: Vec<f32> = (0..10)
+            .flat_map(|b| (0..25).map(move |j| d[b * 100 + 50 + j]))
+            .collect();
+        assert_eq!(
+            view.download().unwrap().to_f32_vec(),
+            host_round(&want, dtype)
+        );
         dev.fill_poison().unwrap();
-        assert!(dev.download().unwrap().to_f32_vec().iter().all(|x| x.is_nan()));
+        assert!(dev
+            .download()
+            .unwrap()
+            .to_f32_vec()
+            .iter()
+            .all(|x| x.is_nan()));
     }
     // A zero-size tensor is fine.
     let empty = DeviceTensor::alloc(&gpu, DType::BF16, &[0, 3]).unwrap();
@@ -170,7 +206,8 @@ fn device_roundtrip_when_a_gpu_exists() {
     let f = gpu.kernel(&axpy("2.0f")).unwrap();
     let n = 1000u32;
     let x = DeviceTensor::upload(&gpu, &Tensor::from_f32(data.clone(), &[1000]).unwrap()).unwrap();
-    let y = DeviceTensor::upload(&gpu, &Tensor::from_f32(vec![1.0; 1000], &[1000]).unwrap()).unwrap();
+    let y =
+        DeviceTensor::upload(&gpu, &Tensor::from_f32(vec![1.0; 1000], &[1000]).unwrap()).unwrap();
     let (px, py) = (x.ptr(), y.ptr());
     let cfg = cudarc::driver::LaunchConfig::for_num_elems(n);
     let mut b = gpu.stream().launch_builder(&f);
@@ -188,5 +225,7 @@ fn device_roundtrip_when_a_gpu_exists() {
 }
 
 fn host_round(v: &[f32], dtype: DType) -> Vec<f32> {
-    Tensor::from_f32_as(v, &[v.len()], dtype).unwrap().to_f32_vec()
+    Tensor::from_f32_as(v, &[v.len()], dtype)
+        .unwrap()
+        .to_f32_vec()
 }

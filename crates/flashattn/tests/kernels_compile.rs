@@ -17,5 +17,8 @@ fn all_variants_compile_without_forward_spills() {
     eprintln!("{report}");
     eprintln!("compile-all took {:.1} s", t.elapsed().as_secs_f64());
     assert!(!report.has_errors(), "kernels failed to compile:\n{report}");
-    assert!(!report.has_forward_spills(), "forward kernels spill:\n{report}");
+    assert!(
+        !report.has_forward_spills(),
+        "forward kernels spill:\n{report}"
+    );
 }

@@ -173,7 +173,8 @@ fn decode(key: u64, data: &[u8]) -> Option<Entry> {
     if data.len() < HEADER || &data[..8] != MAGIC {
         return None;
     }
-    let word = |i: usize| u64::from_le_bytes(data[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]));
+    let word =
+        |i: usize| u64::from_le_bytes(data[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]));
     let (k, clen, llen, sum) = (word(0), word(1) as usize, word(2) as usize, word(3));
     if k != key || clen == 0 || HEADER.checked_add(clen)?.checked_add(llen)? != data.len() {
         return None;
@@ -200,7 +201,10 @@ mod tests {
         assert!(matches!(c.load(7), Lookup::Miss));
         c.store(7, b"\x7fELFabc", "log").unwrap();
         match c.load(7) {
-            Lookup::Hit(e) => assert_eq!((e.cubin.as_slice(), e.log.as_str()), (&b"\x7fELFabc"[..], "log")),
+            Lookup::Hit(e) => assert_eq!(
+                (e.cubin.as_slice(), e.log.as_str()),
+                (&b"\x7fELFabc"[..], "log")
+            ),
             _ => panic!("expected hit"),
         }
         let mut bytes = std::fs::read(c.path(7)).unwrap();

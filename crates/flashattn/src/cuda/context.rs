@@ -73,8 +73,11 @@ pub fn driver_err(what: &str, e: DriverError) -> Error {
 
 /// Runs a cudarc call that might panic (library loading) and turns a panic into `Err`.
 pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|_| Err(Error::NoGpu(format!("{what}: the CUDA driver library failed to load"))))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(Error::NoGpu(format!(
+            "{what}: the CUDA driver library failed to load"
+        )))
+    })
 }
 
 /// An opened CUDA device.
@@ -92,7 +95,11 @@ pub struct Gpu {
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Gpu(cuda:{} {} sm {}, {} SMs)", self.ordinal, self.name, self.arch, self.sm_count)
+        write!(
+            f,
+            "Gpu(cuda:{} {} sm {}, {} SMs)",
+            self.ordinal, self.name, self.arch, self.sm_count
+        )
     }
 }
 
@@ -214,7 +221,9 @@ impl Gpu {
 
     /// Waits for all work on the stream; reports asynchronous kernel errors.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| driver_err("stream synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("stream synchronize", e))
     }
 
     /// The kernel `spec` compiled for this device (NVRTC JIT through the memory and disk caches)
@@ -222,7 +231,12 @@ impl Gpu {
     pub fn kernel(&self, spec: &KernelSpec) -> Result<Arc<CudaFunction>> {
         let arch = self.arch.nvrtc_name();
         let key = jit::cache_key(spec, &arch)?;
-        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(f.clone());
         }
         let compiled = jit::compile(spec, &arch)?;
@@ -230,11 +244,10 @@ impl Gpu {
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))
             .map_err(|e| driver_err(&format!("loading module {}", spec.source), e))?;
-        let f = Arc::new(
-            module
-                .load_function(&spec.entry)
-                .map_err(|e| driver_err(&format!("kernel `{}` in {}", spec.entry, spec.source), e))?,
-        );
+        let f =
+            Arc::new(module.load_function(&spec.entry).map_err(|e| {
+                driver_err(&format!("kernel `{}` in {}", spec.entry, spec.source), e)
+            })?);
         self.functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -244,7 +257,11 @@ impl Gpu {
 
     /// [`Gpu::kernel`], with its dynamic shared memory limit raised to `smem_bytes`
     /// (needed above 48 KiB). Errors if the device cannot give that much.
-    pub fn kernel_with_smem(&self, spec: &KernelSpec, smem_bytes: u32) -> Result<Arc<CudaFunction>> {
+    pub fn kernel_with_smem(
+        &self,
+        spec: &KernelSpec,
+        smem_bytes: u32,
+    ) -> Result<Arc<CudaFunction>> {
         if smem_bytes > self.max_smem_optin {
             return Err(Error::unsupported(
                 self.device_name(),

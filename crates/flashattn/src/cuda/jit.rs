@@ -63,7 +63,11 @@ impl KernelSpec {
         if self.defines.is_empty() {
             return self.entry.clone();
         }
-        let d: Vec<String> = self.defines.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let d: Vec<String> = self
+            .defines
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
         format!("{}[{}]", self.entry, d.join(","))
     }
 }
@@ -222,7 +226,11 @@ fn compile_nvrtc(spec: &KernelSpec, arch: &str) -> Result<(Vec<u8>, String)> {
         Error::Compile(format!(
             "kernel source `{}` is not embedded (known: {})",
             spec.source,
-            sources().iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+            sources()
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })?;
     let headers = include_table();
@@ -231,9 +239,7 @@ fn compile_nvrtc(spec: &KernelSpec, arch: &str) -> Result<(Vec<u8>, String)> {
         Ok(out) => Ok((out.cubin, out.log)),
         Err(f) => {
             if f.log.contains("cannot open source file") && f.log.contains('<') {
-                if let Err(e) = loader::cuda_include_dir() {
-                    return Err(e);
-                }
+                loader::cuda_include_dir()?;
             }
             Err(Error::Compile(format!(
                 "{} `{}` for {arch} ({}):\n{}",
@@ -289,7 +295,11 @@ pub fn parse_resources(log: &str, entry: &str) -> Resources {
         };
         let num_before = |needle: &str| -> Option<u32> {
             let pos = l.find(needle)?;
-            l[..pos].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+            l[..pos]
+                .split(|c: char| !c.is_ascii_digit())
+                .rfind(|s| !s.is_empty())?
+                .parse()
+                .ok()
         };
         if let Some(v) = num_before(" bytes stack frame") {
             r.stack_bytes = v;
@@ -310,13 +320,15 @@ pub fn parse_resources(log: &str, entry: &str) -> Resources {
     if let Some((_, r)) = sections.iter().find(|(n, _)| n == entry) {
         return *r;
     }
-    sections.iter().fold(Resources::default(), |a, (_, r)| Resources {
-        registers: a.registers.max(r.registers),
-        spill_stores: a.spill_stores.max(r.spill_stores),
-        spill_loads: a.spill_loads.max(r.spill_loads),
-        stack_bytes: a.stack_bytes.max(r.stack_bytes),
-        smem_static: a.smem_static.max(r.smem_static),
-    })
+    sections
+        .iter()
+        .fold(Resources::default(), |a, (_, r)| Resources {
+            registers: a.registers.max(r.registers),
+            spill_stores: a.spill_stores.max(r.spill_stores),
+            spill_loads: a.spill_loads.max(r.spill_loads),
+            stack_bytes: a.stack_bytes.max(r.stack_bytes),
+            smem_static: a.smem_static.max(r.smem_static),
+        })
 }
 
 #[cfg(test)]
@@ -337,7 +349,13 @@ ptxas info    : Used 10 registers, used 0 barriers, 1024 bytes smem, 372 bytes c
         let r = parse_resources(log, "axpy");
         assert_eq!(
             r,
-            Resources { registers: 10, spill_stores: 0, spill_loads: 0, stack_bytes: 0, smem_static: 1024 }
+            Resources {
+                registers: 10,
+                spill_stores: 0,
+                spill_loads: 0,
+                stack_bytes: 0,
+                smem_static: 1024
+            }
         );
         let o = parse_resources(log, "other");
         assert_eq!((o.registers, o.spill_stores, o.stack_bytes), (255, 4, 8));

@@ -84,7 +84,10 @@ fn load_nvrtc() -> std::result::Result<NvrtcInfo, String> {
             if dirs.is_empty() {
                 "no candidate directories".to_string()
             } else {
-                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ));
     }
@@ -200,7 +203,9 @@ fn pip_cu13_dirs() -> Vec<PathBuf> {
         roots.push("/opt/conda/lib".into());
         let mut found = Vec::new();
         for root in roots {
-            let Ok(rd) = std::fs::read_dir(&root) else { continue };
+            let Ok(rd) = std::fs::read_dir(&root) else {
+                continue;
+            };
             let mut pys: Vec<PathBuf> = rd
                 .filter_map(|e| e.ok())
                 .map(|e| e.path())

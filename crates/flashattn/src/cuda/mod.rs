@@ -48,7 +48,11 @@ impl Family {
             Err(_) | Ok("") | Ok("auto") => Ok(Family::Auto),
             Ok("fa2") => Ok(Family::Fa2),
             Ok("fa3") => Ok(Family::Fa3),
-            Ok(other) => Err(Error::invalid("FLASHATTN_FAMILY", other, "auto, fa2 or fa3")),
+            Ok(other) => Err(Error::invalid(
+                "FLASHATTN_FAMILY",
+                other,
+                "auto, fa2 or fa3",
+            )),
         }
     }
 }
@@ -100,7 +104,12 @@ pub fn backward_device(
     family: Family,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
     if family == Family::Fa3 {
-        return Err(Error::unsupported(gpu.device_name(), "family", "fa3 backward", "fa2 or auto"));
+        return Err(Error::unsupported(
+            gpu.device_name(),
+            "family",
+            "fa3 backward",
+            "fa2 or auto",
+        ));
     }
     fa2_bwd::backward(gpu, problem, q, k, v, out, lse, dout, opts)
 }
@@ -108,7 +117,12 @@ pub fn backward_device(
 fn check_dtype(gpu: &Gpu, dtype: DType) -> Result<()> {
     match dtype {
         DType::F16 | DType::BF16 => Ok(()),
-        DType::F32 => Err(Error::unsupported(gpu.device_name(), "dtype", dtype, "f16, bf16")),
+        DType::F32 => Err(Error::unsupported(
+            gpu.device_name(),
+            "dtype",
+            dtype,
+            "f16, bf16",
+        )),
     }
 }
 

@@ -82,7 +82,8 @@ pub fn compile_cubin(
     let prog = Program(raw);
 
     // SAFETY: prog.0 is a live program; p_opts holds p_opts.len() valid C strings.
-    let compiled = unsafe { sys::nvrtcCompileProgram(prog.0, p_opts.len() as i32, p_opts.as_ptr()) };
+    let compiled =
+        unsafe { sys::nvrtcCompileProgram(prog.0, p_opts.len() as i32, p_opts.as_ptr()) };
     let log = program_log(&prog);
     if compiled != sys::nvrtcResult::NVRTC_SUCCESS {
         return Err(CompileFailure {
@@ -93,8 +94,14 @@ pub fn compile_cubin(
 
     let mut size = 0usize;
     // SAFETY: prog.0 compiled successfully; `size` is a valid out-pointer.
-    check(unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }, "nvrtcGetCUBINSize")
-        .map_err(|e| CompileFailure { log: log.clone(), ..e })?;
+    check(
+        unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) },
+        "nvrtcGetCUBINSize",
+    )
+    .map_err(|e| CompileFailure {
+        log: log.clone(),
+        ..e
+    })?;
     if size == 0 {
         return Err(CompileFailure {
             stage: "nvrtcGetCUBIN: empty CUBIN (was a virtual compute_XX architecture given?)"
@@ -104,8 +111,14 @@ pub fn compile_cubin(
     }
     let mut cubin = vec![0u8; size];
     // SAFETY: `cubin` has exactly the `size` bytes NVRTC reported for this program.
-    check(unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr() as *mut c_char) }, "nvrtcGetCUBIN")
-        .map_err(|e| CompileFailure { log: log.clone(), ..e })?;
+    check(
+        unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr() as *mut c_char) },
+        "nvrtcGetCUBIN",
+    )
+    .map_err(|e| CompileFailure {
+        log: log.clone(),
+        ..e
+    })?;
     Ok(CubinOutput { cubin, log })
 }
 

@@ -49,15 +49,32 @@ impl CompileReport {
     pub fn errors(&self) -> Vec<(&str, &str, &str)> {
         self.kernels
             .iter()
-            .filter_map(|k| k.result.as_ref().err().map(|e| (k.name.as_str(), k.arch.as_str(), e.as_str())))
+            .filter_map(|k| {
+                k.result
+                    .as_ref()
+                    .err()
+                    .map(|e| (k.name.as_str(), k.arch.as_str(), e.as_str()))
+            })
             .collect()
     }
 }
 
 impl std::fmt::Display for CompileReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let w = self.kernels.iter().map(|k| k.name.len()).max().unwrap_or(6).max(6);
-        let s = self.kernels.iter().map(|k| k.source.len()).max().unwrap_or(6).max(6);
+        let w = self
+            .kernels
+            .iter()
+            .map(|k| k.name.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        let s = self
+            .kernels
+            .iter()
+            .map(|k| k.source.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
         writeln!(
             f,
             "{:<w$}  {:<s$}  {:<7} {:>5} {:>7} {:>7} {:>6} {:>7} {:>7}",
@@ -88,7 +105,11 @@ impl std::fmt::Display for CompileReport {
             "{} kernels, {} failed{}",
             self.kernels.len(),
             failed.len(),
-            if self.has_forward_spills() { ", forward spills present" } else { "" }
+            if self.has_forward_spills() {
+                ", forward spills present"
+            } else {
+                ""
+            }
         )?;
         for (name, arch, err) in failed {
             writeln!(f, "\n--- {name} ({arch}) ---\n{err}")?;
@@ -180,13 +201,22 @@ pub fn info_report() -> String {
     }
     .ok();
     match loader::cuda_include_dir() {
-        Ok(d) => writeln!(s, "CUDA headers: {} (kernels do not need them)", d.display()),
+        Ok(d) => writeln!(
+            s,
+            "CUDA headers: {} (kernels do not need them)",
+            d.display()
+        ),
         Err(_) => writeln!(s, "CUDA headers: not found (kernels do not need them)"),
     }
     .ok();
     writeln!(s, "embedded kernel sources: {}", jit::sources().len()).ok();
     match DiskCache::default_location() {
-        Some(c) => writeln!(s, "kernel cache: {} ({} entries)", c.dir().display(), c.entries()),
+        Some(c) => writeln!(
+            s,
+            "kernel cache: {} ({} entries)",
+            c.dir().display(),
+            c.entries()
+        ),
         None => writeln!(s, "kernel cache: disabled (memory only)"),
     }
     .ok();

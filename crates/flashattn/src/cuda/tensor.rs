@@ -42,6 +42,19 @@ impl DeviceBuffer {
         })
     }
 
+    /// `bytes` uninitialised bytes (cheaper than [`DeviceBuffer::zeros`] for outputs that a
+    /// kernel overwrites; reading them back yields arbitrary bytes, never undefined behaviour).
+    pub fn uninit(gpu: &Gpu, bytes: usize) -> Result<Self> {
+        // SAFETY: u8 has no invalid bit patterns and device memory is only ever accessed by
+        // kernels or copied as bytes, so uninitialised contents are merely unspecified values.
+        let buf = unsafe { gpu.stream().alloc::<u8>(bytes.max(1)) }
+            .map_err(|e| oom_or("a device buffer", bytes, e))?;
+        Ok(DeviceBuffer {
+            buf: Arc::new(buf),
+            bytes,
+        })
+    }
+
     /// A copy of `data` (raw bytes).
     pub fn from_bytes(gpu: &Gpu, data: &[u8]) -> Result<Self> {
         if data.is_empty() {
@@ -126,6 +139,10 @@ impl DeviceBuffer {
         if self.bytes == 0 {
             return Ok(());
         }
+        self.stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the CUDA context", e))?;
         // SAFETY: the range [ptr, ptr + bytes) lies inside this live allocation, and the memset
         // is ordered on the same stream as every other use of the buffer.
         unsafe {
@@ -163,11 +180,17 @@ fn storage_bytes(s: &Storage) -> &[u8] {
     match s {
         // SAFETY: f32, f16 and bf16 are plain 4/2-byte values with no padding or invalid bit
         // patterns; the byte slice covers exactly the vector's initialised elements.
-        Storage::F32(v) => unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) },
+        Storage::F32(v) => unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4)
+        },
         // SAFETY: as above.
-        Storage::F16(v) => unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2) },
+        Storage::F16(v) => unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2)
+        },
         // SAFETY: as above.
-        Storage::BF16(v) => unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2) },
+        Storage::BF16(v) => unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2)
+        },
     }
 }
 
@@ -194,16 +217,36 @@ fn storage_from_bytes(dtype: DType, b: &[u8]) -> Storage {
 impl DeviceTensor {
     /// A contiguous, zero-filled tensor.
     pub fn alloc(gpu: &Gpu, dtype: DType, shape: &[usize]) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        let bytes = n.checked_mul(dtype.size()).ok_or_else(|| {
-            Error::invalid("tensor shape", format!("{shape:?}"), "a size that fits in memory")
+        Self::alloc_with(gpu, dtype, shape, DeviceBuffer::zeros)
+    }
+
+    /// A contiguous tensor with unspecified contents (for outputs a kernel fully overwrites).
+    pub fn uninit(gpu: &Gpu, dtype: DType, shape: &[usize]) -> Result<Self> {
+        Self::alloc_with(gpu, dtype, shape, DeviceBuffer::uninit)
+    }
+
+    fn alloc_with(
+        gpu: &Gpu,
+        dtype: DType,
+        shape: &[usize],
+        make: fn(&Gpu, usize) -> Result<DeviceBuffer>,
+    ) -> Result<Self> {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |a, &s| a.checked_mul(s))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "tensor shape",
+                    format!("{shape:?}"),
+                    "a size that fits in memory",
+                )
+            })?;
+        let buf = make(gpu, bytes).map_err(|e| match e {
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!("{m} (tensor {dtype} {shape:?})")),
+            e => e,
         })?;
         Ok(DeviceTensor {
-            buf: DeviceBuffer::zeros(gpu, bytes)
-                .map_err(|e| match e {
-                    Error::OutOfMemory(m) => Error::OutOfMemory(format!("{m} (tensor {dtype} {shape:?})")),
-                    e => e,
-                })?,
+            buf,
             dtype,
             strides: contiguous_strides(shape),
             shape: shape.to_vec(),
@@ -242,7 +285,12 @@ impl DeviceTensor {
         }
         let elems = self.buf.len() / self.dtype.size();
         if shape.iter().all(|&s| s > 0) {
-            let last = offset + shape.iter().zip(strides).map(|(&s, &st)| (s - 1) * st).sum::<usize>();
+            let last = offset
+                + shape
+                    .iter()
+                    .zip(strides)
+                    .map(|(&s, &st)| (s - 1) * st)
+                    .sum::<usize>();
             if last >= elems {
                 return Err(Error::invalid(
                     "view",
