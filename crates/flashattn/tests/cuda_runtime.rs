@@ -229,3 +229,60 @@ fn host_round(v: &[f32], dtype: DType) -> Vec<f32> {
         .unwrap()
         .to_f32_vec()
 }
+
+/// Cold NVRTC compile time of the first variant of each family (no cache), and a disk-cache
+/// hit of the same. `cargo test --features cuda --test cuda_runtime -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing report; compiles real kernels (seconds each)"]
+fn cold_compile_and_hit_times_per_family() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let cache = temp_cache("timing");
+    let firsts = [
+        (
+            "fa2 fwd",
+            "sm_80",
+            flashattn::cuda::fa2::all_variants("sm_80")
+                .into_iter()
+                .next(),
+        ),
+        (
+            "fa2 bwd",
+            "sm_80",
+            flashattn::cuda::fa2_bwd::all_variants("sm_80")
+                .into_iter()
+                .find(|s| s.entry.contains("main")),
+        ),
+        (
+            "fa3 fwd",
+            "sm_90a",
+            flashattn::cuda::fa3::all_variants("sm_90a")
+                .into_iter()
+                .next(),
+        ),
+    ];
+    for (fam, arch, spec) in firsts {
+        let Some(spec) = spec else {
+            eprintln!("{fam}: no variants");
+            continue;
+        };
+        let t = Instant::now();
+        let (c, o) = jit::compile_with(&spec, arch, Some(&cache)).unwrap();
+        let cold = t.elapsed();
+        assert_eq!(o, CacheOutcome::Miss);
+        let t = Instant::now();
+        let (_, o) = jit::compile_with(&spec, arch, Some(&cache)).unwrap();
+        let hit = t.elapsed();
+        assert_eq!(o, CacheOutcome::Hit);
+        eprintln!(
+            "{fam} {arch} {}: cold {cold:.2?}, hit {hit:.2?}, {} B cubin, {:?}",
+            spec.label(),
+            c.cubin.len(),
+            c.resources
+        );
+        assert!(cold.as_secs_f64() < 10.0, "cold compile over 10 s");
+        assert!(hit.as_millis() < 50, "cache hit over 50 ms");
+    }
+    let _ = std::fs::remove_dir_all(cache.dir());
+}

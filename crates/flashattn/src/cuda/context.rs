@@ -281,3 +281,20 @@ impl Gpu {
         Ok(f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Arch;
+
+    #[test]
+    fn arch_names() {
+        assert_eq!(Arch::new(9, 0).nvrtc_name(), "sm_90a");
+        assert_eq!(Arch::new(8, 6).nvrtc_name(), "sm_86");
+        assert_eq!(Arch::parse("sm_90a"), Some(Arch::new(9, 0)));
+        assert_eq!(Arch::parse("sm_80"), Some(Arch::new(8, 0)));
+        assert_eq!(Arch::parse("sm_100a"), Some(Arch::new(10, 0)));
+        assert_eq!(Arch::parse("8.9"), Some(Arch::new(8, 9)));
+        assert_eq!(Arch::parse("compute_80"), None);
+        assert!(Arch::new(9, 0).is_hopper() && !Arch::new(8, 0).is_hopper());
+    }
+}

@@ -235,7 +235,15 @@ fn compile_nvrtc(spec: &KernelSpec, arch: &str) -> Result<(Vec<u8>, String)> {
     })?;
     let headers = include_table();
     let opts = options(spec, arch);
-    match nvrtc::compile_cubin(src, spec.source, &headers, &opts) {
+    // cudarc panics when a symbol is missing from an old libnvrtc: report that as NoNvrtc.
+    let result =
+        std::panic::catch_unwind(|| nvrtc::compile_cubin(src, spec.source, &headers, &opts))
+            .map_err(|_| {
+                Error::NoNvrtc(
+                    "the loaded libnvrtc lacks a function flashattn needs (too old?)".into(),
+                )
+            })?;
+    match result {
         Ok(out) => Ok((out.cubin, out.log)),
         Err(f) => {
             if f.log.contains("cannot open source file") && f.log.contains('<') {

@@ -158,7 +158,7 @@ impl DeviceBuffer {
 }
 
 /// A device tensor: a [`DeviceBuffer`] viewed with a dtype, shape, element strides and an
-/// element offset. Views share the buffer.
+/// element offset. Views and clones share the buffer (`clone` is shallow, like an `Arc`).
 #[derive(Clone, Debug)]
 pub struct DeviceTensor {
     buf: DeviceBuffer,
