@@ -18,14 +18,14 @@ try:
 except Exception:
     pass
 PY
-)"
-    _fa_ver="$("$_fa_py" -m pip show nvidia-cuda-nvrtc 2>/dev/null | sed -n 's/^Version: //p')"
+)" || true
+    _fa_ver="$("$_fa_py" -m pip show nvidia-cuda-nvrtc 2>/dev/null | sed -n 's/^Version: //p' || true)"
     if [ -z "$_fa_cu13" ] || [ "$_fa_ver" != "13.0.88" ]; then
         "$_fa_py" -m pip install -q --disable-pip-version-check \
             "nvidia-cuda-nvrtc==13.0.88" "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" \
             "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" >&2 || \
             echo "nvrtc-env: pip install of the NVRTC 13.0 wheels failed" >&2
-        _fa_cu13="$("$_fa_py" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null)"
+        _fa_cu13="$("$_fa_py" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null || true)"
     fi
     if [ -n "$_fa_cu13" ] && [ -d "$_fa_cu13/lib" ]; then
         export FLASHATTN_NVRTC_DIR="$_fa_cu13/lib"
