@@ -60,7 +60,19 @@ fn env_tiles() -> Option<Tiles> {
 
 /// CPU forward. `problem` was validated from `inputs` and `opts`.
 pub fn forward(problem: &Problem, inputs: &Qkv<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
-    let tiles = Tiles::for_head_dim(problem.head_dim);
+    let mut tiles = Tiles::for_head_dim(problem.head_dim);
+    // Small problems: shorter query tiles so that every thread gets work.
+    let threads = rayon::current_num_threads().max(1);
+    let n_tasks = |bq: usize| {
+        problem
+            .seqs
+            .iter()
+            .map(|s| s.sq.div_ceil(bq))
+            .sum::<usize>()
+    };
+    while tiles.bq > 16 && n_tasks(tiles.bq) < 2 * threads {
+        tiles.bq /= 2;
+    }
     match problem.dtype {
         DType::F32 => forward::run::<f32>(problem, inputs, opts, tiles),
         DType::F16 => forward::run::<f16>(problem, inputs, opts, tiles),

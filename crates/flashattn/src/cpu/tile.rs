@@ -8,6 +8,13 @@ use half::{bf16, f16};
 /// A CPU element type with typed access to [`Storage`].
 pub trait CpuElem: Element {
     fn slice(s: &Storage) -> &[Self];
+    /// Widens a row to f32 (`dst.len() == src.len()`).
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (x, y) in dst.iter_mut().zip(src) {
+            *x = y.to_f32();
+        }
+    }
     /// The same slice as f32 when `Self` is f32 (zero-copy tile views).
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         let _ = s;
@@ -35,6 +42,11 @@ impl CpuElem for f32 {
     }
 }
 impl CpuElem for f16 {
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // half's slice conversion is vectorised (F16C where available).
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
     fn slice(s: &Storage) -> &[Self] {
         match s {
             Storage::F16(v) => v,
@@ -49,6 +61,11 @@ impl CpuElem for f16 {
     }
 }
 impl CpuElem for bf16 {
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // half's slice conversion is vectorised (F16C where available).
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
     fn slice(s: &Storage) -> &[Self] {
         match s {
             Storage::BF16(v) => v,
@@ -238,14 +255,9 @@ pub fn load_rows<T: CpuElem>(
         let o = row_off(r);
         let s = &src[o..o + d];
         let t = &mut dst[r * d..r * d + d];
-        if mul == 1.0 {
-            for (x, y) in t.iter_mut().zip(s) {
-                *x = y.to_f32();
-            }
-        } else {
-            for (x, y) in t.iter_mut().zip(s) {
-                *x = y.to_f32() * mul;
-            }
+        T::widen(s, t);
+        if mul != 1.0 {
+            scale_in_place(t, mul);
         }
     }
 }
