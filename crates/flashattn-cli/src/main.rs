@@ -10,6 +10,8 @@
 
 mod args;
 mod bench_cpu;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod io;
 
 use std::fmt::Display;
@@ -180,17 +182,46 @@ fn bench(b: &BenchArgs) -> CliResult<()> {
             );
             bench_cpu::run(&a).finish()
         }
-        Device::Cuda(_ordinal) => bench_cuda_dispatch(&b.rest),
+        Device::Cuda(ordinal) => bench_cuda_dispatch(ordinal, &b.rest),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn bench_cuda_dispatch(_rest: &[String]) -> CliResult<()> {
-    Err("the CUDA benchmark is not wired into this build yet (see bench/run_gpu.sh)".into())
+fn bench_cuda_dispatch(ordinal: usize, rest: &[String]) -> CliResult<()> {
+    let a: bench_cuda::CudaBenchArgs = parse_bench(
+        "flashattn bench --device cuda",
+        "CUDA benchmark: flashattn kernels next to PyTorch SDPA anchors, in one run",
+        rest,
+    );
+    select_cuda_ordinal(ordinal)?;
+    bench_cuda::run(&a).finish()
+}
+
+/// The CUDA benchmark runs on device 0; `--device cuda:N` makes N that device by narrowing
+/// `CUDA_VISIBLE_DEVICES` before CUDA is initialised.
+#[cfg(feature = "cuda")]
+fn select_cuda_ordinal(ordinal: usize) -> CliResult<()> {
+    if ordinal == 0 {
+        return Ok(());
+    }
+    let pick = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .nth(ordinal)
+            .map(|s| s.trim().to_string())
+            .ok_or_else(|| {
+                format!(
+                    "--device cuda:{ordinal}: CUDA_VISIBLE_DEVICES={list} has no device {ordinal}"
+                )
+            })?,
+        _ => ordinal.to_string(),
+    };
+    std::env::set_var("CUDA_VISIBLE_DEVICES", pick);
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn bench_cuda_dispatch(_rest: &[String]) -> CliResult<()> {
+fn bench_cuda_dispatch(_ordinal: usize, _rest: &[String]) -> CliResult<()> {
     Err(no_cuda("bench --device cuda"))
 }
 
