@@ -18,9 +18,14 @@
 // consumers take turns issuing their GEMMs (named barriers 2 and 3), so one's softmax overlaps
 // the other's GEMMs.
 //
+// FA3_PERSISTENT=1: a grid of (at most) one CTA per SM walks the work tiles (query tile, head,
+// batch) with a static stride, longest-first for causal; the K/V ring and its barrier phases
+// continue across tiles, and Q is reloaded once consumers release it (q_empty), so the
+// producer prefetches the next tile while the consumers run the epilogue.
+//
 // Defines: FA3_D (head dim: 64, 128, 192, 256), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16,
-// 1 f16), FA3_CAUSAL, FA3_OVERLAP, FA3_PINGPONG. Entry point: fa3_fwd (one CTA per query tile;
-// grid (m_tiles, heads_q, batch), query tiles taken longest-first for causal).
+// 1 f16), FA3_CAUSAL, FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT. Entry point: fa3_fwd (without
+// FA3_PERSISTENT one CTA per query tile: grid (m_tiles, heads_q, batch), longest-first for causal).
 #include "sm90/util.cuh"
 #include "sm90/mbarrier.cuh"
 #include "sm90/tma.cuh"
@@ -48,6 +53,9 @@
 #ifndef FA3_PINGPONG
 #define FA3_PINGPONG 1
 #endif
+#ifndef FA3_PERSISTENT
+#define FA3_PERSISTENT 0
+#endif
 
 constexpr int D = FA3_D;
 constexpr int BK = FA3_BK;
@@ -59,7 +67,7 @@ constexpr int Q_BYTES = BQ * DP * 2;
 constexpr int KV_BYTES = BK * DP * 2;      // one K (or V) stage
 constexpr int QCHUNK = BQ * 128;           // bytes of one 64-column chunk of Q
 constexpr int KCHUNK = BK * 128;
-constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (1 + 4 * STAGES) + 1024;
+constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (2 + 4 * STAGES) + 1024;
 static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 256 && D <= 256, "tile shape");
 static_assert(D % 64 == 0, "PV wgmma N spans whole 64-column swizzle atoms");
 
@@ -71,28 +79,28 @@ struct __align__(64) Fa3Params {
   int sq, sk, heads_q, group;
   int m_tiles;
   float scale_log2;
-  int pad0, pad1;
+  int batch, pad1;
 };
 
 __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
                                          u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
-                                         int m, int h, int hk, int b, int n_end) {
-  tma_prefetch_map(&p.q);
-  tma_prefetch_map(&p.k);
-  tma_prefetch_map(&p.v);
+                                         u32 q_empty, int m, int h, int hk, int b, int n_end,
+                                         int g0, int jq) {
+  if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
   mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
   for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * 64, m * BQ, h, b);
   for (int it = 0; it < n_end; ++it) {
     const int tile = n_end - 1 - it;
-    const int s = it % STAGES;
-    const u32 par = ((it / STAGES) + 1) & 1;  // parity of the previous use of slot s
-    if (it >= STAGES) mbar_wait(k_empty + 8 * s, par);
+    const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
+    const int s = g % STAGES;
+    const u32 par = ((g / STAGES) + 1) & 1;  // parity of the previous use of slot s
+    if (g >= STAGES) mbar_wait(k_empty + 8 * s, par);
     mbar_expect_tx(k_full + 8 * s, KV_BYTES);
 #pragma unroll
     for (int c = 0; c < NCH; ++c)
       tma_load_4d(sK + s * KV_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * 64, tile * BK, hk, b);
-    if (it >= STAGES) mbar_wait(v_empty + 8 * s, par);
+    if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
     mbar_expect_tx(v_full + 8 * s, KV_BYTES);
 #pragma unroll
     for (int c = 0; c < NCH; ++c)
@@ -146,7 +154,8 @@ __device__ __forceinline__ void to_pfrag(const float* sc, u32 (*pf)[4]) {
 
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
                                          u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
-                                         int m, int h, int b, int n_end, int cw) {
+                                         u32 q_empty, int m, int h, int b, int n_end, int cw,
+                                         int g0, int jq) {
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
   const int sq = p.sq, sk = p.sk;
@@ -161,7 +170,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   const u32 sQw = sQ + cw * 64 * 128;
 
   if (n_end > 0) {
-    mbar_wait(q_full, 0);
+    mbar_wait(q_full, jq & 1);
 #if FA3_PINGPONG
     if (cw == 1) named_arrive(2, 256);
 #endif
@@ -169,13 +178,14 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     u32 pf[BK / 16][4];
     {
       float sc[BK / 2];
-      mbar_wait(k_full, 0);
+      const int s0 = g0 % STAGES;
+      mbar_wait(k_full + 8 * s0, (g0 / STAGES) & 1);
 #if FA3_PINGPONG
       named_sync(2 + cw, 256);
 #endif
       fence_regs<BK / 2>(sc);
       wgmma_fence();
-      issue_qk(sc, sQw, sK);
+      issue_qk(sc, sQw, sK + s0 * KV_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
       named_arrive(3 - cw, 256);
@@ -183,7 +193,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
       __syncwarp();
-      if (lane == 0) mbar_arrive(k_empty);
+      if (lane == 0) mbar_arrive(k_empty + 8 * s0);
       const int tile = n_end - 1;
       if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
         apply_mask(sc, tile, row0, sq, sk, tq);
@@ -193,8 +203,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     }
     for (int it = 1; it < n_end; ++it) {
       const int tile = n_end - 1 - it;
-      const int s = it % STAGES, sp = (it - 1) % STAGES;
-      const u32 ph = (it / STAGES) & 1, php = ((it - 1) / STAGES) & 1;
+      const int g = g0 + it;
+      const int s = g % STAGES, sp = (g - 1) % STAGES;
+      const u32 ph = (g / STAGES) & 1, php = ((g - 1) / STAGES) & 1;
       float sc[BK / 2];
       mbar_wait(k_full + 8 * s, ph);
       mbar_wait(v_full + 8 * sp, php);
@@ -227,8 +238,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       to_pfrag(sc, pf);
     }
     {
-      const int sp = (n_end - 1) % STAGES;
-      const u32 php = ((n_end - 1) / STAGES) & 1;
+      const int sp = (g0 + n_end - 1) % STAGES;
+      const u32 php = ((g0 + n_end - 1) / STAGES) & 1;
       mbar_wait(v_full + 8 * sp, php);
 #if FA3_PINGPONG
       named_sync(2 + cw, 256);
@@ -251,8 +262,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #else
     for (int it = 0; it < n_end; ++it) {
       const int tile = n_end - 1 - it;
-      const int s = it % STAGES;
-      const u32 ph = (it / STAGES) & 1;
+      const int s = (g0 + it) % STAGES;
+      const u32 ph = ((g0 + it) / STAGES) & 1;
       float sc[BK / 2];
       mbar_wait(k_full + 8 * s, ph);
       fence_regs<BK / 2>(sc);
@@ -281,6 +292,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       if (lane == 0) mbar_arrive(v_empty + 8 * s);
     }
 #endif
+    __syncwarp();
+    if (lane == 0) mbar_arrive(q_empty);  // Q may be overwritten (persistent CTAs)
   }
 
   // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past sq are not written.
@@ -300,6 +313,36 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   }
 }
 
+// Which (query tile, head, batch) work item t is, and how many key tiles it visits.
+struct WorkTile {
+  int m, h, b, n_end;
+};
+__device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
+  WorkTile w;
+#if FA3_PERSISTENT
+  // Persistent: all (head, batch) of one query tile index are adjacent; causal takes the
+  // longest (last) query tiles first.
+  const int hb = p.heads_q * p.batch;
+  const int mi = t / hb, r = t % hb;
+  w.m = FA3_CAUSAL ? (p.m_tiles - 1 - mi) : mi;
+  w.h = r % p.heads_q;
+  w.b = r / p.heads_q;
+#else
+  (void)t;
+  w.m = FA3_CAUSAL ? (p.m_tiles - 1 - (int)blockIdx.x) : (int)blockIdx.x;
+  w.h = blockIdx.y;
+  w.b = blockIdx.z;
+#endif
+  const int sq = p.sq, sk = p.sk;
+  w.n_end = (sk + BK - 1) / BK;
+  if (FA3_CAUSAL) {
+    const int last_row = min(sq, (w.m + 1) * BQ) - 1;
+    const int jmax = last_row + sk - sq;  // last visible key of the tile's last row
+    w.n_end = jmax < 0 ? 0 : min(w.n_end, jmax / BK + 1);
+  }
+  return w;
+}
+
 extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_constant__ Fa3Params p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -312,19 +355,11 @@ extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_consta
   const u32 v_full = k_full + 8 * STAGES;
   const u32 k_empty = v_full + 8 * STAGES;
   const u32 v_empty = k_empty + 8 * STAGES;
-
-  const int m = FA3_CAUSAL ? (p.m_tiles - 1 - (int)blockIdx.x) : (int)blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
-  const int sq = p.sq, sk = p.sk;
-  int n_end = (sk + BK - 1) / BK;
-  if (FA3_CAUSAL) {
-    const int last_row = min(sq, (m + 1) * BQ) - 1;
-    const int jmax = last_row + sk - sq;  // last visible key of the tile's last row
-    n_end = jmax < 0 ? 0 : min(n_end, jmax / BK + 1);
-  }
+  const u32 q_empty = v_empty + 8 * STAGES;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, 8);
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(k_full + 8 * s, 1);
       mbar_init(v_full + 8 * s, 1);
@@ -335,15 +370,43 @@ extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_consta
   }
   __syncthreads();
 
+#if FA3_PERSISTENT
+  const int total = p.m_tiles * p.heads_q * p.batch;
+#define FA3_TILE_LOOP for (int t = blockIdx.x; t < total; t += gridDim.x)
+#else
+#define FA3_TILE_LOOP for (int t = 0; t < 1; ++t)
+#endif
   const int wg = threadIdx.x / 128;
+  int g0 = 0, jq = 0;  // ring position and Q-load count, identical in every role
   if (wg == 0) {
     reg_dealloc<24>();
-    if (threadIdx.x == 0 && n_end > 0)
-      producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, m, h, hk, b, n_end);
+    if (threadIdx.x == 0) {
+      tma_prefetch_map(&p.q);
+      tma_prefetch_map(&p.k);
+      tma_prefetch_map(&p.v);
+      FA3_TILE_LOOP {
+        const WorkTile w = decode_tile(p, t);
+        if (w.n_end > 0) {
+          producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w.m, w.h,
+                   w.h / p.group, w.b, w.n_end, g0, jq);
+          g0 += w.n_end;
+          ++jq;
+        }
+      }
+    }
   } else {
     reg_alloc<240>();
-    consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, m, h, b, n_end, wg - 1);
+    FA3_TILE_LOOP {
+      const WorkTile w = decode_tile(p, t);
+      consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w.m, w.h, w.b,
+               w.n_end, wg - 1, g0, jq);
+      if (w.n_end > 0) {
+        g0 += w.n_end;
+        ++jq;
+      }
+    }
   }
+#undef FA3_TILE_LOOP
 }
 
 // Host reads this to size the launch (bytes of dynamic shared memory).

@@ -23,7 +23,12 @@ fn hopper_or_skip() -> Option<Arc<Gpu>> {
             if a.major == 9 && a.minor == 0 {
                 Some(g)
             } else {
-                eprintln!("skipping fa3 GPU test: {} is sm {}.{}, not 9.0", g.name(), a.major, a.minor);
+                eprintln!(
+                    "skipping fa3 GPU test: {} is sm {}.{}, not 9.0",
+                    g.name(),
+                    a.major,
+                    a.minor
+                );
                 None
             }
         }
@@ -77,40 +82,65 @@ fn run_case(gpu: &Gpu, c: &Case, seed: u64) -> (f64, f64) {
 #[test]
 fn fa3_matches_reference() {
     let Some(gpu) = hopper_or_skip() else { return };
-    let mut rng = Rng::new(0xfa3);
+    // FA3_TEST_TUNES="bk=176;persist=1" repeats the sweep under each FLASHATTN_FA3_TUNE.
+    let tunes: Vec<String> = std::env::var("FA3_TEST_TUNES")
+        .unwrap_or_default()
+        .split(';')
+        .map(String::from)
+        .collect();
     let mut fails = Vec::new();
     let mut n = 0;
-    for dtype in [DType::BF16, DType::F16] {
-        for d in fa3::HEAD_DIMS {
-            for causal in [false, true] {
-                // Fixed edge shapes then random ones.
-                let mut shapes = vec![(1, 1, 1, 1, 1), (1, 128, 128, 2, 1), (2, 200, 77, 2, 2)];
-                if causal {
-                    shapes.push((1, 300, 129, 2, 1)); // sq > sk: empty rows
-                    shapes.push((1, 65, 511, 1, 1)); // sq < sk: offset diagonal
-                }
-                for _ in 0..2 {
-                    let hk = rng.range(1, 3);
-                    shapes.push((rng.range(1, 3), rng.range(1, 400), rng.range(1, 400), hk * rng.range(1, 4), hk));
-                }
-                for (b, sq, sk, hq, hk) in shapes {
-                    let c = Case { dtype, b, sq, sk, hq, hk, d, causal };
-                    let (e, le) = run_case(&gpu, &c, rng.next_u64() % 1_000_000);
-                    n += 1;
-                    let ok = e <= tol(dtype) && le <= 1e-3;
-                    let line = format!(
-                        "{} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk}: rel_err {e:.2e}, lse_err {le:.2e} {}",
+    for tune in &tunes {
+        std::env::set_var("FLASHATTN_FA3_TUNE", tune);
+        let mut rng = Rng::new(0xfa3);
+        for dtype in [DType::BF16, DType::F16] {
+            for d in fa3::HEAD_DIMS {
+                for causal in [false, true] {
+                    // Fixed edge shapes then random ones.
+                    let mut shapes = vec![(1, 1, 1, 1, 1), (1, 128, 128, 2, 1), (2, 200, 77, 2, 2)];
+                    if causal {
+                        shapes.push((1, 300, 129, 2, 1)); // sq > sk: empty rows
+                        shapes.push((1, 65, 511, 1, 1)); // sq < sk: offset diagonal
+                    }
+                    for _ in 0..2 {
+                        let hk = rng.range(1, 3);
+                        shapes.push((
+                            rng.range(1, 3),
+                            rng.range(1, 400),
+                            rng.range(1, 400),
+                            hk * rng.range(1, 4),
+                            hk,
+                        ));
+                    }
+                    for (b, sq, sk, hq, hk) in shapes {
+                        let c = Case {
+                            dtype,
+                            b,
+                            sq,
+                            sk,
+                            hq,
+                            hk,
+                            d,
+                            causal,
+                        };
+                        let (e, le) = run_case(&gpu, &c, rng.next_u64() % 1_000_000);
+                        n += 1;
+                        let ok = e <= tol(dtype) && le <= 1e-3;
+                        let line = format!(
+                        "[{tune}] {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk}: rel_err {e:.2e}, lse_err {le:.2e} {}",
                         dtype.name(),
                         if ok { "ok" } else { "FAIL" }
                     );
-                    eprintln!("{line}");
-                    if !ok {
-                        fails.push(line);
+                        eprintln!("{line}");
+                        if !ok {
+                            fails.push(line);
+                        }
                     }
                 }
             }
         }
     }
+    std::env::remove_var("FLASHATTN_FA3_TUNE");
     eprintln!("fa3: {} of {n} cases passed", n - fails.len());
     assert!(fails.is_empty(), "fa3 failures:\n{}", fails.join("\n"));
 }
@@ -132,7 +162,8 @@ fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
     assert!(!fa3::supports(&gpu, &ps));
     // Family::Fa3 through the device dispatcher runs and matches the reference.
     let (dq, _) = (DeviceTensor::upload(&gpu, &q).unwrap(), ());
-    let (out, _lse) = flashattn::cuda::forward_device(&gpu, &p, &dq, &dq, &dq, &opts, Family::Fa3).unwrap();
+    let (out, _lse) =
+        flashattn::cuda::forward_device(&gpu, &p, &dq, &dq, &dq, &opts, Family::Fa3).unwrap();
     let got = out.download().unwrap().to_f32_vec();
     let (want, _) = ref_forward(&Qkv::dense(&q, &q, &q), &opts);
     let e = rel_err(&got, &want);
@@ -161,7 +192,11 @@ fn fa3_variants_compile_without_spills() {
             r.spill_loads,
             r.stack_bytes
         );
-        if r.spills() || r.stack_bytes > 0 || c.log.contains("C7508") || c.log.contains("serialized") {
+        if r.spills()
+            || r.stack_bytes > 0
+            || c.log.contains("C7508")
+            || c.log.contains("serialized")
+        {
             bad.push(format!("{}: {:?}\n{}", spec.label(), r, c.log));
         }
         if let Some(d) = &dir {
@@ -175,7 +210,11 @@ fn fa3_variants_compile_without_spills() {
         }
     }
     assert!(fa3::all_variants("sm_80").is_empty());
-    assert!(bad.is_empty(), "variants with spills or serialized wgmma:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "variants with spills or serialized wgmma:\n{}",
+        bad.join("\n")
+    );
 }
 
 fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
@@ -214,7 +253,10 @@ fn fa3_bench() {
         .split(';')
         .map(|s| s.to_string())
         .collect();
-    println!("{:<28} {:>4} {:>6} {:>6} {:>3} {:>6} {:>9} {:>8}", "variant", "d", "causal", "seq", "b", "heads", "ms", "TFLOP/s");
+    println!(
+        "{:<28} {:>4} {:>6} {:>6} {:>3} {:>6} {:>9} {:>8}",
+        "variant", "d", "causal", "seq", "b", "heads", "ms", "TFLOP/s"
+    );
     for d in [64usize, 128, 256] {
         for causal in [false, true] {
             for &s in &seqs {
@@ -234,10 +276,19 @@ fn fa3_bench() {
                 let lse = DeviceTensor::alloc(&gpu, DType::F32, &p.lse_shape()).unwrap();
                 for t in &tunes {
                     std::env::set_var("FLASHATTN_FA3_TUNE", t);
-                    let ms = time_ms(&gpu, 30, || fa3::forward_into(&gpu, &p, &dq, &dk, &dv, &out, &lse).unwrap());
+                    let ms = time_ms(&gpu, 30, || {
+                        fa3::forward_into(&gpu, &p, &dq, &dk, &dv, &out, &lse).unwrap()
+                    });
                     let tf = p.forward_flops() / (ms * 1e-3) / 1e12;
-                    let name = if t.is_empty() { "default".to_string() } else { t.clone() };
-                    println!("FA3 {:<24} {:>4} {:>6} {:>6} {:>3} {:>6} {:>9.3} {:>8.1}", name, d, causal as u8, s, b, h, ms, tf);
+                    let name = if t.is_empty() {
+                        "default".to_string()
+                    } else {
+                        t.clone()
+                    };
+                    println!(
+                        "FA3 {:<24} {:>4} {:>6} {:>6} {:>3} {:>6} {:>9.3} {:>8.1}",
+                        name, d, causal as u8, s, b, h, ms, tf
+                    );
                 }
                 std::env::remove_var("FLASHATTN_FA3_TUNE");
             }

@@ -41,7 +41,12 @@ pub struct Variant {
     pub overlap: bool,
     /// Ping-pong of the two consumer warpgroups (needs `overlap`).
     pub pingpong: bool,
+    /// Persistent CTAs (one per SM) walking the work tiles.
+    pub persistent: bool,
 }
+
+/// Key-tile sizes the kernel has wgmma shapes for.
+const BK_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
 
 impl Variant {
     /// The shipped tuning for head dim `d`.
@@ -60,16 +65,19 @@ impl Variant {
             causal,
             overlap: true,
             pingpong: true,
+            persistent: false,
         };
         v.apply_env();
         v
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0"` overrides knobs (benchmarks).
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1"` overrides knobs
+    /// (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") else {
             return;
         };
+        let orig = *self;
         for kv in s.split(',') {
             let mut it = kv.splitn(2, '=');
             let (Some(k), Some(val)) = (it.next(), it.next()) else {
@@ -79,10 +87,11 @@ impl Variant {
                 continue;
             };
             match k.trim() {
-                "bk" if n % 16 == 0 && n > 0 && n <= 256 => self.bk = n,
+                "bk" if BK_CHOICES.contains(&n) => self.bk = n,
                 "stages" if (1..=4).contains(&n) => self.stages = n,
                 "overlap" => self.overlap = n != 0,
                 "pingpong" => self.pingpong = n != 0,
+                "persist" => self.persistent = n != 0,
                 _ => {}
             }
         }
@@ -90,10 +99,7 @@ impl Variant {
             self.pingpong = false;
         }
         if self.smem_bytes() > 227 * 1024 {
-            *self = Variant {
-                stages: 2,
-                ..*self
-            };
+            *self = orig;
         }
     }
 
@@ -102,7 +108,7 @@ impl Variant {
         let dp = self.d.div_ceil(64) * 64;
         let q = BQ * dp * 2;
         let kv = self.bk * dp * 2;
-        q + 2 * self.stages * kv + 8 * (1 + 4 * self.stages) + 1024
+        q + 2 * self.stages * kv + 8 * (2 + 4 * self.stages) + 1024
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -114,6 +120,7 @@ impl Variant {
             .define("FA3_CAUSAL", u32::from(self.causal))
             .define("FA3_OVERLAP", u32::from(self.overlap))
             .define("FA3_PINGPONG", u32::from(self.pingpong))
+            .define("FA3_PERSISTENT", u32::from(self.persistent))
     }
 }
 
@@ -162,7 +169,11 @@ pub fn supports(gpu: &Gpu, problem: &Problem) -> bool {
     if problem.max_sq > i32::MAX as usize / 2 || problem.max_sk > i32::MAX as usize / 2 {
         return false;
     }
-    let v = Variant::default_for(problem.head_dim, problem.dtype == DType::F16, is_causal(problem));
+    let v = Variant::default_for(
+        problem.head_dim,
+        problem.dtype == DType::F16,
+        is_causal(problem),
+    );
     v.smem_bytes() <= gpu.max_smem_optin() as usize
 }
 
@@ -171,7 +182,11 @@ pub fn supports(gpu: &Gpu, problem: &Problem) -> bool {
 fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
     let (sh, st) = (t.shape(), t.strides());
     if sh.len() != 4 || (sh[3] > 1 && st[3] != 1) {
-        return Err(Error::invalid(name, format!("shape {sh:?} strides {st:?}"), "[batch, rows, heads, d] with a contiguous d"));
+        return Err(Error::invalid(
+            name,
+            format!("shape {sh:?} strides {st:?}"),
+            "[batch, rows, heads, d] with a contiguous d",
+        ));
     }
     let esz = t.dtype().size() as u64;
     // Map dims 1, 2, 3 are the tensor's rows (1), heads (2) and batch (0).
@@ -194,7 +209,11 @@ fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
         out[slot] = v;
     }
     if (t.ptr() + t.offset() as u64 * esz) % 16 != 0 {
-        return Err(Error::invalid(name, "a base address not 16-byte aligned", "16-byte aligned (fa3 TMA)"));
+        return Err(Error::invalid(
+            name,
+            "a base address not 16-byte aligned",
+            "16-byte aligned (fa3 TMA)",
+        ));
     }
     Ok(out)
 }
@@ -259,7 +278,7 @@ struct Fa3Params {
     group: i32,
     m_tiles: i32,
     scale_log2: f32,
-    pad0: i32,
+    batch: i32,
     pad1: i32,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
@@ -314,18 +333,37 @@ pub fn forward_into(
     let sq = problem.q_shape[1];
     let sk = problem.k_shape[1];
     if out.shape() != problem.q_shape.as_slice() || out.dtype() != problem.dtype {
-        return Err(Error::invalid("out", format!("{} {:?}", out.dtype(), out.shape()), "q's dtype and shape"));
+        return Err(Error::invalid(
+            "out",
+            format!("{} {:?}", out.dtype(), out.shape()),
+            "q's dtype and shape",
+        ));
     }
-    if lse.shape() != problem.lse_shape().as_slice() || lse.dtype() != DType::F32 || !lse.is_contiguous() {
-        return Err(Error::invalid("lse", format!("{} {:?}", lse.dtype(), lse.shape()), "contiguous f32 [batch, heads_q, sq]"));
+    if lse.shape() != problem.lse_shape().as_slice()
+        || lse.dtype() != DType::F32
+        || !lse.is_contiguous()
+    {
+        return Err(Error::invalid(
+            "lse",
+            format!("{} {:?}", lse.dtype(), lse.shape()),
+            "contiguous f32 [batch, heads_q, sq]",
+        ));
     }
     if problem.batch == 0 || sq == 0 || problem.heads_q == 0 {
         return Ok(());
     }
     if sk == 0 {
-        return Err(Error::invalid("k", "no keys", "at least one key (use fa3::forward)"));
+        return Err(Error::invalid(
+            "k",
+            "no keys",
+            "at least one key (use fa3::forward)",
+        ));
     }
-    let var = Variant::default_for(problem.head_dim, problem.dtype == DType::F16, is_causal(problem));
+    let var = Variant::default_for(
+        problem.head_dim,
+        problem.dtype == DType::F16,
+        is_causal(problem),
+    );
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let m_tiles = sq.div_ceil(BQ);
@@ -345,18 +383,36 @@ pub fn forward_into(
         group: problem.group() as i32,
         m_tiles: m_tiles as i32,
         scale_log2: problem.scale * std::f32::consts::LOG2_E,
-        pad0: 0,
+        batch: problem.batch as i32,
         pad1: 0,
     };
-    if m_tiles > i32::MAX as usize || problem.heads_q > 65535 || problem.batch > 65535 {
+    if !var.persistent
+        && (m_tiles > i32::MAX as usize || problem.heads_q > 65535 || problem.batch > 65535)
+    {
         return Err(Error::invalid(
             "shape",
-            format!("{} query tiles x {} heads x {} batch", m_tiles, problem.heads_q, problem.batch),
+            format!(
+                "{} query tiles x {} heads x {} batch",
+                m_tiles, problem.heads_q, problem.batch
+            ),
             "grid within (2^31-1, 65535, 65535)",
         ));
     }
+    let total = m_tiles * problem.heads_q * problem.batch;
+    let grid_dim = if var.persistent {
+        if total > i32::MAX as usize {
+            return Err(Error::invalid(
+                "shape",
+                format!("{total} work tiles"),
+                "fewer than 2^31",
+            ));
+        }
+        (total.min(gpu.sm_count() as usize) as u32, 1, 1)
+    } else {
+        (m_tiles as u32, problem.heads_q as u32, problem.batch as u32)
+    };
     let cfg = LaunchConfig {
-        grid_dim: (m_tiles as u32, problem.heads_q as u32, problem.batch as u32),
+        grid_dim,
         block_dim: (384, 1, 1),
         shared_mem_bytes: smem as u32,
     };
