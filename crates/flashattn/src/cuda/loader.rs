@@ -19,6 +19,8 @@ pub struct NvrtcInfo {
     pub dir: Option<PathBuf>,
     /// `(major, minor)` from `nvrtcVersion`.
     pub version: (i32, i32),
+    /// Anything surprising about how it was loaded.
+    pub note: Option<String>,
 }
 
 impl NvrtcInfo {
@@ -91,6 +93,30 @@ fn load_nvrtc() -> std::result::Result<NvrtcInfo, String> {
             }
         ));
     }
+    // cudarc opens libnvrtc by bare name; make sure that resolved to the library we preloaded
+    // (a different libnvrtc.so earlier on the system path would win otherwise).
+    let mut note = None;
+    if let (Some(d), Some(ours)) = (dir.clone(), PRELOADED.get().and_then(|v| v.last())) {
+        // SAFETY: both handles are open libraries; we only compare symbol addresses and never
+        // call through these pointers.
+        let same = unsafe {
+            let theirs = cudarc::nvrtc::sys::culib();
+            match (
+                ours.get::<unsafe extern "C" fn()>(b"nvrtcVersion\0"),
+                theirs.get::<unsafe extern "C" fn()>(b"nvrtcVersion\0"),
+            ) {
+                (Ok(a), Ok(b)) => *a as usize == *b as usize,
+                _ => false,
+            }
+        };
+        if !same {
+            note = Some(format!(
+                "a libnvrtc on the system library path took precedence over the one in {}",
+                d.display()
+            ));
+            dir = None;
+        }
+    }
     let version = std::panic::catch_unwind(|| {
         let (mut major, mut minor) = (0i32, 0i32);
         // SAFETY: both out-pointers are valid, live i32s; the library is present (checked).
@@ -104,6 +130,7 @@ fn load_nvrtc() -> std::result::Result<NvrtcInfo, String> {
     Ok(NvrtcInfo {
         dir,
         version: (version.1, version.2),
+        note,
     })
 }
 

@@ -200,6 +200,9 @@ pub fn info_report() -> String {
         Err(e) => writeln!(s, "NVRTC: unavailable ({e})"),
     }
     .ok();
+    if let Some(note) = loader::nvrtc().ok().and_then(|nv| nv.note.as_ref()) {
+        writeln!(s, "  note: {note}").ok();
+    }
     match loader::cuda_include_dir() {
         Ok(d) => writeln!(
             s,
