@@ -132,6 +132,7 @@ pub(crate) fn run<T: CpuElem>(
         (Some(f), _) => f,
         (None, Ok("fused")) => true,
         (None, Ok("split")) => false,
+        #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
         _ => units >= 2 * threads || (units >= threads && units % threads == 0),
     };
     if fused {

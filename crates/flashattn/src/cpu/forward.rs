@@ -33,10 +33,10 @@ pub(crate) fn q_tiles(p: &Problem, bq: usize) -> Vec<QTile> {
 }
 
 /// Splits `buf` into consecutive chunks of `rows * row_len` elements for each tile.
-pub(crate) fn split_chunks<'a, X>(
-    mut buf: &'a mut [X],
+pub(crate) fn split_chunks<X>(
+    mut buf: &mut [X],
     sizes: impl Iterator<Item = usize>,
-) -> Vec<&'a mut [X]> {
+) -> Vec<&mut [X]> {
     let mut v = Vec::new();
     for n in sizes {
         let (a, b) = buf.split_at_mut(n);

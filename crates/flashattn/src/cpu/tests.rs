@@ -198,6 +198,7 @@ fn check(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dense(
     b: usize,
     sq: usize,

@@ -124,6 +124,7 @@ impl<'a> Mat<'a> {
 /// `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, single-threaded.
 ///
 /// Panics only on internal shape bugs (the bounds are checked before the raw call).
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     m: usize,
     n: usize,
@@ -358,7 +359,7 @@ macro_rules! dispatch {
             fn imp $(<$($g: $b),*>)? ($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            fn avx2 $(<$($g: $b),*>)? ($($a: $t),*) $(-> $r)? { imp $(::<$($g),*>)? ($($a),*) }
+            unsafe fn avx2 $(<$($g: $b),*>)? ($($a: $t),*) $(-> $r)? { imp $(::<$($g),*>)? ($($a),*) }
             #[cfg(target_arch = "x86_64")]
             {
                 if $crate::cpu::tile::has_avx2() {
