@@ -9,7 +9,7 @@
 //
 // Kernels:
 //   fa2_bwd_pre      D = rowsum(dO ∘ O) (f32, LSE layout); zeroes the f32 dQ accumulator.
-//   fa2_bwd_main     grid (kv blocks, heads_k, batch). A CTA owns BC rows of K and V of one key
+//   fa2_bwd_main     grid (heads_k, batch, kv blocks). A CTA owns BC rows of K and V of one key
 //                    head, keeps dK and dV (f32) in registers, and walks every (query head of
 //                    the GQA group, Q tile of BR rows) that can see its keys. Per tile:
 //                      A: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (warp grid WM_A x WN_A) → Pdᵀ, dSᵀ to smem
@@ -17,7 +17,7 @@
 //                      C: dQ += dS K, f32 atomics to dq_accum  (warp grid WM_C x WN_C; skipped
 //                         in deterministic mode)
 //                    Q/dO tiles are double-buffered with cp.async when STAGES = 2.
-//   fa2_bwd_dq       deterministic dQ: grid (q blocks, heads_q, batch); a CTA owns BR query rows,
+//   fa2_bwd_dq       deterministic dQ: grid (heads_q, batch, q blocks); a CTA owns BR query rows,
 //                    walks the K/V tiles it sees, recomputes P and dS and accumulates dQ in
 //                    registers (fixed order: bit-identical run to run). Writes dq directly.
 //   fa2_bwd_convert  dq = dtype(dq_accum) (atomic path).
@@ -93,7 +93,7 @@ FA_DEVICE void st_shared_u32(u32 addr, u32 v) {
 // The per-element part of the backward: from the S and dP accumulators of one warp tile to
 // Pd (optional, TRANS only) and dS (scaled by `scale`) in shared memory.
 // TRANS: tile rows are keys j and columns queries i (main kernel); else rows i, columns j.
-// sL2[il] = LSE·log2(e) of local query row il (+inf for rows past sq or with LSE = −inf);
+// sL2[il] = LSE of local query row il (read only where the element is valid);
 // sDs[il] = D of that row. WP: chunks per row of the sP / sdS tiles.
 template <bool TRANS, int MT, int NT, int WP>
 FA_DEVICE void softmax_grad(const BwdParams& p, float (&s)[MT][NT][4], float (&dp)[MT][NT][4],
@@ -120,7 +120,8 @@ FA_DEVICE void softmax_grad(const BwdParams& p, float (&s)[MT][NT][4], float (&d
           if (p.left >= 0) valid = valid && (j >= i + off - p.left);
           if (p.right >= 0) valid = valid && (j <= i + off + p.right);
         }
-        const float lse2 = sL2[il];
+        // Rows with LSE = -inf see no key, so every element of theirs is masked (valid = false).
+        const float lse2 = sL2[il] * FA_LOG2E;
         float x, tt = 0.f;
         if (FA_SOFTCAP || FA_ALIBI) {
           float sc = s[mt][nt][e] * p.scale;
@@ -165,20 +166,22 @@ FA_DEVICE void softmax_grad(const BwdParams& p, float (&s)[MT][NT][4], float (&d
   }
 }
 
-// Loads LSE (as LSE·log2 e, +inf when unusable) and D of query rows [m0, m0+BR) into smem.
+// 4-byte global->shared copy (zero-filled when !valid).
+FA_DEVICE void cp_async_4(u32 dst, const void* src, bool valid) {
+  int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+// Starts the copy of LSE and D of query rows [m0, m0+BR) into smem (part of the caller's
+// cp.async group; rows past sq read as 0 and are masked out by the caller).
 FA_DEVICE void load_rowstats(const BwdParams& p, const SeqInfo& si, int b, int h, int m0,
-                             float* sL2, float* sDs, int tid) {
+                             float* sLse, float* sDs, int tid) {
   for (int r = tid; r < kBR; r += kNTH) {
     const int i = m0 + r;
-    float l2 = FA_INF, dd = 0.f;
-    if (i < si.sq) {
-      const i64 idx = (i64)b * p.lse_b + (i64)h * p.lse_h + si.q_start + i;
-      const float l = p.lse[idx];
-      if (l != -FA_INF) l2 = l * FA_LOG2E;
-      dd = p.dsum[idx];
-    }
-    sL2[r] = l2;
-    sDs[r] = dd;
+    const bool ok = i < si.sq;
+    const i64 idx = ok ? (i64)b * p.lse_b + (i64)h * p.lse_h + si.q_start + i : 0;
+    cp_async_4(smem_u32(sLse + r), p.lse + idx, ok);
+    cp_async_4(smem_u32(sDs + r), p.dsum + idx, ok);
   }
 }
 
@@ -248,7 +251,8 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
   float* sDs = sL2 + kStages * kBR;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int nb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  // Grid (heads_k, batch, kv blocks): all heads' first (for causal, heaviest) blocks run first.
+  const int hk = blockIdx.x, b = blockIdx.y, nb = blockIdx.z;
   const SeqInfo si = seq_info(p, b);
   const int n0 = nb * kBC;
   if (n0 >= si.sk) return;
@@ -378,9 +382,10 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: a CTA owns kBR query rows of one query head and walks the K/V tiles.
 extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_dq(const BwdParams p) {
-  constexpr int WM_A = FA_WM_A, WN_A = kNW / WM_A;
+  // Warps along the query rows: at most one per 16 rows.
+  constexpr int WM_A = FA_WM_A <= kBR / 16 ? FA_WM_A : kBR / 16, WN_A = kNW / WM_A;
   constexpr int MT_A = kBR / WM_A / 16, NT_A = kBC / WN_A / 8;
-  constexpr int WM_C = FA_WM_C, WN_C = kNW / WM_C;
+  constexpr int WM_C = FA_WM_C <= kBR / 16 ? FA_WM_C : kBR / 16, WN_C = kNW / WM_C;
   constexpr int MT_C = kBR / WM_C / 16, NT_C = kD / WN_C / 8;
   static_assert(MT_A * WM_A * 16 == kBR && NT_A * WN_A * 8 == kBC, "dq phase A warp grid");
   static_assert(MT_C * WM_C * 16 == kBR && NT_C * WN_C * 8 == kD, "dq phase C warp grid");
@@ -396,9 +401,10 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_dq(const Bwd
   float* sDs = sL2 + kBR;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  // Grid (heads_q, batch, q blocks).
+  const int h = blockIdx.x, b = blockIdx.y, hk = h / p.group;
   const SeqInfo si = seq_info(p, b);
-  const int m0 = blockIdx.x * kBR;
+  const int m0 = blockIdx.z * kBR;
   if (m0 >= si.sq) return;
   const int m1 = min(m0 + kBR, si.sq);
   const int off = si.sk - si.sq;

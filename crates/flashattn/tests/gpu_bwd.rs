@@ -77,6 +77,18 @@ fn check_case(case: &Case, det: bool) -> Errs {
     let tol = bwd_tol(case.spec.dtype);
     let names = ["dq", "dk", "dv"];
     for i in 0..3 {
+        let cpu_vs_ref = rel_err(&cpu[i], &refs[i]);
+        if e.vs_ref[i] <= tol && e.vs_cpu[i] > tol && cpu_vs_ref > tol {
+            // The GPU matches float64 but the CPU backward does not (seen where the gradient
+            // cancels, e.g. sk = 1, where dS = P (dP - D) is only rounding): not a GPU error.
+            eprintln!(
+                "note: {} GPU vs f64 {:.3e} but CPU vs f64 {cpu_vs_ref:.3e}: {}",
+                names[i],
+                e.vs_ref[i],
+                case.spec.describe()
+            );
+            continue;
+        }
         assert!(
             e.vs_ref[i] <= tol && e.vs_cpu[i] <= tol,
             "{} (det={det}): vs f64 {:.3e}, vs CPU {:.3e} > {tol:e}\n{}",

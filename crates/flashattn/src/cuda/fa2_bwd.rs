@@ -36,19 +36,39 @@ pub struct Tiles {
     pub wm_a: usize,
     pub wm_b: usize,
     pub wm_c: usize,
+    /// `__launch_bounds__` minimum blocks per SM (caps registers at 65536 / (32·nw·minb)).
+    pub minb: usize,
 }
 
 /// The tile table: one row per head dim (chosen by register/smem budget; see bench/RESULTS.md).
+/// `FLASHATTN_BWD_TILES=bc,br,nw,wm_a,wm_b,wm_c[,minb]` overrides it (tuning runs only).
 pub fn tiles(d: usize) -> Tiles {
-    match d {
-        _ => Tiles {
-            bc: 64,
-            br: 64,
-            nw: 8,
-            wm_a: 4,
-            wm_b: 4,
-            wm_c: 4,
-        },
+    if let Ok(s) = std::env::var("FLASHATTN_BWD_TILES") {
+        let v: Vec<usize> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        if v.len() == 6 || v.len() == 7 {
+            return Tiles {
+                bc: v[0],
+                br: v[1],
+                nw: v[2],
+                wm_a: v[3],
+                wm_b: v[4],
+                wm_c: v[5],
+                minb: v.get(6).copied().unwrap_or(1),
+            };
+        }
+    }
+    // Measured on an H200 (bench/RESULTS.md, 2026-11-26 tile sweep, bf16, seqlen 4k/16k):
+    // bc = 128 won for d <= 128 (fewer Q/dO reloads and dQ atomics per FLOP); d >= 192 has no
+    // registers for a 128-row key tile and keeps bc = 64.
+    let bc = if d <= 128 { 128 } else { 64 };
+    Tiles {
+        bc,
+        br: 64,
+        nw: 8,
+        wm_a: 4,
+        wm_b: 4,
+        wm_c: 4,
+        minb: 1,
     }
 }
 
@@ -101,6 +121,7 @@ fn tiled_spec(entry: &str, d: usize, bf16: bool, t: &Tiles, stages: usize, f: Fe
         .define("FA_WM_B", t.wm_b)
         .define("FA_WM_C", t.wm_c)
         .define("FA_STAGES", stages)
+        .define("FA_MINB", t.minb)
         .define("FA_MASK", f.mask as u8)
         .define("FA_SOFTCAP", f.softcap as u8)
         .define("FA_ALIBI", f.alibi as u8)
@@ -415,12 +436,25 @@ pub fn backward(
     launch(gpu, &base_spec("fa2_bwd_pre", d, bf16), (pairs.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
 
     // 2. dK, dV (and dQ atomics on the fast path).
+    let grid_limit = |n: usize, what: &str| -> Result<u32> {
+        if n > 65_535 {
+            return Err(Error::unsupported(
+                gpu.device_name(),
+                what,
+                n,
+                "at most 65535 for the FA2 backward grid",
+            ));
+        }
+        Ok(n as u32)
+    };
+    // Grid (heads_k, batch, kv blocks): the kv blocks vary slowest so that, with a causal mask,
+    // every head's heaviest blocks start first.
     let grid_main = (
-        problem.max_sk.div_ceil(t.bc) as u32,
         problem.heads_k as u32,
-        problem.batch as u32,
+        grid_limit(problem.batch, "batch")?,
+        grid_limit(problem.max_sk.div_ceil(t.bc), "key blocks")?,
     );
-    if grid_main.0 > 0 {
+    if grid_main.2 > 0 {
         let spec = tiled_spec("fa2_bwd_main", d, bf16, &t, st_main, feats, det);
         launch(gpu, &spec, grid_main, (t.nw * 32) as u32, smem_main(d, &t, st_main), &p)?;
     }
@@ -430,11 +464,11 @@ pub fn backward(
         let st = stages_for(|s| smem_dq(d, &t, s), limit).ok_or_else(no_fit)?;
         let spec = tiled_spec("fa2_bwd_dq", d, bf16, &t, st, feats, true);
         let grid = (
-            problem.max_sq.div_ceil(t.br) as u32,
             problem.heads_q as u32,
-            problem.batch as u32,
+            grid_limit(problem.batch, "batch")?,
+            grid_limit(problem.max_sq.div_ceil(t.br), "query blocks")?,
         );
-        if grid.0 > 0 {
+        if grid.2 > 0 {
             launch(gpu, &spec, grid, (t.nw * 32) as u32, smem_dq(d, &t, st), &p)?;
         }
     } else {
