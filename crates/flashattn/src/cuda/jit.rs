@@ -115,12 +115,14 @@ pub enum CacheOutcome {
     Uncached,
 }
 
-/// The cache key of `spec` for `arch`: hash of every embedded source, the entry, the defines,
-/// the arch, the NVRTC version and the crate version.
+/// The cache key of `spec` for `arch`: hash of the sources it includes (the file and its
+/// `#include "..."` closure among the embedded files; every embedded file when an include cannot
+/// be resolved textually), the entry, the defines, the arch, the NVRTC version and the crate
+/// version. Editing one kernel therefore leaves the other kernels' cache entries valid.
 pub fn cache_key(spec: &KernelSpec, arch: &str) -> Result<u64> {
     let nv = loader::nvrtc()?;
     let mut h = Fnv64::new()
-        .u64(sources_hash())
+        .u64(deps_hash(spec.source))
         .str(spec.source)
         .str(&spec.entry)
         .u64(spec.defines.len() as u64);
@@ -134,6 +136,71 @@ pub fn cache_key(spec: &KernelSpec, arch: &str) -> Result<u64> {
         .finish())
 }
 
+/// Hash of `source` and every embedded file it includes, transitively (memoised per source).
+fn deps_hash(source: &'static str) -> u64 {
+    static MEMO: OnceLock<Mutex<HashMap<&'static str, u64>>> = OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    if let Some(h) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(source) {
+        return *h;
+    }
+    let h = match include_closure(source) {
+        Some(files) => files
+            .iter()
+            .fold(Fnv64::new(), |h, p| {
+                h.str(p).str(self::source(p).unwrap_or(""))
+            })
+            .finish(),
+        None => sources_hash(),
+    };
+    memo.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(source, h);
+    h
+}
+
+/// `source` and the embedded files it includes, sorted; `None` when some quoted include is not
+/// an embedded file or an include is not a literal (then every source counts).
+fn include_closure(source: &'static str) -> Option<Vec<&'static str>> {
+    let resolve = |name: &str| -> Option<&'static str> {
+        if let Some((p, _)) = sources().iter().find(|(p, _)| *p == name) {
+            return Some(p);
+        }
+        let mut it = sources()
+            .iter()
+            .filter(|(p, _)| p.rsplit('/').next() == Some(name));
+        match (it.next(), it.next()) {
+            (Some((p, _)), None) => Some(p),
+            _ => None,
+        }
+    };
+    let mut seen: Vec<&'static str> = vec![source];
+    let mut todo = vec![source];
+    while let Some(file) = todo.pop() {
+        let text = self::source(file)?;
+        for line in text.lines() {
+            let l = line.trim_start();
+            let Some(rest) = l.strip_prefix('#') else {
+                continue;
+            };
+            let Some(arg) = rest.trim_start().strip_prefix("include") else {
+                continue;
+            };
+            let arg = arg.trim();
+            if arg.starts_with('<') {
+                continue; // a CUDA/system header: versioned by NVRTC, not embedded
+            }
+            let name = arg.strip_prefix('"')?.split('"').next()?;
+            let dep = resolve(name)?;
+            if !seen.contains(&dep) {
+                seen.push(dep);
+                todo.push(dep);
+            }
+        }
+    }
+    seen.sort_unstable();
+    Some(seen)
+}
+
 fn sources_hash() -> u64 {
     static H: OnceLock<u64> = OnceLock::new();
     *H.get_or_init(|| {
@@ -145,18 +212,26 @@ fn sources_hash() -> u64 {
 }
 
 /// Compiles `spec` for `arch` (`"sm_80"`, `"sm_90a"`, ...) through the memory and disk caches.
+/// Concurrent callers asking for the same variant wait for one compile instead of repeating it;
+/// a failed compile is not remembered (the next call tries again).
 pub fn compile(spec: &KernelSpec, arch: &str) -> Result<Arc<Compiled>> {
-    static MEM: OnceLock<Mutex<HashMap<u64, Arc<Compiled>>>> = OnceLock::new();
+    type Slot = Arc<Mutex<Option<Arc<Compiled>>>>;
+    static MEM: OnceLock<Mutex<HashMap<u64, Slot>>> = OnceLock::new();
     let key = cache_key(spec, arch)?;
-    let mem = MEM.get_or_init(Default::default);
-    if let Some(c) = mem.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+    let slot = MEM
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .clone();
+    let mut entry = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = entry.as_ref() {
         return Ok(c.clone());
     }
     let disk = DiskCache::default_location();
     let (c, _) = compile_with(spec, arch, disk.as_ref())?;
-    mem.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, c.clone());
+    *entry = Some(c.clone());
     Ok(c)
 }
 
@@ -342,6 +417,17 @@ pub fn parse_resources(log: &str, entry: &str) -> Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn include_closure_follows_quoted_includes() {
+        let c = include_closure("test/axpy.cu").unwrap();
+        assert_eq!(c, vec!["test/axpy.cu", "test/axpy_util.cuh"]);
+        for (p, _) in sources().iter().filter(|(p, _)| p.ends_with(".cu")) {
+            let c = include_closure(p);
+            assert!(c.is_some(), "{p}: an #include does not resolve to an embedded file");
+            eprintln!("{p}: {:?}", c.unwrap());
+        }
+    }
 
     #[test]
     fn parses_ptxas_report() {
