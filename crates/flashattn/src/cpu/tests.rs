@@ -315,4 +315,7 @@ fn empty_inputs() {
     check(&q, &k, &v, None, &AttnOptions::new(), 1e-4);
     let (q, k, v) = dense(2, 0, 5, 2, 2, 8, DType::BF16, 1);
     check(&q, &k, &v, None, &AttnOptions::new().causal(true), 1e-2);
+    // No query heads at all (0 is a multiple of heads_k).
+    let (q, k, v) = dense(1, 4, 4, 0, 2, 8, DType::F32, 1);
+    check(&q, &k, &v, None, &AttnOptions::new(), 1e-4);
 }
