@@ -473,8 +473,19 @@ fn kv_tile<T: CpuElem>(
             let mut i0 = ia;
             while i0 < ib {
                 let rows = bq.min(ib - i0);
+                // Only keys ca..cb of this tile are visible from rows i0..i0+rows.
+                let (ca, cb) = match tile_key_range(&p.mask, i0, rows, seq.sq, seq.sk) {
+                    Some((lo, hi)) => (lo.clamp(j0, j0 + jn) - j0, hi.clamp(j0, j0 + jn) - j0),
+                    None => (0, 0),
+                };
+                if ca >= cb {
+                    i0 += rows;
+                    continue;
+                }
+                let cn = cb - ca;
+                let ks = (kside.0.skip_rows(ca), kside.1.skip_rows(ca));
                 let qside = cx.q_side(b, h, i0, rows, &mut bufs.qb, &mut bufs.dob, scr);
-                cx.recompute(b, h, i0, rows, j0, jn, qside, kside, scr);
+                cx.recompute(b, h, i0, rows, j0 + ca, cn, qside, ks, scr);
                 let pmat = if p.dropout.is_some() {
                     &scr.pdb
                 } else {
@@ -482,10 +493,10 @@ fn kv_tile<T: CpuElem>(
                 };
                 // dV += P̃ᵀ dO
                 tile::matmul(
-                    jn,
+                    cn,
                     d,
                     rows,
-                    &mut scr.acc2,
+                    &mut scr.acc2[ca * d..],
                     d,
                     Mat::trans(pmat, bk),
                     qside.1,
@@ -493,10 +504,10 @@ fn kv_tile<T: CpuElem>(
                 );
                 // dK += dSᵀ Q (scaled at the end)
                 tile::matmul(
-                    jn,
+                    cn,
                     d,
                     rows,
-                    &mut scr.acc1,
+                    &mut scr.acc1[ca * d..],
                     d,
                     Mat::trans(&scr.dpb, bk),
                     qside.0,
@@ -508,11 +519,11 @@ fn kv_tile<T: CpuElem>(
                     tile::matmul(
                         rows,
                         d,
-                        jn,
+                        cn,
                         &mut dqa[o..o + rows * d],
                         d,
                         Mat::rows(&scr.dpb, bk),
-                        kside.0,
+                        ks.0,
                         true,
                     );
                 }

@@ -2,7 +2,7 @@
 //! visible key tiles with an online softmax.
 
 use super::tile::{self, CpuElem, Mat};
-use super::{tile_key_range, transform_row, Tiles};
+use super::{query_range_for_keys, tile_key_range, transform_row, Tiles};
 use crate::error::Result;
 use crate::layout::{Problem, Qkv};
 use crate::options::AttnOptions;
@@ -192,18 +192,27 @@ fn fwd_tile<T: CpuElem>(
             1.0,
             &mut w.vb,
         );
+        // Only the rows ra..rb of this tile see a key of j0..j0+jn (key ranges are monotone
+        // in the row): the others are skipped, their running state is unchanged.
+        let (ia, ib) = query_range_for_keys(&p.mask, j0, j0 + jn, sq, sk);
+        let ra = ia.clamp(t.i0, t.i0 + rows) - t.i0;
+        let rb = ib.clamp(t.i0, t.i0 + rows) - t.i0;
+        if ra >= rb {
+            j0 += jn;
+            continue;
+        }
         // S = (scale·Q) Kᵀ
         tile::matmul(
-            rows,
+            rb - ra,
             jn,
             d,
-            &mut w.sb,
+            &mut w.sb[ra * bk..],
             bk,
-            Mat::rows(&w.qb, d),
+            Mat::rows(&w.qb[ra * d..], d),
             kv.t(),
             false,
         );
-        for r in 0..rows {
+        for r in ra..rb {
             let i = t.i0 + r;
             let srow = &mut w.sb[r * bk..r * bk + jn];
             transform_row(p, slope, i, j0, sq, sk, srow, &mut []);
@@ -226,7 +235,16 @@ fn fwd_tile<T: CpuElem>(
             }
         }
         // O += P V
-        tile::matmul(rows, d, jn, &mut w.acc, d, Mat::rows(&w.sb, bk), vv, true);
+        tile::matmul(
+            rb - ra,
+            d,
+            jn,
+            &mut w.acc[ra * d..],
+            d,
+            Mat::rows(&w.sb[ra * bk..], bk),
+            vv,
+            true,
+        );
         j0 += jn;
     }
 

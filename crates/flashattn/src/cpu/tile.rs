@@ -108,6 +108,13 @@ impl<'a> Mat<'a> {
             cs: rs,
         }
     }
+    /// The view starting `n` rows further down.
+    pub fn skip_rows(self, n: usize) -> Self {
+        Mat {
+            off: self.off + n * self.rs,
+            ..self
+        }
+    }
     /// The transpose (a view, no copy).
     pub fn t(self) -> Self {
         Mat {
