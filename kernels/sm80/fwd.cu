@@ -10,12 +10,14 @@
 //
 // Work split: NWARPS warps, each owns MS slabs of 16 query rows (BQ = 16·MS·NWARPS); a warp
 // reads only its own Q rows, so the main loop needs no exchange between warps. Q stays in
-// shared memory (ldmatrix per k-step); K_j and V_j stream through cp.async: V_j loads while
-// S = Q K_j^T runs, K_{j+1} loads while O += P V_j runs. Only tiles that touch a mask edge
+// shared memory (ldmatrix per k-step); K_j and V_j stream through cp.async. STAGES = 2 (default):
+// K_{j+1}, V_{j+1} load into the other buffer during all of iteration j, one barrier per
+// iteration. STAGES = 1 (small smem): V_j loads while S = Q K_j^T runs, K_{j+1} while
+// O += P V_j runs, two barriers per iteration. Only tiles that touch a mask edge
 // (causal/window diagonal or the sequence end) pay for per-element masking.
 //
 // JIT switches (-D): HEAD_DIM, IS_BF16, BLOCK_Q, BLOCK_K, N_WARPS, MIN_BLOCKS,
-//   HAS_MASK (causal / sliding window), HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT.
+//   STAGES, HAS_MASK (causal / sliding window), HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT.
 // Varlen (cu_seqlens) is a run-time branch, once per block.
 #include "common/types.cuh"
 #include "common/mma.cuh"
@@ -39,8 +41,14 @@
 #ifndef N_WARPS
 #define N_WARPS 4
 #endif
+#ifndef STAGES
+#define STAGES 2
+#endif
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 1
+#endif
+#ifndef S_UNROLL
+#define S_UNROLL 64
 #endif
 #ifndef HAS_MASK
 #define HAS_MASK 0
@@ -70,6 +78,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 static_assert(D % 16 == 0 && BK % 16 == 0, "head dim and key tile must be multiples of 16");
+static_assert(STAGES == 1 || STAGES == 2, "1 or 2 K/V stages");
 static_assert(MS * 16 * NWARPS == BQ, "BQ must be 16 * slabs * warps");
 
 // tanh through exp2: exact to ~1e-7 absolute, which is what the score needs.
@@ -82,6 +91,8 @@ FA_DEVICE float tanh_fast(float x) {
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdParams p) {
   extern __shared__ __align__(128) u8 smem_raw[];
   const u32 sQ = smem_u32(smem_raw);
+  // Shared memory: Q [BQ][D], then STAGES x (K [BK][D], V [BK][D]).
+  constexpr u32 KV_STAGE = 2 * BK * D * 2;
   const u32 sK = sQ + BQ * D * 2;
   const u32 sV = sK + BK * D * 2;
 
@@ -134,6 +145,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
   load_tile<BQ, W, NT>(sQ, gq, p.q_row_stride, rows_valid, tid);
   load_tile<BK, W, NT>(sK, gk + (i64)nb_begin * BK * p.k_row_stride, p.k_row_stride,
                        sk - nb_begin * BK, tid);
+  if (STAGES == 2)
+    load_tile<BK, W, NT>(sV, gv + (i64)nb_begin * BK * p.v_row_stride, p.v_row_stride,
+                         sk - nb_begin * BK, tid);
   cp_async_commit();
 
   // Scores are kept in base-2 units after multiplying by sl2. Prescaled paths (softcap,
@@ -171,10 +185,23 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int n0 = nb * BK;
+    const u32 stage = STAGES == 2 ? (u32)((nb - nb_begin) & 1) * KV_STAGE : 0u;
     cp_async_wait<0>();
-    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
-    load_tile<BK, W, NT>(sV, gv + (i64)n0 * p.v_row_stride, p.v_row_stride, sk - n0, tid);
-    cp_async_commit();
+    if (STAGES == 2) {
+      __syncthreads();  // K_j, V_j (and Q) landed; every warp is done with stage j-1
+      if (nb + 1 < nb_end) {
+        const int n1 = n0 + BK;
+        load_tile<BK, W, NT>(sK + (KV_STAGE - stage), gk + (i64)n1 * p.k_row_stride,
+                             p.k_row_stride, sk - n1, tid);
+        load_tile<BK, W, NT>(sV + (KV_STAGE - stage), gv + (i64)n1 * p.v_row_stride,
+                             p.v_row_stride, sk - n1, tid);
+        cp_async_commit();
+      }
+    } else {
+      __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
+      load_tile<BK, W, NT>(sV, gv + (i64)n0 * p.v_row_stride, p.v_row_stride, sk - n0, tid);
+      cp_async_commit();
+    }
 
     // S = Q K_j^T
     float s[MS][NS][4];
@@ -184,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
       for (int n = 0; n < NS; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[ms][n][e] = 0.0f;
-#pragma unroll
+#pragma unroll S_UNROLL
     for (int kk = 0; kk < D / 16; ++kk) {
       u32 qa[MS][4];
 #pragma unroll
@@ -193,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
 #pragma unroll
       for (int nn = 0; nn < BK / 16; ++nn) {
         u32 kb[4];
-        ldmatrix_x4(kb, k_lane + nn * 16 * W * 16 + k_chunk(kk));
+        ldmatrix_x4(kb, k_lane + stage + nn * 16 * W * 16 + k_chunk(kk));
 #pragma unroll
         for (int ms = 0; ms < MS; ++ms) {
           mma_16816<BF16>(s[ms][2 * nn], qa[ms], kb[0], kb[1]);
@@ -279,9 +306,11 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
           }
     }
 
-    cp_async_wait<0>();
-    __syncthreads();  // V_j landed; every warp is done with K_j
-    if (nb + 1 < nb_end) {
+    if (STAGES == 1) {
+      cp_async_wait<0>();
+      __syncthreads();  // V_j landed; every warp is done with K_j
+    }
+    if (STAGES == 1 && nb + 1 < nb_end) {
       const int n1 = n0 + BK;
       load_tile<BK, W, NT>(sK, gk + (i64)n1 * p.k_row_stride, p.k_row_stride, sk - n1, tid);
       cp_async_commit();
@@ -301,7 +330,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         u32 vb[4];
-        ldmatrix_x4_trans(vb, v_lane + kk * 16 * W * 16 + v_chunk(dd));
+        ldmatrix_x4_trans(vb, v_lane + stage + kk * 16 * W * 16 + v_chunk(dd));
 #pragma unroll
         for (int ms = 0; ms < MS; ++ms) {
           mma_16816<BF16>(acc_o[ms][2 * dd], pa[ms], vb[0], vb[1]);
@@ -312,6 +341,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
   }
 
   // Epilogue: normalise, write lse, stage O through this warp's own Q rows, store 16 B per lane.
+  __syncwarp();  // every lane of this warp is done reading its Q rows
 #pragma unroll
   for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll

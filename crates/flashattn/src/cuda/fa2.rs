@@ -55,12 +55,14 @@ impl Features {
 }
 
 /// A tile shape: `bq` query rows per block (16-row slabs spread over `warps` warps), `bk` keys
-/// per K/V tile, and the `__launch_bounds__` minimum blocks per SM.
+/// per K/V tile, `stages` K/V buffers (2: double-buffered, one barrier per tile), and the
+/// `__launch_bounds__` minimum blocks per SM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tile {
     pub bq: usize,
     pub bk: usize,
     pub warps: usize,
+    pub stages: usize,
     pub min_blocks: usize,
 }
 
@@ -70,43 +72,64 @@ impl Tile {
             bq,
             bk,
             warps,
+            stages: 2,
             min_blocks: 1,
         }
     }
-    /// Dynamic shared memory: Q tile plus one K and one V tile, `d` halves per row.
-    pub fn smem_bytes(&self, d: usize) -> usize {
-        (self.bq + 2 * self.bk) * d * 2
+    pub const fn stages(mut self, stages: usize) -> Tile {
+        self.stages = stages;
+        self
     }
-    /// Parses `BQxBKwW`, e.g. `128x64w8` (benchmark overrides).
+    /// Dynamic shared memory: the Q tile plus `stages` K and V tiles, `d` halves per row.
+    pub fn smem_bytes(&self, d: usize) -> usize {
+        (self.bq + 2 * self.stages * self.bk) * d * 2
+    }
+    /// Parses `BQxBKwW[sS]`, e.g. `128x64w8` or `128x64w8s1` (benchmark overrides).
     pub fn parse(s: &str) -> Option<Tile> {
         let (bq, rest) = s.split_once('x')?;
-        let (bk, w) = rest.split_once('w')?;
-        let t = Tile::new(bq.parse().ok()?, bk.parse().ok()?, w.parse().ok()?);
-        let ok = t.bk % 16 == 0 && t.warps > 0 && t.bq % (16 * t.warps) == 0 && t.bq > 0;
+        let (bk, rest) = rest.split_once('w')?;
+        let (w, st) = rest.split_once('s').unwrap_or((rest, "2"));
+        let t =
+            Tile::new(bq.parse().ok()?, bk.parse().ok()?, w.parse().ok()?).stages(st.parse().ok()?);
+        let ok = t.bk % 16 == 0
+            && t.warps > 0
+            && t.bq % (16 * t.warps) == 0
+            && t.bq > 0
+            && (1..=2).contains(&t.stages);
         ok.then_some(t)
     }
 }
 
 impl std::fmt::Display for Tile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}w{}", self.bq, self.bk, self.warps)
+        write!(f, "{}x{}w{}", self.bq, self.bk, self.warps)?;
+        if self.stages != 2 {
+            write!(f, "s{}", self.stages)?;
+        }
+        Ok(())
     }
 }
 
-/// The tile table. One 16-row slab per warp (8 warps, BQ = 128) everywhere: two slabs per warp
-/// (4 warps) need 255 registers and spill at d >= 64 with BK = 64 (ptxas -v, sm_90, NVRTC
-/// 13.0). BK is the largest that compiles without spills for the feature group:
-///   plain/mask: d32 214 regs @BK128 ... d128 208 @BK64, d192 245 @BK64, d256 247 @BK32
-///   full:       d<=96 spill at BK128 (d32/64) or BK64 (d96, 4 B): BK 64 / 32 there.
-/// H100 timings of the alternatives are in bench/RESULTS.md ("CUDA FA2 forward").
+/// The tile table: per head dim and feature group, the fastest tile measured that compiles
+/// without spills (ptxas -v through NVRTC 13.0, sm_80 and sm_90a, f16 and bf16).
+///
+/// Measured on an H200 (bf16, 16k tokens, hidden 2048, TFLOP/s at seqlen 16384 non-causal /
+/// causal; bench/RESULTS.md "CUDA FA2 forward"), all with 2 K/V stages:
+///   d=64:  128x64w4 307/311, 128x128w8 273/273, 64x64w4 254/275, 128x64w8 242/240
+///   d=128: 128x64w4 335/344 (spills 60 B), 128x32w4 331/316, 128x128w8 318/322,
+///          64x64w4 294/306, 128x64w8 292/298, 128x32w8 247/241; one stage: 128x64w8s1 253/257
+///   d=256: 128x64w8 305/313, 128x32w8 277/274, 64x32w4 276/283
+/// Two 16-row slabs per warp (BQ 128 on 4 warps) halve the shared-memory traffic per MMA and
+/// win wherever they fit in 255 registers; elsewhere one slab per warp on 8 warps.
 pub fn tile_for(head_dim: usize, features: Features) -> Tile {
-    let full = features == Features::Full;
-    match head_dim {
-        32 | 64 if full => Tile::new(128, 64, 8),
-        32 | 64 => Tile::new(128, 128, 8),
-        96 if full => Tile::new(128, 32, 8),
-        96 | 128 | 192 => Tile::new(128, 64, 8),
-        _ => Tile::new(128, 32, 8),
+    use Features::*;
+    match (head_dim, features) {
+        (32, Plain) => Tile::new(128, 128, 4),
+        (32, _) | (64, _) => Tile::new(128, 64, 4),
+        (96, _) | (128, Plain) | (128, Full) => Tile::new(128, 32, 4),
+        (128, Mask) => Tile::new(128, 64, 8),
+        (256, Full) => Tile::new(128, 32, 8),
+        _ => Tile::new(128, 64, 8),
     }
 }
 
@@ -141,6 +164,7 @@ impl Variant {
             .define("BLOCK_Q", self.tile.bq)
             .define("BLOCK_K", self.tile.bk)
             .define("N_WARPS", self.tile.warps)
+            .define("STAGES", self.tile.stages)
             .define("MIN_BLOCKS", self.tile.min_blocks)
             .define("HAS_MASK", mask)
             .define("HAS_SOFTCAP", full)
@@ -160,13 +184,42 @@ impl Variant {
     }
 }
 
-/// Every shipped variant (compile-all). The kernel is the same source on every sm80+ arch.
-pub fn all_variants(_arch: &str) -> Vec<KernelSpec> {
+/// Opt-in shared memory per block by architecture (CUDA programming guide, table of compute
+/// capabilities); unknown archs get the sm86 figure.
+pub fn max_smem_for_arch(arch: &str) -> usize {
+    match arch.trim_start_matches("sm_").trim_end_matches('a') {
+        "80" | "87" => 166_912,
+        "90" | "100" => 232_448,
+        _ => 101_376,
+    }
+}
+
+/// Shrinks `tile` until it fits `max_smem` bytes: one K/V stage first, then 64 query rows.
+pub fn fit_tile(tile: Tile, head_dim: usize, max_smem: usize) -> Tile {
+    let mut t = tile;
+    if t.smem_bytes(head_dim) > max_smem {
+        t = t.stages(1);
+    }
+    if t.smem_bytes(head_dim) > max_smem {
+        t = Tile::new(64, t.bk.min(64), 4).stages(2);
+    }
+    if t.smem_bytes(head_dim) > max_smem {
+        t = t.stages(1);
+    }
+    t
+}
+
+/// Every shipped variant for `arch` (compile-all): the table's tiles, shrunk where the
+/// architecture has less shared memory (sm86/89).
+pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
+    let max = max_smem_for_arch(arch);
     let mut v = Vec::new();
     for d in HEAD_DIMS {
         for dtype in [DType::F16, DType::BF16] {
             for f in Features::ALL {
-                v.push(Variant::new(d, dtype, f).spec());
+                let mut var = Variant::new(d, dtype, f);
+                var.tile = fit_tile(var.tile, d, max);
+                v.push(var.spec());
             }
         }
     }
@@ -298,6 +351,11 @@ pub fn forward_into(
     if let Some(t) = tile {
         variant.tile = t;
     }
+    variant.tile = fit_tile(
+        variant.tile,
+        problem.head_dim,
+        gpu.max_smem_optin() as usize,
+    );
     let p = prepare(gpu, problem, q, k, v, out, lse, opts)?;
     launch(gpu, problem, &variant, p)
 }
