@@ -6,24 +6,25 @@
 //   and at the end O /= l, LSE = ln 2 · (c·m + log2 l)  (−inf and O = 0 for rows with no key).
 // Masks (bottom-right): key j is visible from row i iff j < sk and (not causal or j ≤ i + sk − sq).
 //
-// Roles (384 threads, __launch_bounds__(384, 1)): warpgroup 0 is the producer (one thread issues
+// Roles (128·(FA3_NC+1) threads, one CTA per SM): warpgroup 0 is the producer (one thread issues
 // TMA loads of Q once and of K/V tiles into an FA3_STAGES-deep ring, completing on mbarriers with
-// transaction counts; the warpgroup gives registers away with setmaxnreg.dec). Warpgroups 1 and 2
-// are consumers, 64 query rows each: S = Q Kᵀ by wgmma with both operands from 128B-swizzled
+// transaction counts; the warpgroup gives registers away with setmaxnreg.dec). Warpgroups 1..NC
+// (NC = FA3_NC, 2 or 3) are consumers, 64 query rows each: S = Q Kᵀ by wgmma with both operands from 128B-swizzled
 // shared memory (K-major), online softmax in registers, then O += P V by wgmma with P from
 // registers (the S accumulator re-packed as the A fragment) and V from shared memory through an
 // MN-major descriptor. Consumers free K and V slots by arriving on per-stage "empty" barriers.
 // FA3_OVERLAP=1 issues S_{j+1} = Q K_{j+1}ᵀ before P_j V_j and runs the softmax of tile j+1 while
-// P_j V_j is in flight (wgmma.wait_group 1). FA3_PINGPONG=1 (needs overlap) makes the two
-// consumers take turns issuing their GEMMs (named barriers 2 and 3), so one's softmax overlaps
-// the other's GEMMs.
+// P_j V_j is in flight (wgmma.wait_group 1). FA3_PINGPONG=1 (needs overlap) makes the
+// consumers take turns, round robin, issuing their GEMMs (named barriers 2..1+NC), so one's
+// softmax overlaps the others' GEMMs.
 //
 // FA3_PERSISTENT=1: a grid of (at most) one CTA per SM walks the work tiles (query tile, head,
 // batch) with a static stride, longest-first for causal; the K/V ring and its barrier phases
 // continue across tiles, and Q is reloaded once consumers release it (q_empty), so the
 // producer prefetches the next tile while the consumers run the epilogue.
 //
-// Defines: FA3_D (head dim: 64, 128, 192, 256), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16,
+// Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
+// TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16,
 // 1 f16), FA3_CAUSAL, FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT. Entry point: fa3_fwd (without
 // FA3_PERSISTENT one CTA per query tile: grid (m_tiles, heads_q, batch), longest-first for causal).
 #include "sm90/util.cuh"
@@ -56,10 +57,19 @@
 #ifndef FA3_PERSISTENT
 #define FA3_PERSISTENT 0
 #endif
+#ifndef FA3_NC
+#define FA3_NC 2
+#endif
 
 constexpr int D = FA3_D;
 constexpr int BK = FA3_BK;
-constexpr int BQ = 128;
+constexpr int NC = FA3_NC;                // consumer warpgroups, 64 query rows each
+constexpr int BQ = 64 * NC;
+constexpr int NTHREADS = 128 * (NC + 1);
+static_assert(NC == 2 || NC == 3, "2 or 3 consumer warpgroups");
+// Register budgets after setmaxnreg (multiples of 8; total within 64K per SM).
+constexpr int PRODUCER_REGS = 24;
+constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 constexpr int STAGES = FA3_STAGES;
 constexpr int DP = (D + 63) / 64 * 64;     // head dim padded to whole 64-element (128 B) chunks
 constexpr int NCH = DP / 64;               // swizzle chunks along d
@@ -69,7 +79,7 @@ constexpr int QCHUNK = BQ * 128;           // bytes of one 64-column chunk of Q
 constexpr int KCHUNK = BK * 128;
 constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (2 + 4 * STAGES) + 1024;
 static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 256 && D <= 256, "tile shape");
-static_assert(D % 64 == 0, "PV wgmma N spans whole 64-column swizzle atoms");
+static_assert(D % 64 == 0 || D % 64 == 32, "PV wgmma N: whole 64-column swizzle atoms (+ one half)");
 
 struct __align__(64) Fa3Params {
   TmaMap q, k, v;
@@ -118,12 +128,18 @@ __device__ __forceinline__ void issue_qk(float* sc, u32 sQw, u32 sKs) {
     Wgmma<BK, FA3_DT>::ss(sc, da, db, kk > 0);
   }
 }
-// O += P V for V slot s (issue only).
+// O += P V for V slot s (issue only). N = D in one wgmma when D is whole 64-column atoms;
+// otherwise (d = 96) the whole atoms, then the last half atom as an n32 wgmma.
 __device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 sVs) {
+  constexpr int DW = D / 64 * 64;
 #pragma unroll
   for (int kk = 0; kk < BK / 16; ++kk) {
     const u64 db = make_desc(sVs + kk * 2048, KCHUNK, 1024);
-    Wgmma<D, FA3_DT>::rs(o, pf[kk], db, 1);
+    Wgmma<DW, FA3_DT>::rs(o, pf[kk], db, 1);
+    if constexpr (DW != D) {
+      const u64 db2 = make_desc(sVs + (DW / 64) * KCHUNK + kk * 2048, KCHUNK, 1024);
+      Wgmma<D - DW, FA3_DT>::rs(o + DW / 2, pf[kk], db2, 1);
+    }
   }
 }
 
@@ -172,7 +188,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   if (n_end > 0) {
     mbar_wait(q_full, jq & 1);
 #if FA3_PINGPONG
-    if (cw == 1) named_arrive(2, 256);
+    if (cw == NC - 1) named_arrive(2, 256);  // consumer 0 takes the first turn
 #endif
 #if FA3_OVERLAP
     u32 pf[BK / 16][4];
@@ -188,7 +204,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       issue_qk(sc, sQw, sK + s0 * KV_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
-      named_arrive(3 - cw, 256);
+      named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
 #endif
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
@@ -220,7 +236,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       issue_pv(o, pf, sV + sp * KV_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
-      named_arrive(3 - cw, 256);
+      named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
 #endif
       wgmma_wait<1>();
       fence_regs<BK / 2>(sc);
@@ -249,7 +265,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       issue_pv(o, pf, sV + sp * KV_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
-      named_arrive(3 - cw, 256);
+      named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
 #endif
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
@@ -257,7 +273,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       if (lane == 0) mbar_arrive(v_empty + 8 * sp);
     }
 #if FA3_PINGPONG
-    if (cw == 0) named_sync(2, 256);  // balance consumer 1's opening arrive
+    if (cw == 0) named_sync(2, 256);  // balance the last consumer's opening arrive
 #endif
 #else
     for (int it = 0; it < n_end; ++it) {
@@ -320,10 +336,9 @@ struct WorkTile {
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   WorkTile w;
 #if FA3_PERSISTENT
-  // Persistent: all (head, batch) of one query tile index are adjacent; causal takes the
-  // longest (last) query tiles first.
-  const int hb = p.heads_q * p.batch;
-  const int mi = t / hb, r = t % hb;
+  // Persistent: the query tiles of one (head, batch) are adjacent, so CTAs running together
+  // share K/V in L2; causal walks each head's query tiles longest (last) first.
+  const int mi = t % p.m_tiles, r = t / p.m_tiles;
   w.m = FA3_CAUSAL ? (p.m_tiles - 1 - mi) : mi;
   w.h = r % p.heads_q;
   w.b = r / p.heads_q;
@@ -343,7 +358,7 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   return w;
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_constant__ Fa3Params p) {
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_constant__ Fa3Params p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const u32 sQ = base;
@@ -359,12 +374,12 @@ extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_consta
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
-    mbar_init(q_empty, 8);
+    mbar_init(q_empty, 4 * NC);
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(k_full + 8 * s, 1);
       mbar_init(v_full + 8 * s, 1);
-      mbar_init(k_empty + 8 * s, 8);  // 2 consumer warpgroups x 4 warps
-      mbar_init(v_empty + 8 * s, 8);
+      mbar_init(k_empty + 8 * s, 4 * NC);  // one arrival per consumer warp
+      mbar_init(v_empty + 8 * s, 4 * NC);
     }
     mbar_fence_init();
   }
@@ -379,7 +394,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_consta
   const int wg = threadIdx.x / 128;
   int g0 = 0, jq = 0;  // ring position and Q-load count, identical in every role
   if (wg == 0) {
-    reg_dealloc<24>();
+    reg_dealloc<PRODUCER_REGS>();
     if (threadIdx.x == 0) {
       tma_prefetch_map(&p.q);
       tma_prefetch_map(&p.k);
@@ -395,7 +410,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) fa3_fwd(const __grid_consta
       }
     }
   } else {
-    reg_alloc<240>();
+    reg_alloc<CONSUMER_REGS>();
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
       consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w.m, w.h, w.b,

@@ -7,7 +7,7 @@
 //! passes them by value in one `__grid_constant__` parameter struct.
 //!
 //! [`supports`] is the exact envelope of the kernel: dense (not varlen) bf16/f16, head dim 64,
-//! 128, 192 or 256, no mask or causal (bottom-right), GQA/MQA, any lengths, 16-byte aligned
+//! 96, 128, 192 or 256, no mask or causal (bottom-right), GQA/MQA, any lengths, 16-byte aligned
 //! row/head/batch strides. Everything else goes to FA2 through the dispatcher; ALiBi (which
 //! `supports` cannot see, it lives in the options) is forwarded to FA2 by [`forward`] itself.
 
@@ -24,10 +24,8 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 /// Kernel source (under `kernels/`) and entry point.
 pub const SOURCE: &str = "sm90/fwd.cu";
 pub const ENTRY: &str = "fa3_fwd";
-/// Query rows per CTA (two consumer warpgroups of 64).
-pub const BQ: usize = 128;
 /// Head dims the kernel is compiled for.
-pub const HEAD_DIMS: [usize; 4] = [64, 128, 192, 256];
+pub const HEAD_DIMS: [usize; 5] = [64, 96, 128, 192, 256];
 
 /// One compiled configuration of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +41,8 @@ pub struct Variant {
     pub pingpong: bool,
     /// Persistent CTAs (one per SM) walking the work tiles.
     pub persistent: bool,
+    /// Consumer warpgroups (64 query rows each): 2 or 3.
+    pub nc: usize,
 }
 
 /// Key-tile sizes the kernel has wgmma shapes for.
@@ -53,7 +53,7 @@ impl Variant {
     pub fn default_for(d: usize, f16: bool, causal: bool) -> Variant {
         let (bk, stages) = match d {
             64 => (128, 3),
-            128 => (128, 2),
+            96 | 128 => (128, 2),
             192 => (96, 2),
             _ => (64, 2),
         };
@@ -66,6 +66,7 @@ impl Variant {
             overlap: true,
             pingpong: true,
             persistent: false,
+            nc: 2,
         };
         v.apply_env();
         v
@@ -92,6 +93,7 @@ impl Variant {
                 "overlap" => self.overlap = n != 0,
                 "pingpong" => self.pingpong = n != 0,
                 "persist" => self.persistent = n != 0,
+                "nc" if n == 2 || n == 3 => self.nc = n,
                 _ => {}
             }
         }
@@ -104,9 +106,14 @@ impl Variant {
     }
 
     /// Dynamic shared memory, as the kernel lays it out (1 KiB of alignment slack included).
+    /// Query rows per CTA.
+    pub fn bq(&self) -> usize {
+        64 * self.nc
+    }
+
     pub fn smem_bytes(&self) -> usize {
         let dp = self.d.div_ceil(64) * 64;
-        let q = BQ * dp * 2;
+        let q = self.bq() * dp * 2;
         let kv = self.bk * dp * 2;
         q + 2 * self.stages * kv + 8 * (2 + 4 * self.stages) + 1024
     }
@@ -121,6 +128,7 @@ impl Variant {
             .define("FA3_OVERLAP", u32::from(self.overlap))
             .define("FA3_PINGPONG", u32::from(self.pingpong))
             .define("FA3_PERSISTENT", u32::from(self.persistent))
+            .define("FA3_NC", self.nc)
     }
 }
 
@@ -302,7 +310,7 @@ pub fn forward(
             gpu.device_name(),
             "problem",
             "fa3",
-            "dense bf16/f16, head dim 64/128/192/256, no mask or causal, no softcap/dropout, sm 9.0",
+            "dense bf16/f16, head dim 64/96/128/192/256, no mask or causal, no softcap/dropout, sm 9.0",
         ));
     }
     let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape)?;
@@ -366,10 +374,10 @@ pub fn forward_into(
     );
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
-    let m_tiles = sq.div_ceil(BQ);
+    let m_tiles = sq.div_ceil(var.bq());
     let ost = out.strides();
     let params = Fa3Params {
-        q: encode_map(q, "q", BQ)?,
+        q: encode_map(q, "q", var.bq())?,
         k: encode_map(k, "k", var.bk)?,
         v: encode_map(v, "v", var.bk)?,
         o: out.ptr() + out.offset() as u64 * out.dtype().size() as u64,
@@ -413,7 +421,7 @@ pub fn forward_into(
     };
     let cfg = LaunchConfig {
         grid_dim,
-        block_dim: (384, 1, 1),
+        block_dim: (128 * (var.nc as u32 + 1), 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let stream = gpu.stream();
