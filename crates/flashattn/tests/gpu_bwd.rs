@@ -44,7 +44,12 @@ fn bwd_tol(dtype: DType) -> f64 {
 }
 
 /// Forward on the CPU (out, lse in the case's dtype), then backward on `device`.
-fn run_case(case: &Case, dout: &Tensor, device: Device, det: bool) -> Result<(flashattn::Gradients, Tensor), Error> {
+fn run_case(
+    case: &Case,
+    dout: &Tensor,
+    device: Device,
+    det: bool,
+) -> Result<(flashattn::Gradients, Tensor), Error> {
     let opts = case.opts().clone().deterministic(det);
     let fwd = flashattn::forward(&case.qkv(), &opts, Device::Cpu)?;
     let g = flashattn::backward(&case.qkv(), &fwd.out, &fwd.lse, dout, &opts, device)?;
@@ -113,7 +118,9 @@ fn bwd_variants_compile() {
         assert!(!specs.is_empty());
         for spec in specs {
             let base = !spec.defines.iter().any(|(n, v)| {
-                (n == "FA_MASK" && v == "1") || (n == "FA_BF16" && v == "0") || (n == "FA_DET" && v == "1")
+                (n == "FA_MASK" && v == "1")
+                    || (n == "FA_BF16" && v == "0")
+                    || (n == "FA_DET" && v == "1")
             });
             if !all && !base {
                 continue;
@@ -139,7 +146,10 @@ fn bwd_variants_compile() {
 #[test]
 fn bwd_random_cases_vs_reference_and_cpu() {
     let Some(_gpu) = gpu_or_skip() else { return };
-    let n: usize = std::env::var("FLASHATTN_BWD_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let n: usize = std::env::var("FLASHATTN_BWD_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
     let cfg = CaseConfig::gpu();
     let mut rng = Rng::new(0xC3B0);
     let mut worst = [0.0f64; 2];
@@ -151,9 +161,15 @@ fn bwd_random_cases_vs_reference_and_cpu() {
         let wc = e.vs_cpu.iter().cloned().fold(0.0, f64::max);
         worst[0] = worst[0].max(wr);
         worst[1] = worst[1].max(wc);
-        eprintln!("case {c:>3} det={det} vs f64 {wr:.2e} vs cpu {wc:.2e}: {}", case.spec.describe());
+        eprintln!(
+            "case {c:>3} det={det} vs f64 {wr:.2e} vs cpu {wc:.2e}: {}",
+            case.spec.describe()
+        );
     }
-    eprintln!("random cases: {n}, worst rel err vs f64 {:.3e}, vs CPU {:.3e}", worst[0], worst[1]);
+    eprintln!(
+        "random cases: {n}, worst rel err vs f64 {:.3e}, vs CPU {:.3e}",
+        worst[0], worst[1]
+    );
 }
 
 #[test]
@@ -164,9 +180,39 @@ fn bwd_edge_cases() {
     for (i, &d) in [32usize, 64, 96, 128, 192, 256].iter().enumerate() {
         let dt = if i % 2 == 0 { DType::BF16 } else { DType::F16 };
         // Odd lengths, sq != sk both ways, causal (empty rows when sq > sk), GQA.
-        cases.push(Case::dense(dt, 2, 77, 131, 4, 2, d, AttnOptions::new().causal(true), s(1 + i as u64)));
-        cases.push(Case::dense(dt, 1, 131, 45, 3, 1, d, AttnOptions::new().causal(true), s(2 + i as u64)));
-        cases.push(Case::dense(dt, 1, 200, 200, 2, 2, d, AttnOptions::new().window(17, 5), s(3 + i as u64)));
+        cases.push(Case::dense(
+            dt,
+            2,
+            77,
+            131,
+            4,
+            2,
+            d,
+            AttnOptions::new().causal(true),
+            s(1 + i as u64),
+        ));
+        cases.push(Case::dense(
+            dt,
+            1,
+            131,
+            45,
+            3,
+            1,
+            d,
+            AttnOptions::new().causal(true),
+            s(2 + i as u64),
+        ));
+        cases.push(Case::dense(
+            dt,
+            1,
+            200,
+            200,
+            2,
+            2,
+            d,
+            AttnOptions::new().window(17, 5),
+            s(3 + i as u64),
+        ));
     }
     // Every option at once, MQA.
     cases.push(Case::dense(
@@ -207,7 +253,15 @@ fn bwd_edge_cases() {
         AttnOptions::new().causal(true).dropout(0.1, 99),
         13,
     ));
-    cases.push(Case::varlen(DType::F16, &[(64, 64), (100, 300), (7, 3)], 6, 3, 64, AttnOptions::new(), 14));
+    cases.push(Case::varlen(
+        DType::F16,
+        &[(64, 64), (100, 300), (7, 3)],
+        6,
+        3,
+        64,
+        AttnOptions::new(),
+        14,
+    ));
     for (ci, case) in cases.iter().enumerate() {
         for det in [false, true] {
             let e = check_case(case, det);
@@ -229,11 +283,29 @@ fn bwd_edge_cases() {
 #[test]
 fn bwd_sanitizer_case() {
     let Some(_gpu) = gpu_or_skip() else { return };
-    let case = Case::dense(DType::BF16, 1, 70, 130, 2, 1, 64, AttnOptions::new().causal(true).dropout(0.1, 5), 21);
+    let case = Case::dense(
+        DType::BF16,
+        1,
+        70,
+        130,
+        2,
+        1,
+        64,
+        AttnOptions::new().causal(true).dropout(0.1, 5),
+        21,
+    );
     for det in [false, true] {
         check_case(&case, det);
     }
-    let case = Case::varlen(DType::F16, &[(40, 20), (0, 5), (90, 90)], 2, 2, 128, AttnOptions::new(), 22);
+    let case = Case::varlen(
+        DType::F16,
+        &[(40, 20), (0, 5), (90, 90)],
+        2,
+        2,
+        128,
+        AttnOptions::new(),
+        22,
+    );
     for det in [false, true] {
         check_case(&case, det);
     }
@@ -243,9 +315,37 @@ fn bwd_sanitizer_case() {
 fn bwd_deterministic_bit_identical() {
     let Some(_gpu) = gpu_or_skip() else { return };
     let cases = [
-        Case::dense(DType::BF16, 2, 300, 300, 8, 2, 128, AttnOptions::new().causal(true), 31),
-        Case::dense(DType::F16, 1, 257, 511, 4, 4, 64, AttnOptions::new().dropout(0.1, 3), 32),
-        Case::varlen(DType::BF16, &[(100, 200), (300, 50)], 4, 1, 256, AttnOptions::new(), 33),
+        Case::dense(
+            DType::BF16,
+            2,
+            300,
+            300,
+            8,
+            2,
+            128,
+            AttnOptions::new().causal(true),
+            31,
+        ),
+        Case::dense(
+            DType::F16,
+            1,
+            257,
+            511,
+            4,
+            4,
+            64,
+            AttnOptions::new().dropout(0.1, 3),
+            32,
+        ),
+        Case::varlen(
+            DType::BF16,
+            &[(100, 200), (300, 50)],
+            4,
+            1,
+            256,
+            AttnOptions::new(),
+            33,
+        ),
     ];
     for case in &cases {
         let dout = case.dout();
@@ -300,7 +400,12 @@ fn train(device: Device, steps: usize, dtype: DType) -> Vec<f64> {
     let hid = heads * d;
     let n = batch * s;
     let x = rand_values(n * hid, 101);
-    let init = |seed| -> Vec<f32> { rand_values(hid * hid, seed).iter().map(|v| v * 0.25).collect() };
+    let init = |seed| -> Vec<f32> {
+        rand_values(hid * hid, seed)
+            .iter()
+            .map(|v| v * 0.25)
+            .collect()
+    };
     let (tq, tk, tv) = (init(201), init(202), init(203));
     let opts = AttnOptions::new().causal(true);
     let shape = [batch, s, heads, d];
@@ -327,7 +432,15 @@ fn train(device: Device, steps: usize, dtype: DType) -> Vec<f64> {
             dtype,
         )
         .unwrap();
-        let g = flashattn::backward(&Qkv::dense(&q, &k, &v), &f.out, &f.lse, &dout, &opts, device).unwrap();
+        let g = flashattn::backward(
+            &Qkv::dense(&q, &k, &v),
+            &f.out,
+            &f.lse,
+            &dout,
+            &opts,
+            device,
+        )
+        .unwrap();
         let gq = matmul_tn(&x, &g.dq.to_f32_vec(), n, hid, hid);
         let gk = matmul_tn(&x, &g.dk.to_f32_vec(), n, hid, hid);
         let gv = matmul_tn(&x, &g.dv.to_f32_vec(), n, hid, hid);
@@ -356,8 +469,18 @@ fn bwd_training_loss_curve_matches_cpu() {
         }
     }
     eprintln!("training: {steps} SGD steps, worst relative loss difference {worst:.3e}");
-    assert!(cpu[steps - 1] < 0.5 * cpu[0], "CPU training did not learn: {} -> {}", cpu[0], cpu[steps - 1]);
-    assert!(gpu[steps - 1] < 0.5 * gpu[0], "GPU training did not learn: {} -> {}", gpu[0], gpu[steps - 1]);
+    assert!(
+        cpu[steps - 1] < 0.5 * cpu[0],
+        "CPU training did not learn: {} -> {}",
+        cpu[0],
+        cpu[steps - 1]
+    );
+    assert!(
+        gpu[steps - 1] < 0.5 * gpu[0],
+        "GPU training did not learn: {} -> {}",
+        gpu[0],
+        gpu[steps - 1]
+    );
     assert!(worst < 0.05, "loss curves differ by {worst:.3e} (relative)");
 }
 
@@ -393,9 +516,11 @@ fn bwd_bench() {
                 let out = mk(5);
                 let lse = Tensor::from_f32(vec![2.0; b * h * s], &[b, h, s]).unwrap();
                 let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
-                let (dq_, dk_, dv_, do_, dl_, dd_) = (up(&q), up(&k), up(&v), up(&out), up(&lse), up(&dout));
+                let (dq_, dk_, dv_, do_, dl_, dd_) =
+                    (up(&q), up(&k), up(&v), up(&out), up(&lse), up(&dout));
                 let run = || {
-                    fa2_bwd::backward(&gpu, &problem, &dq_, &dk_, &dv_, &do_, &dl_, &dd_, &opts).unwrap();
+                    fa2_bwd::backward(&gpu, &problem, &dq_, &dk_, &dv_, &do_, &dl_, &dd_, &opts)
+                        .unwrap();
                 };
                 for _ in 0..3 {
                     run();

@@ -112,7 +112,15 @@ fn base_spec(entry: &str, d: usize, bf16: bool) -> KernelSpec {
         .define("FA_BF16", bf16 as u8)
 }
 
-fn tiled_spec(entry: &str, d: usize, bf16: bool, t: &Tiles, stages: usize, f: Features, det: bool) -> KernelSpec {
+fn tiled_spec(
+    entry: &str,
+    d: usize,
+    bf16: bool,
+    t: &Tiles,
+    stages: usize,
+    f: Features,
+    det: bool,
+) -> KernelSpec {
     base_spec(entry, d, bf16)
         .define("FA_BC", t.bc)
         .define("FA_BR", t.br)
@@ -231,24 +239,50 @@ unsafe impl cudarc::driver::DeviceRepr for BwdParams {}
 
 /// (batch, row, head) element strides of a `[b, s, h, d]` or varlen `[t, h, d]` device tensor,
 /// checked for what cp.async needs (last dim contiguous, 16-byte aligned rows).
-fn strides3(name: &str, t: &DeviceTensor, varlen: bool, dtype: DType, d: usize) -> Result<(i64, i64, i64)> {
+fn strides3(
+    name: &str,
+    t: &DeviceTensor,
+    varlen: bool,
+    dtype: DType,
+    d: usize,
+) -> Result<(i64, i64, i64)> {
     if t.dtype() != dtype {
-        return Err(Error::invalid(name, format!("dtype {}", t.dtype()), format!("dtype {dtype}")));
+        return Err(Error::invalid(
+            name,
+            format!("dtype {}", t.dtype()),
+            format!("dtype {dtype}"),
+        ));
     }
     let s = t.strides();
     let rank = if varlen { 3 } else { 4 };
     if t.shape().len() != rank || t.shape()[rank - 1] != d {
-        return Err(Error::invalid(name, format!("shape {:?}", t.shape()), format!("rank {rank}, head_dim {d}")));
+        return Err(Error::invalid(
+            name,
+            format!("shape {:?}", t.shape()),
+            format!("rank {rank}, head_dim {d}"),
+        ));
     }
     if s[rank - 1] != 1 && d > 1 {
-        return Err(Error::invalid(name, format!("last-dim stride {}", s[rank - 1]), "1"));
+        return Err(Error::invalid(
+            name,
+            format!("last-dim stride {}", s[rank - 1]),
+            "1",
+        ));
     }
-    let (b, r, h) = if varlen { (0, s[0], s[1]) } else { (s[0], s[1], s[2]) };
+    let (b, r, h) = if varlen {
+        (0, s[0], s[1])
+    } else {
+        (s[0], s[1], s[2])
+    };
     let shape = t.shape();
     // Strides of size-1 dimensions never matter; the others must keep 16-byte alignment.
-    let dims_ok = [(b, if varlen { 1 } else { shape[0] }), (r, shape[rank - 3]), (h, shape[rank - 2])]
-        .iter()
-        .all(|&(st, n)| n <= 1 || st % 8 == 0);
+    let dims_ok = [
+        (b, if varlen { 1 } else { shape[0] }),
+        (r, shape[rank - 3]),
+        (h, shape[rank - 2]),
+    ]
+    .iter()
+    .all(|&(st, n)| n <= 1 || st % 8 == 0);
     if !dims_ok || t.ptr() % 16 != 0 {
         return Err(Error::invalid(
             name,
@@ -259,7 +293,14 @@ fn strides3(name: &str, t: &DeviceTensor, varlen: bool, dtype: DType, d: usize) 
     Ok((b as i64, r as i64, h as i64))
 }
 
-fn launch(gpu: &Gpu, spec: &KernelSpec, grid: (u32, u32, u32), threads: u32, smem: usize, p: &BwdParams) -> Result<()> {
+fn launch(
+    gpu: &Gpu,
+    spec: &KernelSpec,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: usize,
+    p: &BwdParams,
+) -> Result<()> {
     let f = gpu.kernel_with_smem(spec, smem as u32)?;
     let cfg = LaunchConfig {
         grid_dim: grid,
@@ -293,12 +334,24 @@ pub fn backward(
     let d = problem.head_dim;
     let arch = gpu.arch();
     if arch.major < 8 {
-        return Err(Error::unsupported(gpu.device_name(), "architecture", arch, "sm 8.0 or newer"));
+        return Err(Error::unsupported(
+            gpu.device_name(),
+            "architecture",
+            arch,
+            "sm 8.0 or newer",
+        ));
     }
     let bf16 = match dtype {
         DType::F16 => false,
         DType::BF16 => true,
-        DType::F32 => return Err(Error::unsupported(gpu.device_name(), "dtype", dtype, "f16, bf16")),
+        DType::F32 => {
+            return Err(Error::unsupported(
+                gpu.device_name(),
+                "dtype",
+                dtype,
+                "f16, bf16",
+            ))
+        }
     };
     if !HEAD_DIMS.contains(&d) {
         return Err(Error::unsupported(
@@ -326,10 +379,18 @@ pub fn backward(
     let (v_b, v_r, v_h) = strides3("v", v, varlen, dtype, d)?;
     let (o_b, o_r, o_h) = strides3("out", out, varlen, dtype, d)?;
     let (do_b, do_r, do_h) = strides3("dout", dout, varlen, dtype, d)?;
-    if lse.dtype() != DType::F32 || lse.shape() != problem.lse_shape().as_slice() || !lse.is_contiguous() {
+    if lse.dtype() != DType::F32
+        || lse.shape() != problem.lse_shape().as_slice()
+        || !lse.is_contiguous()
+    {
         return Err(Error::invalid(
             "lse",
-            format!("{} {:?} strides {:?}", lse.dtype(), lse.shape(), lse.strides()),
+            format!(
+                "{} {:?} strides {:?}",
+                lse.dtype(),
+                lse.shape(),
+                lse.strides()
+            ),
             format!("a contiguous f32 tensor {:?}", problem.lse_shape()),
         ));
     }
@@ -350,14 +411,21 @@ pub fn backward(
 
     let dsum = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
     let n_dq = problem.total_q * problem.heads_q * d;
-    let dq_accum = if det { None } else { Some(DeviceBuffer::zeros(gpu, n_dq * 4)?) };
+    let dq_accum = if det {
+        None
+    } else {
+        Some(DeviceBuffer::zeros(gpu, n_dq * 4)?)
+    };
 
     let (cu_q, cu_k) = if varlen {
         let mut cq: Vec<i32> = problem.seqs.iter().map(|s| s.q_start as i32).collect();
         let mut ck: Vec<i32> = problem.seqs.iter().map(|s| s.k_start as i32).collect();
         cq.push(problem.total_q as i32);
         ck.push(problem.total_k as i32);
-        (Some(DeviceBuffer::from_i32(gpu, &cq)?), Some(DeviceBuffer::from_i32(gpu, &ck)?))
+        (
+            Some(DeviceBuffer::from_i32(gpu, &cq)?),
+            Some(DeviceBuffer::from_i32(gpu, &ck)?),
+        )
     } else {
         (None, None)
     };
@@ -366,7 +434,11 @@ pub fn backward(
         None => None,
     };
     let side = |x: Option<usize>| x.map(|v| v.min(i32::MAX as usize) as i32).unwrap_or(-1);
-    let (sq, sk) = if varlen { (0, 0) } else { (problem.q_shape[1], problem.k_shape[1]) };
+    let (sq, sk) = if varlen {
+        (0, 0)
+    } else {
+        (problem.q_shape[1], problem.k_shape[1])
+    };
     let (lse_b, lse_h) = if varlen {
         (0i64, problem.total_q as i64)
     } else {
@@ -433,7 +505,14 @@ pub fn backward(
 
     // 1. D = rowsum(dout ∘ out); zero dq_accum.
     let pairs = problem.total_q * problem.heads_q;
-    launch(gpu, &base_spec("fa2_bwd_pre", d, bf16), (pairs.div_ceil(8) as u32, 1, 1), 256, 0, &p)?;
+    launch(
+        gpu,
+        &base_spec("fa2_bwd_pre", d, bf16),
+        (pairs.div_ceil(8) as u32, 1, 1),
+        256,
+        0,
+        &p,
+    )?;
 
     // 2. dK, dV (and dQ atomics on the fast path).
     let grid_limit = |n: usize, what: &str| -> Result<u32> {
@@ -456,7 +535,14 @@ pub fn backward(
     );
     if grid_main.2 > 0 {
         let spec = tiled_spec("fa2_bwd_main", d, bf16, &t, st_main, feats, det);
-        launch(gpu, &spec, grid_main, (t.nw * 32) as u32, smem_main(d, &t, st_main), &p)?;
+        launch(
+            gpu,
+            &spec,
+            grid_main,
+            (t.nw * 32) as u32,
+            smem_main(d, &t, st_main),
+            &p,
+        )?;
     }
 
     // 3. dq.
@@ -472,8 +558,17 @@ pub fn backward(
             launch(gpu, &spec, grid, (t.nw * 32) as u32, smem_dq(d, &t, st), &p)?;
         }
     } else {
-        let blocks = (n_dq.div_ceil(512)).min(gpu.sm_count() as usize * 16).max(1);
-        launch(gpu, &base_spec("fa2_bwd_convert", d, bf16), (blocks as u32, 1, 1), 256, 0, &p)?;
+        let blocks = (n_dq.div_ceil(512))
+            .min(gpu.sm_count() as usize * 16)
+            .max(1);
+        launch(
+            gpu,
+            &base_spec("fa2_bwd_convert", d, bf16),
+            (blocks as u32, 1, 1),
+            256,
+            0,
+            &p,
+        )?;
     }
     // The temporaries are freed stream-ordered (cuMemFreeAsync) after the kernels that read them.
     drop((dsum, dq_accum, cu_q, cu_k, alibi));
