@@ -172,17 +172,45 @@ fn parse_bench<A: clap::Args>(name: &'static str, about: &'static str, rest: &[S
     A::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
+/// `--device` may also come after the benchmark's own options: take the last one given.
+fn split_device(b: &BenchArgs) -> CliResult<(Device, Vec<String>)> {
+    let mut device = b.device;
+    let mut rest = Vec::with_capacity(b.rest.len());
+    let mut it = b.rest.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            rest.extend(it.by_ref().cloned());
+            break;
+        }
+        let value = if a == "--device" {
+            Some(
+                it.next()
+                    .ok_or("a value is required for '--device <DEVICE>'")?
+                    .clone(),
+            )
+        } else {
+            a.strip_prefix("--device=").map(str::to_string)
+        };
+        match value {
+            Some(v) => device = args::parse_device(&v).map_err(|e| format!("--device: {e}"))?,
+            None => rest.push(a.clone()),
+        }
+    }
+    Ok((device, rest))
+}
+
 fn bench(b: &BenchArgs) -> CliResult<()> {
-    match b.device {
+    let (device, rest) = split_device(b)?;
+    match device {
         Device::Cpu => {
             let a: bench_cpu::CpuBenchArgs = parse_bench(
                 "flashattn bench --device cpu",
                 "CPU benchmark: the flashattn CPU backend next to a naive attention and the GEMM rate, in one run",
-                &b.rest,
+                &rest,
             );
             bench_cpu::run(&a).finish()
         }
-        Device::Cuda(ordinal) => bench_cuda_dispatch(ordinal, &b.rest),
+        Device::Cuda(ordinal) => bench_cuda_dispatch(ordinal, &rest),
     }
 }
 

@@ -674,3 +674,16 @@ fn cpu_bench_runs_a_tiny_sweep() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!o.stdout.is_empty());
 }
+
+#[test]
+fn bench_argument_errors_are_clean() {
+    assert_clean_error(&run(&["bench", "--device", "cpu", "--bogus"]), "--bogus");
+    assert_clean_error(&run(&["bench", "--device", "quantum"]), "quantum");
+    assert_clean_error(&run(&["bench", "--tokens", "64", "--device", "tpu"]), "tpu");
+    // --device after the benchmark's options still selects the device.
+    #[cfg(not(feature = "cuda"))]
+    assert_clean_error(
+        &run(&["bench", "--tokens", "64", "--device", "cuda"]),
+        "CUDA",
+    );
+}
