@@ -379,6 +379,7 @@ impl<T: CpuElem> Ctx<'_, T> {
         (qv, dov): (Mat<'_>, Mat<'_>),
         (kv, vv): (Mat<'_>, Mat<'_>),
         w: &mut Scr,
+        roff: usize,
     ) {
         let p = self.p;
         let d = p.head_dim;
@@ -399,7 +400,7 @@ impl<T: CpuElem> Ctx<'_, T> {
             let srow = &mut w.sb[rg.clone()];
             let dtrow: &mut [f32] = if cap { &mut w.dtb[rg.clone()] } else { &mut [] };
             transform_row(p, slope, i, j0, sq, sk, srow, dtrow);
-            let lse = w.lr[r];
+            let lse = w.lr[roff + r];
             if lse == f32::NEG_INFINITY {
                 srow.fill(0.0);
                 w.dpb[rg.clone()].fill(0.0);
@@ -417,7 +418,7 @@ impl<T: CpuElem> Ctx<'_, T> {
                 // dP through dropout: the same keep mask and 1/(1-p) factor.
                 super::dropout_row(drop, b, h, i, j0, dpr);
             }
-            ds_row(srow, dpr, w.dr[r]);
+            ds_row(srow, dpr, w.dr[roff + r]);
             if cap {
                 mul_in_place(dpr, &w.dtb[rg]);
             }
@@ -485,7 +486,7 @@ fn kv_tile<T: CpuElem>(
                 let cn = cb - ca;
                 let ks = (kside.0.skip_rows(ca), kside.1.skip_rows(ca));
                 let qside = cx.q_side(b, h, i0, rows, &mut bufs.qb, &mut bufs.dob, scr);
-                cx.recompute(b, h, i0, rows, j0 + ca, cn, qside, ks, scr);
+                cx.recompute(b, h, i0, rows, j0 + ca, cn, qside, ks, scr, 0);
                 let pmat = if p.dropout.is_some() {
                     &scr.pdb
                 } else {
@@ -563,19 +564,26 @@ fn q_tile<T: CpuElem>(
         let mut j0 = klo;
         while j0 < khi {
             let jn = bk.min(khi - j0);
-            let kside = cx.k_side(b, g, j0, jn, &mut bufs.kb, &mut bufs.vb);
-            cx.recompute(b, h, i0, rows, j0, jn, qside, kside, scr);
-            // dQ += dS K  (the scale is applied at the end)
-            tile::matmul(
-                rows,
-                d,
-                jn,
-                &mut scr.acc1,
-                d,
-                Mat::rows(&scr.dpb, bk),
-                kside.0,
-                true,
-            );
+            // Only rows ra..rb of this tile see a key of j0..j0+jn.
+            let (ia, ib) = query_range_for_keys(&p.mask, j0, j0 + jn, seq.sq, seq.sk);
+            let ra = ia.clamp(i0, i0 + rows) - i0;
+            let rb = ib.clamp(i0, i0 + rows) - i0;
+            if ra < rb {
+                let kside = cx.k_side(b, g, j0, jn, &mut bufs.kb, &mut bufs.vb);
+                let qs = (qside.0.skip_rows(ra), qside.1.skip_rows(ra));
+                cx.recompute(b, h, i0 + ra, rb - ra, j0, jn, qs, kside, scr, ra);
+                // dQ += dS K  (the scale is applied at the end)
+                tile::matmul(
+                    rb - ra,
+                    d,
+                    jn,
+                    &mut scr.acc1[ra * d..],
+                    d,
+                    Mat::rows(&scr.dpb, bk),
+                    kside.0,
+                    true,
+                );
+            }
             j0 += jn;
         }
     }
