@@ -202,8 +202,15 @@ pub(crate) fn transform_row(
         tile::softcap_in_place(s, p.softcap, dt);
     }
     if let Some(sl) = slope {
-        for (c, x) in s.iter_mut().enumerate() {
-            *x -= crate::math::alibi_bias(sl, i, j0 + c, sq, sk);
+        let base = i as i64 + sk as i64 - sq as i64 - j0 as i64;
+        if base.unsigned_abs() + (jn as u64) < (1 << 24) {
+            // Same value as `math::alibi_bias` (integer distances below 2^24 are exact in f32),
+            // in a form that vectorises.
+            alibi_row(s, sl, base as f32);
+        } else {
+            for (c, x) in s.iter_mut().enumerate() {
+                *x -= crate::math::alibi_bias(sl, i, j0 + c, sq, sk);
+            }
         }
     }
     if !p.mask.is_none() {
@@ -215,8 +222,16 @@ pub(crate) fn transform_row(
     }
 }
 
+tile::dispatch! {
+    /// `s[c] -= slope · |base − c|`.
+    fn alibi_row(s: &mut [f32], slope: f32, base: f32) {
+        for (c, x) in s.iter_mut().enumerate() {
+            *x -= slope * (base - c as f32).abs();
+        }
+    }
+}
+
 /// Dropout on one probability row, in place: kept values scaled by `1/(1−p)`, dropped set to 0.
-/// When `other` is non-empty the same keep factor multiplies it too.
 #[inline]
 pub(crate) fn dropout_row(
     drop: &crate::math::Dropout,

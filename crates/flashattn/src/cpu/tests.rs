@@ -319,3 +319,24 @@ fn empty_inputs() {
     let (q, k, v) = dense(1, 4, 4, 0, 2, 8, DType::F32, 1);
     check(&q, &k, &v, None, &AttnOptions::new(), 1e-4);
 }
+
+#[test]
+fn alibi_fast_path_matches_math_exactly() {
+    let p = Problem::new(
+        &Qkv::dense(
+            &Tensor::zeros(DType::F32, &[1, 37, 1, 4]),
+            &Tensor::zeros(DType::F32, &[1, 300, 1, 4]),
+            &Tensor::zeros(DType::F32, &[1, 300, 1, 4]),
+        ),
+        &AttnOptions::new(),
+    )
+    .unwrap();
+    for &(i, j0) in &[(0usize, 0usize), (5, 100), (36, 250), (20, 7)] {
+        let mut s = vec![0.25f32; 50];
+        super::transform_row(&p, Some(0.37), i, j0, 37, 300, &mut s, &mut []);
+        for (c, x) in s.iter().enumerate() {
+            let want = 0.25 - crate::math::alibi_bias(0.37, i, j0 + c, 37, 300);
+            assert_eq!(x.to_bits(), want.to_bits(), "i={i} j={}", j0 + c);
+        }
+    }
+}
