@@ -113,21 +113,25 @@ impl std::fmt::Display for Tile {
 /// The tile table: per head dim and feature group, the fastest tile measured that compiles
 /// without spills (ptxas -v through NVRTC 13.0, sm_80 and sm_90a, f16 and bf16).
 ///
-/// Measured on an H200 (bf16, 16k tokens, hidden 2048, TFLOP/s at seqlen 16384 non-causal /
+/// Measured on an H200 (bf16, 16k tokens, hidden 2048; TFLOP/s at seqlen 16384 non-causal /
 /// causal; bench/RESULTS.md "CUDA FA2 forward"), all with 2 K/V stages:
+///   d=32:  128x128w4 241/249, 128x64w4 227/223
 ///   d=64:  128x64w4 307/311, 128x128w8 273/273, 64x64w4 254/275, 128x64w8 242/240
-///   d=128: 128x64w4 335/344 (spills 60 B), 128x32w4 331/316, 128x128w8 318/322,
-///          64x64w4 294/306, 128x64w8 292/298, 128x32w8 247/241; one stage: 128x64w8s1 253/257
+///   d=96:  128x32w4 288/302, 128x64w8 262/252
+///   d=128: 128x64w4 335/344 (spills 60 B), 128x32w4 338/334 (mask variant spills 20 B),
+///          64x64w4 294/327, 128x128w8 318/322, 128x64w8 307/308, 128x32w8 247/241;
+///          one stage: 128x64w8s1 253/257
+///   d=192: 128x64w8 314/322, 128x32w8 261/260
 ///   d=256: 128x64w8 305/313, 128x32w8 277/274, 64x32w4 276/283
 /// Two 16-row slabs per warp (BQ 128 on 4 warps) halve the shared-memory traffic per MMA and
-/// win wherever they fit in 255 registers; elsewhere one slab per warp on 8 warps.
+/// win wherever they fit in 255 registers; elsewhere one slab per warp.
 pub fn tile_for(head_dim: usize, features: Features) -> Tile {
     use Features::*;
     match (head_dim, features) {
         (32, Plain) => Tile::new(128, 128, 4),
         (32, _) | (64, _) => Tile::new(128, 64, 4),
         (96, _) | (128, Plain) | (128, Full) => Tile::new(128, 32, 4),
-        (128, Mask) => Tile::new(128, 64, 8),
+        (128, Mask) => Tile::new(64, 64, 4),
         (256, Full) => Tile::new(128, 32, 8),
         _ => Tile::new(128, 64, 8),
     }
