@@ -414,9 +414,8 @@ impl<T: CpuElem> Ctx<'_, T> {
             if let Some(drop) = &p.dropout {
                 let pdr = &mut w.pdb[rg.clone()];
                 pdr.copy_from_slice(srow);
-                super::dropout_row(drop, b, h, i, j0, pdr);
                 // dP through dropout: the same keep mask and 1/(1-p) factor.
-                super::dropout_row(drop, b, h, i, j0, dpr);
+                super::dropout_row(drop, b, h, i, j0, pdr, Some(&mut *dpr));
             }
             ds_row(srow, dpr, w.dr[roff + r]);
             if cap {

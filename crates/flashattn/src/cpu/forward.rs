@@ -231,7 +231,7 @@ fn fwd_tile<T: CpuElem>(
                 tile::scale_in_place(&mut w.acc[r * d..r * d + d], alpha);
             }
             if let Some(drop) = &p.dropout {
-                super::dropout_row(drop, t.b, h, i, j0, srow);
+                super::dropout_row(drop, t.b, h, i, j0, srow, None);
             }
         }
         // O += P V

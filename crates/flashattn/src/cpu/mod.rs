@@ -240,8 +240,10 @@ tile::dispatch! {
     }
 }
 
-/// Dropout on one probability row, in place: kept values scaled by `1/(1−p)`, dropped set to 0.
-#[inline]
+/// Dropout on one probability row, in place: kept values scaled by `1/(1−p)`, dropped set to 0;
+/// `also` (same length, if given) gets the same keep mask and factor. The keep decisions are
+/// exactly `math::Dropout::keeps(b, h, i, j)`; Philox runs on eight 4-key blocks at a time
+/// so that it vectorises.
 pub(crate) fn dropout_row(
     drop: &crate::math::Dropout,
     b: usize,
@@ -249,18 +251,77 @@ pub(crate) fn dropout_row(
     i: usize,
     j0: usize,
     row: &mut [f32],
+    mut also: Option<&mut [f32]>,
 ) {
+    let n = row.len();
     let thr = drop.threshold();
     let sc = drop.scale;
-    let mut words = [0u32; 4];
-    let mut blk = usize::MAX;
-    for (c, x) in row.iter_mut().enumerate() {
-        let j = j0 + c;
-        if j >> 2 != blk {
-            blk = j >> 2;
-            words = drop.words(b, h, i, j);
+    let key = drop.key();
+    let c3 = drop.counter(b, h, i, 0)[3];
+    let mut c = 0;
+    while c < n {
+        let g0 = (j0 + c) >> 2;
+        let mut w = [[0u32; 8]; 4];
+        philox8(key, g0 as u32, i as u32, h as u32, c3, &mut w);
+        // Factor of key 4·g0 + q is word q & 3 of block q >> 2.
+        let mut fac = [0.0f32; 32];
+        for (q, f) in fac.iter_mut().enumerate() {
+            *f = if w[q & 3][q >> 2] >= thr { sc } else { 0.0 };
         }
-        *x = if words[j & 3] >= thr { *x * sc } else { 0.0 };
+        let end = ((g0 + 8) * 4 - j0).min(n);
+        let q0 = j0 + c - 4 * g0;
+        let fs = &fac[q0..q0 + (end - c)];
+        mul_keep(&mut row[c..end], fs);
+        if let Some(o) = also.as_deref_mut() {
+            mul_keep(&mut o[c..end], fs);
+        }
+        c = end;
+    }
+}
+
+tile::dispatch! {
+    /// `x = x·f` where `f ≠ 0`, else exactly 0.
+    fn mul_keep(x: &mut [f32], f: &[f32]) {
+        for (a, &b) in x.iter_mut().zip(f) {
+            *a = if b != 0.0 { *a * b } else { 0.0 };
+        }
+    }
+}
+
+tile::dispatch! {
+    /// Philox4x32-10 (as `math::philox4x32_10`) of the eight counters
+    /// `[blk0 + l, i, h, c3]`, `l = 0..8`; `w[word][l]`.
+    fn philox8(key: [u32; 2], blk0: u32, i: u32, h: u32, c3: u32, w: &mut [[u32; 8]; 4]) {
+        const M0: u64 = 0xD251_1F53;
+        const M1: u64 = 0xCD9E_8D57;
+        let mut x0 = [0u32; 8];
+        let mut x1 = [i; 8];
+        let mut x2 = [h; 8];
+        let mut x3 = [c3; 8];
+        for (l, v) in x0.iter_mut().enumerate() {
+            *v = blk0.wrapping_add(l as u32);
+        }
+        let (mut k0, mut k1) = (key[0], key[1]);
+        for round in 0..10 {
+            if round > 0 {
+                k0 = k0.wrapping_add(0x9E37_79B9);
+                k1 = k1.wrapping_add(0xBB67_AE85);
+            }
+            for l in 0..8 {
+                let p0 = M0 * x0[l] as u64;
+                let p1 = M1 * x2[l] as u64;
+                let n0 = ((p1 >> 32) as u32) ^ x1[l] ^ k0;
+                let n2 = ((p0 >> 32) as u32) ^ x3[l] ^ k1;
+                x0[l] = n0;
+                x1[l] = p1 as u32;
+                x2[l] = n2;
+                x3[l] = p0 as u32;
+            }
+        }
+        w[0] = x0;
+        w[1] = x1;
+        w[2] = x2;
+        w[3] = x3;
     }
 }
 

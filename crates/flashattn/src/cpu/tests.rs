@@ -340,3 +340,28 @@ fn alibi_fast_path_matches_math_exactly() {
         }
     }
 }
+
+#[test]
+fn vectorised_dropout_matches_math() {
+    let d = crate::math::Dropout::new(0.37, 0x1234_5678_9abc_def0, 0x0000_0005_0000_0009).unwrap();
+    for &(b, h, i, j0, n) in &[
+        (0usize, 0usize, 0usize, 0usize, 1usize),
+        (3, 2, 17, 5, 70),
+        (1, 7, 1000, 1023, 300),
+        (0, 1, 2, 3, 33),
+    ] {
+        let mut row = vec![1.0f32; n];
+        let mut other = vec![2.0f32; n];
+        super::dropout_row(&d, b, h, i, j0, &mut row, Some(&mut other));
+        for c in 0..n {
+            let keep = d.keeps(b, h, i, j0 + c);
+            assert_eq!(
+                row[c],
+                if keep { d.scale } else { 0.0 },
+                "b{b} h{h} i{i} j{}",
+                j0 + c
+            );
+            assert_eq!(other[c], if keep { 2.0 * d.scale } else { 0.0 });
+        }
+    }
+}
