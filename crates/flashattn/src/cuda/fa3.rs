@@ -49,14 +49,18 @@ pub struct Variant {
 const BK_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
 
 impl Variant {
-    /// The shipped tuning for head dim `d`.
+    /// The shipped tuning for head dim `d` (measured on an H200, bench/RESULTS.md "CUDA FA3"):
+    /// d=64 bf16 runs three consumer warpgroups (Bq 192; +6..17% over two at 2k–16k tokens);
+    /// f16 d=64 keeps two (the three-consumer f16 path has not been run on a GPU yet);
+    /// d=256 takes 80-key tiles (+4..6% over 64 at 8k/16k).
     pub fn default_for(d: usize, f16: bool, causal: bool) -> Variant {
         let (bk, stages) = match d {
             64 => (128, 3),
             96 | 128 => (128, 2),
             192 => (96, 2),
-            _ => (64, 2),
+            _ => (80, 2),
         };
+        let nc = if d == 64 && !f16 { 3 } else { 2 };
         let mut v = Variant {
             d,
             bk,
@@ -66,7 +70,7 @@ impl Variant {
             overlap: true,
             pingpong: true,
             persistent: false,
-            nc: 2,
+            nc,
         };
         v.apply_env();
         v
@@ -93,7 +97,8 @@ impl Variant {
                 "overlap" => self.overlap = n != 0,
                 "pingpong" => self.pingpong = n != 0,
                 "persist" => self.persistent = n != 0,
-                "nc" if n == 2 || n == 3 => self.nc = n,
+                // Three consumers get 160 registers each: not enough for d = 256.
+                "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
                 _ => {}
             }
         }
