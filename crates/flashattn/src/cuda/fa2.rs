@@ -198,19 +198,20 @@ pub fn max_smem_for_arch(arch: &str) -> usize {
     }
 }
 
-/// Shrinks `tile` until it fits `max_smem` bytes: one K/V stage first, then 64 query rows.
+/// Shrinks `tile` until it fits `max_smem` bytes: one K/V stage, then 32-key tiles, then 64
+/// query rows on 4 warps. (sm86/89 at d=256: 128x32w8s1, 96 KiB, no spills; 64x64w4s1 spills
+/// 88 B and 64x32w4 8-20 B there.)
 pub fn fit_tile(tile: Tile, head_dim: usize, max_smem: usize) -> Tile {
-    let mut t = tile;
-    if t.smem_bytes(head_dim) > max_smem {
-        t = t.stages(1);
-    }
-    if t.smem_bytes(head_dim) > max_smem {
-        t = Tile::new(64, t.bk.min(64), 4).stages(2);
-    }
-    if t.smem_bytes(head_dim) > max_smem {
-        t = t.stages(1);
-    }
-    t
+    let tries = [
+        tile,
+        tile.stages(1),
+        Tile::new(tile.bq, tile.bk.min(32), tile.warps).stages(1),
+        Tile::new(64, 32, 4).stages(1),
+    ];
+    tries
+        .into_iter()
+        .find(|t| t.smem_bytes(head_dim) <= max_smem)
+        .unwrap_or(tries[3])
 }
 
 /// Every shipped variant for `arch` (compile-all): the table's tiles, shrunk where the
