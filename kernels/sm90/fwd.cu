@@ -1,6 +1,6 @@
 // fwd.cu — FlashAttention-3 style forward for Hopper (sm_90a), self-contained (no CUDA headers).
 //
-// Math. For one (batch b, query head h, query tile of 128 rows) and key tiles j = 0..n-1:
+// Math. For one (batch b, query head h, query tile of 64·FA3_NC rows) and key tiles j = 0..n-1:
 //   S_j = Q K_jᵀ (raw scores, f32);  m_new = max(m, rowmax S_j);  P_j = 2^(c·S_j − c·m_new)
 //   with c = scale·log2(e);  l = l·2^(c·(m − m_new)) + rowsum P_j;  O = O·2^(c·(m − m_new)) + P_j V_j
 //   and at the end O /= l, LSE = ln 2 · (c·m + log2 l)  (−inf and O = 0 for rows with no key).
@@ -8,9 +8,9 @@
 //
 // Roles (128·(FA3_NC+1) threads, one CTA per SM): warpgroup 0 is the producer (one thread issues
 // TMA loads of Q once and of K/V tiles into an FA3_STAGES-deep ring, completing on mbarriers with
-// transaction counts; the warpgroup gives registers away with setmaxnreg.dec). Warpgroups 1..NC
-// (NC = FA3_NC, 2 or 3) are consumers, 64 query rows each: S = Q Kᵀ by wgmma with both operands from 128B-swizzled
-// shared memory (K-major), online softmax in registers, then O += P V by wgmma with P from
+// transaction counts; the warpgroup gives registers away with setmaxnreg.dec). Warpgroups
+// 1..NC (NC = FA3_NC, 2 or 3) are consumers, 64 query rows each: S = Q Kᵀ by wgmma with both
+// operands from 128B-swizzled shared memory (K-major), online softmax in registers, then O += P V by wgmma with P from
 // registers (the S accumulator re-packed as the A fragment) and V from shared memory through an
 // MN-major descriptor. Consumers free K and V slots by arriving on per-stage "empty" barriers.
 // FA3_OVERLAP=1 issues S_{j+1} = Q K_{j+1}ᵀ before P_j V_j and runs the softmax of tile j+1 while
@@ -24,8 +24,8 @@
 // producer prefetches the next tile while the consumers run the epilogue.
 //
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
-// TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16,
-// 1 f16), FA3_CAUSAL, FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT. Entry point: fa3_fwd (without
+// TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16), FA3_CAUSAL,
+// FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC. Entry point: fa3_fwd (without
 // FA3_PERSISTENT one CTA per query tile: grid (m_tiles, heads_q, batch), longest-first for causal).
 #include "sm90/util.cuh"
 #include "sm90/mbarrier.cuh"

@@ -1,8 +1,9 @@
 //! Host side of the FlashAttention-3 Hopper forward family (sm_90a): `kernels/sm90/fwd.cu`.
 //!
-//! One CTA of 384 threads per (query tile of 128 rows, query head, batch): a TMA producer warp
-//! and two wgmma consumer warpgroups (see the kernel's header comment for the math and the
-//! pipeline). The host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
+//! One CTA per (query tile, query head, batch): a TMA producer warp and two (Bq 128) or three
+//! (Bq 192, d=64 bf16) wgmma consumer warpgroups of 64 query rows (see the kernel's header
+//! comment for the math and the pipeline); an optional persistent mode (`persist=1`, off by
+//! default) walks the tiles with one CTA per SM. The host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
 //! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
 //! passes them by value in one `__grid_constant__` parameter struct.
 //!
