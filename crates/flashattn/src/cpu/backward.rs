@@ -138,40 +138,37 @@ pub(crate) fn run<T: CpuElem>(
     if fused {
         // Fused mode: one task per (sequence, key head) walks every key tile of the sequence
         // and accumulates dK/dV per tile and dQ of the group's query heads in a task-owned
-        // buffer (5 tile products per tile pair); scattered into place afterwards in order.
+        // buffer (5 tile products per tile pair; O(seqlen · d) per task, not O(seqlen²)).
         let grp = p.group();
-        let parts: Vec<(Vec<T>, Vec<T>, Vec<f32>)> = (0..units)
-            .into_par_iter()
-            .map(|u| {
-                let (b, g) = (u / hk, u % hk);
-                let seq = p.seqs[b];
-                let mut dkl = vec![T::zero(); seq.sk * d];
-                let mut dvl = vec![T::zero(); seq.sk * d];
-                let mut dqa = vec![0.0f32; grp * seq.sq * d];
-                let mut w = BwdWork::new(tiles, d);
-                let mut j0 = 0;
-                while j0 < seq.sk {
-                    let jn = tiles.bk.min(seq.sk - j0);
-                    kv_tile(
-                        &cx,
-                        b,
-                        g,
-                        j0,
-                        jn,
-                        &mut w,
-                        &mut dkl[j0 * d..],
-                        &mut dvl[j0 * d..],
-                        d,
-                        Some(&mut dqa),
-                    );
-                    j0 += jn;
-                }
-                (dkl, dvl, dqa)
-            })
-            .collect();
-        for (u, (dkl, dvl, dqa)) in parts.iter().enumerate() {
+        // Each task scatters its finished gradients right away (disjoint elements, so the
+        // result does not depend on the order), keeping only in-flight tasks' buffers alive.
+        let sink = std::sync::Mutex::new((&mut dq[..], &mut dk[..], &mut dv[..]));
+        (0..units).into_par_iter().for_each(|u| {
             let (b, g) = (u / hk, u % hk);
             let seq = p.seqs[b];
+            let mut dkl = vec![T::zero(); seq.sk * d];
+            let mut dvl = vec![T::zero(); seq.sk * d];
+            let mut dqa = vec![0.0f32; grp * seq.sq * d];
+            let mut w = BwdWork::new(tiles, d);
+            let mut j0 = 0;
+            while j0 < seq.sk {
+                let jn = tiles.bk.min(seq.sk - j0);
+                kv_tile(
+                    &cx,
+                    b,
+                    g,
+                    j0,
+                    jn,
+                    &mut w,
+                    &mut dkl[j0 * d..],
+                    &mut dvl[j0 * d..],
+                    d,
+                    Some(&mut dqa),
+                );
+                j0 += jn;
+            }
+            let mut guard = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let (dq, dk, dv) = &mut *guard;
             for j in 0..seq.sk {
                 let o = p.kv_grad_index(b, g, j);
                 dk[o..o + d].copy_from_slice(&dkl[j * d..j * d + d]);
@@ -186,7 +183,7 @@ pub(crate) fn run<T: CpuElem>(
                     }
                 }
             }
-        }
+        });
     } else {
         // Pass 1: dK, dV per (sequence, key tile).
         let mut kt = Vec::new();
