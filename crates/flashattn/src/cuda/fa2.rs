@@ -85,6 +85,7 @@ impl Tile {
         (self.bq + 2 * self.stages * self.bk) * d * 2
     }
     /// Parses `BQxBKwW[sS]`, e.g. `128x64w8` or `128x64w8s1` (benchmark overrides).
+    #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; MSRV is 1.80
     pub fn parse(s: &str) -> Option<Tile> {
         let (bq, rest) = s.split_once('x')?;
         let (bk, rest) = rest.split_once('w')?;
