@@ -120,10 +120,6 @@ struct Inputs {
 fn time_case(
     gpu: &Arc<Gpu>,
     args: &CudaBenchArgs,
-    dtype: DType,
-    d: usize,
-    seqlen: usize,
-    causal: bool,
     family: Family,
     tile: Option<fa2::Tile>,
     sets: &[Inputs],
@@ -181,7 +177,6 @@ fn time_case(
     } else {
         true
     };
-    let _ = (dtype, d, seqlen, causal);
     Ok((median(times), finite))
 }
 
@@ -318,14 +313,14 @@ pub fn run(args: &CudaBenchArgs) -> Result<String, Error> {
                     flops *= 2.5;
                 }
                 for tile in &tiles {
-                    let (ms, finite) = time_case(
-                        &gpu, args, dtype, d, seqlen, causal, family, *tile, &sets, &problem, &opts,
-                    )?;
+                    let (ms, finite) =
+                        time_case(&gpu, args, family, *tile, &sets, &problem, &opts)?;
                     let tile_name = match (family, tile) {
                         (_, Some(t)) => t.to_string(),
                         (Family::Fa2, None) => {
                             let f = fa2::Features::of(&problem, &opts);
-                            fa2::tile_for(d, f).to_string()
+                            let max = gpu.max_smem_optin() as usize;
+                            fa2::fit_tile(fa2::tile_for(d, f), d, max).to_string()
                         }
                         _ => "-".to_string(),
                     };
