@@ -256,3 +256,36 @@ fn sanitizer_small() {
         &Case::varlen(DType::F16, &lens, 2, 1, 192, AttnOptions::new(), 5),
     );
 }
+
+/// Every shipped tile fits the architecture's shared memory (no GPU needed).
+#[test]
+fn tiles_fit_shared_memory() {
+    for arch in ["sm_80", "sm_86", "sm_89", "sm_90a"] {
+        let max = fa2::max_smem_for_arch(arch);
+        for d in fa2::HEAD_DIMS {
+            for f in Features::ALL {
+                let t = fa2::fit_tile(fa2::tile_for(d, f), d, max);
+                assert!(
+                    t.smem_bytes(d) <= max,
+                    "{arch} d={d} {f:?}: {t} needs {}",
+                    t.smem_bytes(d)
+                );
+                assert_eq!(t.bq % (16 * t.warps), 0);
+            }
+        }
+        assert_eq!(fa2::all_variants(arch).len(), 36);
+    }
+    let t = fa2::fit_tile(
+        fa2::Tile::new(128, 64, 8),
+        256,
+        fa2::max_smem_for_arch("sm_86"),
+    );
+    assert_eq!(t.to_string(), "128x32w8s1");
+    assert_eq!(
+        fa2::Tile::parse("128x64w4s1")
+            .map(|t| t.to_string())
+            .as_deref(),
+        Some("128x64w4s1")
+    );
+    assert!(fa2::Tile::parse("100x64w4").is_none());
+}
