@@ -8,7 +8,7 @@ BIN=$1
 OUTDIR=${2:-/tmp}
 export BENCH_DIMS=${BENCH_DIMS:-64,128,256}
 export BENCH_SEQS=${BENCH_SEQS:-1024,4096,16384}
-"$BIN" --ignored bwd_bench --nocapture --test-threads=1 2>&1 | tee "$OUTDIR/bwd_ours.log" | grep -o 'BENCH.*' > "$OUTDIR/bwd_ours.txt"
+FLASHATTN_BENCH=1 "$BIN" bwd_bench --nocapture --test-threads=1 2>&1 | tee "$OUTDIR/bwd_ours.log" | grep -o 'BENCH.*' > "$OUTDIR/bwd_ours.txt"
 PYTHONUNBUFFERED=1 python3 - "$OUTDIR" <<'PY' 2>&1 | tee "$OUTDIR/bwd_anchors.log"
 import os, sys, torch
 from torch.nn.attention import sdpa_kernel, SDPBackend

@@ -218,10 +218,9 @@ fn variant_specs_are_distinct() {
     assert!(var.spec().label().contains("HAS_MASK=1"));
 }
 
-/// A few small launches covering every code path, for compute-sanitizer (memcheck, racecheck):
-/// `gpu_fwd --ignored sanitizer_small`.
+/// A few small launches covering every code path; also the case set compute-sanitizer
+/// (memcheck, racecheck) runs: `gpu_fwd sanitizer_small`.
 #[test]
-#[ignore]
 fn sanitizer_small() {
     let Some(g) = gpu() else { return };
     let full = AttnOptions::new()
