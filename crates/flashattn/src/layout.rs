@@ -141,7 +141,8 @@ fn check_cu(name: &str, cu: &[i32], total: usize) -> Result<()> {
     Ok(())
 }
 
-fn row_strides(t: &Tensor, varlen: bool) -> RowStrides {
+/// Row strides of a `[batch, rows, heads, d]` (dense) or `[total, heads, d]` (varlen) tensor.
+pub(crate) fn row_strides(t: &Tensor, varlen: bool) -> RowStrides {
     let s = t.strides();
     if varlen {
         RowStrides {

@@ -24,8 +24,9 @@
 
 use super::forward::{q_tiles, split_chunks};
 use super::tile::{self, CpuElem, Mat};
-use super::{q_like_strides, query_range_for_keys, tile_key_range, transform_row, Tiles};
+use super::{query_range_for_keys, tile_key_range, transform_row, Tiles};
 use crate::error::Result;
+use crate::layout::row_strides;
 use crate::layout::{Problem, Qkv, RowStrides};
 use crate::options::AttnOptions;
 use crate::tensor::Tensor;
@@ -66,8 +67,8 @@ pub(crate) fn run<T: CpuElem>(
 
     let lse_v = lse.to_f32_vec();
     let o = T::slice(out.storage());
-    let os = q_like_strides(out, p.varlen);
-    let dos = q_like_strides(dout, p.varlen);
+    let os = row_strides(out, p.varlen);
+    let dos = row_strides(dout, p.varlen);
     let dov = T::slice(dout.storage());
 
     // Pass 0: D = rowsum(dO ∘ O).

@@ -25,7 +25,7 @@ mod forward;
 pub mod tile;
 
 use crate::error::Result;
-use crate::layout::{Problem, Qkv, RowStrides};
+use crate::layout::{Problem, Qkv};
 use crate::math::Mask;
 use crate::options::AttnOptions;
 use crate::tensor::{DType, Tensor};
@@ -121,26 +121,6 @@ pub(crate) fn backward_mode(
         DType::F32 => backward::run::<f32>(problem, inputs, out, lse, dout, opts, tiles, fused),
         DType::F16 => backward::run::<f16>(problem, inputs, out, lse, dout, opts, tiles, fused),
         DType::BF16 => backward::run::<bf16>(problem, inputs, out, lse, dout, opts, tiles, fused),
-    }
-}
-
-/// Row strides of a tensor shaped like `q` (`out`, `dout`): same convention as `Problem::q`.
-pub(crate) fn q_like_strides(t: &Tensor, varlen: bool) -> RowStrides {
-    let s = t.strides();
-    if varlen {
-        RowStrides {
-            offset: t.offset(),
-            batch: 0,
-            row: s[0],
-            head: s[1],
-        }
-    } else {
-        RowStrides {
-            offset: t.offset(),
-            batch: s[0],
-            row: s[1],
-            head: s[2],
-        }
     }
 }
 
