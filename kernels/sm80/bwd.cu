@@ -9,7 +9,7 @@
 //
 // Kernels:
 //   fa2_bwd_pre      D = rowsum(dO ∘ O) (f32, LSE layout); zeroes the f32 dQ accumulator.
-//   fa2_bwd_main     grid (heads_k, batch, kv blocks). A CTA owns BC rows of K and V of one key
+//   fa2_bwd_main     grid (kv blocks, heads_k, batch). A CTA owns BC rows of K and V of one key
 //                    head, keeps dK and dV (f32) in registers, and walks every (query head of
 //                    the GQA group, Q tile of BR rows) that can see its keys. Per tile:
 //                      A: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (warp grid WM_A x WN_A) → Pdᵀ, dSᵀ to smem
@@ -17,7 +17,7 @@
 //                      C: dQ += dS K, f32 atomics to dq_accum  (warp grid WM_C x WN_C; skipped
 //                         in deterministic mode)
 //                    Q/dO tiles are double-buffered with cp.async when STAGES = 2.
-//   fa2_bwd_dq       deterministic dQ: grid (heads_q, batch, q blocks); a CTA owns BR query rows,
+//   fa2_bwd_dq       deterministic dQ: grid (q blocks, heads_q, batch); a CTA owns BR query rows,
 //                    walks the K/V tiles it sees, recomputes P and dS and accumulates dQ in
 //                    registers (fixed order: bit-identical run to run). Writes dq directly.
 //   fa2_bwd_convert  dq = dtype(dq_accum) (atomic path).
@@ -75,6 +75,11 @@
 #ifndef FA_DET
 #define FA_DET 0
 #endif
+// FA_RED4 = 1: dQ atomics as red.global.add.v4.f32 (sm_90+) after a lane-pair shuffle. Off by
+// default: measured slower than .v2 on the H100 (bench/RESULTS.md, 2026-11-26); opt-in.
+#ifndef FA_RED4
+#define FA_RED4 0
+#endif
 
 #define FA_LOG2E 1.4426950408889634f
 
@@ -95,7 +100,9 @@ FA_DEVICE void st_shared_u32(u32 addr, u32 v) {
 // TRANS: tile rows are keys j and columns queries i (main kernel); else rows i, columns j.
 // sL2[il] = LSE of local query row il (read only where the element is valid);
 // sDs[il] = D of that row. WP: chunks per row of the sP / sdS tiles.
-template <bool TRANS, int MT, int NT, int WP>
+// CHECK = false: the caller guarantees that every element of the tile is inside the sequence
+// bounds and the window (so every row's LSE is finite): no per-element masking.
+template <bool TRANS, bool CHECK, int MT, int NT, int WP>
 FA_DEVICE void softmax_grad(const BwdParams& p, float (&s)[MT][NT][4], float (&dp)[MT][NT][4],
                             int r0, int c0, int i0, int j0, int sq, int sk, int b, int h,
                             float slope, const float* sL2, const float* sDs, u32 sP, u32 sdS,
@@ -115,8 +122,9 @@ FA_DEVICE void softmax_grad(const BwdParams& p, float (&s)[MT][NT][4], float (&d
         const int il = TRANS ? c : r;
         const int jl = TRANS ? r : c;
         const int i = i0 + il, j = j0 + jl;
-        bool valid = (i < sq) && (j < sk);
-        if (FA_MASK) {
+        bool valid = true;
+        if (CHECK) valid = (i < sq) && (j < sk);
+        if (CHECK && FA_MASK) {
           if (p.left >= 0) valid = valid && (j >= i + off - p.left);
           if (p.right >= 0) valid = valid && (j <= i + off + p.right);
         }
@@ -164,6 +172,18 @@ FA_DEVICE void softmax_grad(const BwdParams& p, float (&s)[MT][NT][4], float (&d
       }
     }
   }
+}
+
+// True when every (i, j) of queries [m0, m0+nr) x keys [n0, n0+nc) is inside the sequence
+// bounds and the window (softmax_grad<.., CHECK = false> is then exact).
+FA_DEVICE bool tile_full(const BwdParams& p, int m0, int nr, int n0, int nc, int sq, int sk) {
+  if (m0 + nr > sq || n0 + nc > sk) return false;
+  if (FA_MASK) {
+    const int off = sk - sq;
+    if (p.left >= 0 && n0 < m0 + nr - 1 + off - p.left) return false;
+    if (p.right >= 0 && n0 + nc - 1 > m0 + off + p.right) return false;
+  }
+  return true;
 }
 
 // 4-byte global->shared copy (zero-filled when !valid).
@@ -251,8 +271,13 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
   float* sDs = sL2 + kStages * kBR;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // Grid (heads_k, batch, kv blocks): all heads' first (for causal, heaviest) blocks run first.
-  const int hk = blockIdx.x, b = blockIdx.y, nb = blockIdx.z;
+  // Grid (kv blocks, heads_k, batch) (flags bit 0: the CTAs that run together share their Q, dO
+  // and dQ rows in L2; key block 0, the heaviest under a causal mask, first) or
+  // (heads_k, batch, kv blocks).
+  const bool kfirst = p.flags & 1;
+  const int hk = kfirst ? blockIdx.y : blockIdx.x;
+  const int b = kfirst ? blockIdx.z : blockIdx.y;
+  const int nb = kfirst ? blockIdx.x : blockIdx.z;
   const SeqInfo si = seq_info(p, b);
   const int n0 = nb * kBC;
   if (n0 >= si.sk) return;
@@ -265,6 +290,9 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
   }
   const int n_mt = i_hi > i_lo ? (i_hi - i_lo + kBR - 1) / kBR : 0;
   const int total_it = n_mt * p.group;
+  // Q-tile walk starts at tile `rot` (flags bit 1) so that CTAs of neighbouring key blocks do
+  // not add into the same dQ rows at the same time.
+  const int rot = ((p.flags & 2) && n_mt > 0) ? nb % n_mt : 0;
 
   load_tile<kBC, kWD, kNTH>(sK, p.k + (i64)b * p.k_b + (i64)(si.k_start + n0) * p.k_r + (i64)hk * p.k_h,
                             p.k_r, n1 - n0, tid);
@@ -272,9 +300,14 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
                             p.v_r, n1 - n0, tid);
   cp_async_commit();
 
+  auto q_tile = [&](int it) {
+    int mt = it % n_mt + rot;
+    mt = mt >= n_mt ? mt - n_mt : mt;
+    return i_lo + mt * kBR;
+  };
   auto load_q = [&](int it, int st) {
     const int h = hk * p.group + it / n_mt;
-    const int m0 = i_lo + (it % n_mt) * kBR;
+    const int m0 = q_tile(it);
     load_tile<kBR, kWD, kNTH>(sQ0 + st * QT_BYTES,
                               p.q + (i64)b * p.q_b + (i64)(si.q_start + m0) * p.q_r + (i64)h * p.q_h,
                               p.q_r, si.sq - m0, tid);
@@ -305,7 +338,7 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
       cp_async_commit();
     }
     const int h = hk * p.group + it / n_mt;
-    const int m0 = i_lo + (it % n_mt) * kBR;
+    const int m0 = q_tile(it);
     float slope = 0.f;
     if (FA_ALIBI) slope = p.alibi[(i64)b * p.alibi_b + h];
     const u32 sQ = sQ0 + st * QT_BYTES, sdO = sdO0 + st * QT_BYTES;
@@ -317,9 +350,14 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
       zero_acc(acc_dp);
       gemm_nt<kBF16, MT_A, NT_A, kD, kWD, kWD>(acc_s, sK, wa_m * MT_A * 16, sQ, wa_n * NT_A * 8, lane);
       gemm_nt<kBF16, MT_A, NT_A, kD, kWD, kWD>(acc_dp, sV, wa_m * MT_A * 16, sdO, wa_n * NT_A * 8, lane);
-      softmax_grad<true, MT_A, NT_A, kWBR>(p, acc_s, acc_dp, wa_m * MT_A * 16, wa_n * NT_A * 8, m0, n0,
-                                           si.sq, si.sk, b, h, slope, sL2 + st * kBR, sDs + st * kBR,
-                                           sP, sdS, lane);
+      if (tile_full(p, m0, kBR, n0, kBC, si.sq, si.sk))
+        softmax_grad<true, false, MT_A, NT_A, kWBR>(p, acc_s, acc_dp, wa_m * MT_A * 16, wa_n * NT_A * 8, m0,
+                                                    n0, si.sq, si.sk, b, h, slope, sL2 + st * kBR,
+                                                    sDs + st * kBR, sP, sdS, lane);
+      else
+        softmax_grad<true, true, MT_A, NT_A, kWBR>(p, acc_s, acc_dp, wa_m * MT_A * 16, wa_n * NT_A * 8, m0,
+                                                   n0, si.sq, si.sk, b, h, slope, sL2 + st * kBR,
+                                                   sDs + st * kBR, sP, sdS, lane);
     }
     __syncthreads();
     // Phase B: dV += Pdᵀ dO, dK += dSᵀ Q.
@@ -334,6 +372,30 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
         zero_acc(acc);
         const int nc0 = wc_n * NT_C * 8 + ch * CQ * 8;
         gemm_nn<kBF16, true, MT_C, CQ, kBC, kWBR, kWD>(acc, sdS, wc_m * MT_C * 16, sK, nc0, lane);
+#if FA_RED4
+        // Lanes t and t^1 swap halves so that each owns 4 adjacent columns of one row:
+        // even t: row g, columns 2t..2t+3; odd t: row g+8, columns 2t-2..2t+1.
+        const bool odd = t & 1;
+#pragma unroll
+        for (int mt = 0; mt < MT_C; ++mt) {
+          const int i = m0 + wc_m * MT_C * 16 + mt * 16 + g + (odd ? 8 : 0);
+          float* dst = p.dq_accum + ((i64)(si.qrow0 + i) * p.heads_q + h) * kD + nc0 + 4 * (t >> 1);
+#pragma unroll
+          for (int nt = 0; nt < CQ; ++nt) {
+            const float s0 = odd ? acc[mt][nt][0] : acc[mt][nt][2];
+            const float s1 = odd ? acc[mt][nt][1] : acc[mt][nt][3];
+            const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+            const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+            float v0, v1, v2, v3;
+            if (odd) {
+              v0 = r0; v1 = r1; v2 = acc[mt][nt][2]; v3 = acc[mt][nt][3];
+            } else {
+              v0 = acc[mt][nt][0]; v1 = acc[mt][nt][1]; v2 = r0; v3 = r1;
+            }
+            if (i < si.sq) red_add_f32x4(dst + nt * 8, v0, v1, v2, v3);
+          }
+        }
+#else
 #pragma unroll
         for (int mt = 0; mt < MT_C; ++mt)
 #pragma unroll
@@ -346,6 +408,7 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
                 red_add_f32x2(dst + nt * 8, acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
             }
           }
+#endif
       }
     }
     if (kStages == 1) {
@@ -401,10 +464,12 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_dq(const Bwd
   float* sDs = sL2 + kBR;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // Grid (heads_q, batch, q blocks).
-  const int h = blockIdx.x, b = blockIdx.y, hk = h / p.group;
+  // Grid (q blocks, heads_q, batch) with flags bit 0, else (heads_q, batch, q blocks).
+  const bool kfirst = p.flags & 1;
+  const int h = kfirst ? blockIdx.y : blockIdx.x;
+  const int b = kfirst ? blockIdx.z : blockIdx.y, hk = h / p.group;
   const SeqInfo si = seq_info(p, b);
-  const int m0 = blockIdx.z * kBR;
+  const int m0 = (kfirst ? blockIdx.x : blockIdx.z) * kBR;
   if (m0 >= si.sq) return;
   const int m1 = min(m0 + kBR, si.sq);
   const int off = si.sk - si.sq;
@@ -459,8 +524,12 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_dq(const Bwd
       zero_acc(acc_dp);
       gemm_nt<kBF16, MT_A, NT_A, kD, kWD, kWD>(acc_s, sQ, wa_m * MT_A * 16, sK, wa_n * NT_A * 8, lane);
       gemm_nt<kBF16, MT_A, NT_A, kD, kWD, kWD>(acc_dp, sdO, wa_m * MT_A * 16, sV, wa_n * NT_A * 8, lane);
-      softmax_grad<false, MT_A, NT_A, kWBC>(p, acc_s, acc_dp, wa_m * MT_A * 16, wa_n * NT_A * 8, m0, n0,
-                                            si.sq, si.sk, b, h, slope, sL2, sDs, 0, sdS, lane);
+      if (tile_full(p, m0, kBR, n0, kBC, si.sq, si.sk))
+        softmax_grad<false, false, MT_A, NT_A, kWBC>(p, acc_s, acc_dp, wa_m * MT_A * 16, wa_n * NT_A * 8, m0,
+                                                     n0, si.sq, si.sk, b, h, slope, sL2, sDs, 0, sdS, lane);
+      else
+        softmax_grad<false, true, MT_A, NT_A, kWBC>(p, acc_s, acc_dp, wa_m * MT_A * 16, wa_n * NT_A * 8, m0,
+                                                    n0, si.sq, si.sk, b, h, slope, sL2, sDs, 0, sdS, lane);
     }
     __syncthreads();
     gemm_nn<kBF16, false, MT_C, NT_C, kBC, kWBC, kWD>(acc_dq, sdS, wc_m * MT_C * 16, sK, wc_n * NT_C * 8, lane);

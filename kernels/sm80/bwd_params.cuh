@@ -40,7 +40,8 @@ struct BwdParams {
   i32 alibi_b;       // 0 or heads_q
   u32 drop_thr, key0, key1, off_lo;
   float scale, softcap, drop_scale;
-  i32 pad0;
+  i32 flags;  // bit 0: grid (blocks, heads, batch) instead of (heads, batch, blocks); bit 1: rotate
+              // the main kernel's Q-tile walk by its key block (spreads the dQ atomics)
 };
 
 struct SeqInfo {

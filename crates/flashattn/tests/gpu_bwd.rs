@@ -113,17 +113,32 @@ fn bwd_variants_compile() {
         return;
     }
     let all = std::env::var("FLASHATTN_BWD_COMPILE_ALL").as_deref() == Ok("1");
+    // Tuning: FLASHATTN_BWD_COMPILE_D=64,128 limits the head dims (with FLASHATTN_BWD_TILES).
+    let dims: Option<Vec<String>> = std::env::var("FLASHATTN_BWD_COMPILE_D")
+        .ok()
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
     for arch in ["sm_80", "sm_90a"] {
         let specs = fa2_bwd::all_variants(arch);
         assert!(!specs.is_empty());
         for spec in specs {
+            // Base: bf16, no dropout/softcap/ALiBi, not deterministic (causal included).
             let base = !spec.defines.iter().any(|(n, v)| {
-                (n == "FA_MASK" && v == "1")
+                (n == "FA_DROPOUT" && v == "1")
                     || (n == "FA_BF16" && v == "0")
                     || (n == "FA_DET" && v == "1")
             });
             if !all && !base {
                 continue;
+            }
+            if let Some(ds) = &dims {
+                let d = spec
+                    .defines
+                    .iter()
+                    .find(|(n, _)| n == "FA_D")
+                    .map(|(_, v)| v);
+                if !d.is_some_and(|d| ds.contains(d)) || !spec.entry.contains("main") {
+                    continue;
+                }
             }
             let t = Instant::now();
             let c = jit::compile_with(&spec, arch, None)

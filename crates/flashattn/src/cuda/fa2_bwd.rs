@@ -41,9 +41,20 @@ pub struct Tiles {
 }
 
 /// The tile table: one row per head dim (chosen by register/smem budget; see bench/RESULTS.md).
-/// `FLASHATTN_BWD_TILES=bc,br,nw,wm_a,wm_b,wm_c[,minb]` overrides it (tuning runs only).
+/// `FLASHATTN_BWD_TILES=bc,br,nw,wm_a,wm_b,wm_c[,minb]` overrides it (tuning runs only), for
+/// every head dim or per head dim as `64=...;128=...`.
 pub fn tiles(d: usize) -> Tiles {
-    if let Ok(s) = std::env::var("FLASHATTN_BWD_TILES") {
+    if let Ok(all) = std::env::var("FLASHATTN_BWD_TILES") {
+        // Either one shape for every head dim, or `D=shape;D=shape` (others keep the table).
+        let s = if all.contains('=') {
+            all.split(';')
+                .filter_map(|e| e.split_once('='))
+                .find(|(k, _)| k.trim().parse() == Ok(d))
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default()
+        } else {
+            all
+        };
         let v: Vec<usize> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
         if v.len() == 6 || v.len() == 7 {
             return Tiles {
@@ -60,14 +71,17 @@ pub fn tiles(d: usize) -> Tiles {
     // Measured on an H200 (bench/RESULTS.md, 2026-11-26 tile sweep, bf16, seqlen 4k/16k):
     // bc = 128 won for d <= 128 (fewer Q/dO reloads and dQ atomics per FLOP); d >= 192 has no
     // registers for a 128-row key tile and keeps bc = 64.
+    // H100 (same file, C3b section): dQ warp grid wm_c = 2 (32-row warp tiles: 0.5 instead of
+    // 0.75 ldmatrix per mma) +1..3%; d = 64: 128 query rows per tile (FA2's 128x128) +7..8%.
     let bc = if d <= 128 { 128 } else { 64 };
     Tiles {
         bc,
-        br: 64,
+        br: if d == 64 { 128 } else { 64 },
         nw: 8,
         wm_a: 4,
         wm_b: 4,
-        wm_c: 4,
+        // wm_c = 2 (measured for d = 64, 128, 256 only; it needs d % 64 == 0).
+        wm_c: if matches!(d, 64 | 128 | 256) { 2 } else { 4 },
         minb: 1,
     }
 }
@@ -121,8 +135,12 @@ fn tiled_spec(
     f: Features,
     det: bool,
 ) -> KernelSpec {
-    base_spec(entry, d, bf16)
-        .define("FA_BC", t.bc)
+    let mut spec = base_spec(entry, d, bf16);
+    // Tuning only: FLASHATTN_BWD_RED4=0|1 forces the dQ atomic width (default: v4 on sm_90+).
+    if let Ok(v) = std::env::var("FLASHATTN_BWD_RED4") {
+        spec = spec.define("FA_RED4", (v == "1") as u8);
+    }
+    spec.define("FA_BC", t.bc)
         .define("FA_BR", t.br)
         .define("FA_NW", t.nw)
         .define("FA_WM_A", t.wm_a)
@@ -161,7 +179,11 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
             let t = tiles(d);
             v.push(base_spec("fa2_bwd_pre", d, bf16));
             v.push(base_spec("fa2_bwd_convert", d, bf16));
-            for f in [Features::default(), Features::ALL] {
+            let causal = Features {
+                mask: true,
+                ..Features::default()
+            };
+            for f in [Features::default(), causal, Features::ALL] {
                 if let Some(s) = stages_for(|s| smem_main(d, &t, s), limit) {
                     v.push(tiled_spec("fa2_bwd_main", d, bf16, &t, s, f, false));
                     if f == Features::default() {
@@ -230,7 +252,7 @@ struct BwdParams {
     scale: f32,
     softcap: f32,
     drop_scale: f32,
-    pad0: i32,
+    flags: i32,
 }
 
 // SAFETY: `BwdParams` is `#[repr(C)]` plain data (integers, floats, device addresses) with the
@@ -283,7 +305,7 @@ fn strides3(
     ]
     .iter()
     .all(|&(st, n)| n <= 1 || st % 8 == 0);
-    if !dims_ok || t.ptr() % 16 != 0 {
+    if !dims_ok || !t.ptr().is_multiple_of(16) {
         return Err(Error::invalid(
             name,
             format!("strides {:?} at device address {:#x}", s, t.ptr()),
@@ -361,12 +383,17 @@ pub fn backward(
             format!("one of {HEAD_DIMS:?} for the FA2 backward"),
         ));
     }
-    let dq = DeviceTensor::alloc(gpu, dtype, &problem.q_shape)?;
-    let dk = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
-    let dv = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
     if problem.total_q == 0 || problem.total_k == 0 || problem.heads_q == 0 || problem.batch == 0 {
+        let dq = DeviceTensor::alloc(gpu, dtype, &problem.q_shape)?;
+        let dk = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
+        let dv = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
         return Ok((dq, dk, dv)); // zeros
     }
+    // The kernels write every element of dq, dk, dv (dk/dv rows that no query sees get zeros
+    // from the main kernel), so no memsets.
+    let dq = DeviceTensor::uninit(gpu, dtype, &problem.q_shape)?;
+    let dk = DeviceTensor::uninit(gpu, dtype, &problem.k_shape)?;
+    let dv = DeviceTensor::uninit(gpu, dtype, &problem.k_shape)?;
     if std::env::var_os("FLASHATTN_BWD_POISON").is_some() {
         // Tests: NaN-fill the outputs so that any element the kernels miss shows up.
         dq.fill_poison()?;
@@ -409,12 +436,13 @@ pub fn backward(
     };
     let st_main = stages_for(|s| smem_main(d, &t, s), limit).ok_or_else(no_fit)?;
 
-    let dsum = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
+    // Both written in full by fa2_bwd_pre (dsum for every row, dq_accum zeroed).
+    let dsum = DeviceTensor::uninit(gpu, DType::F32, &problem.lse_shape())?;
     let n_dq = problem.total_q * problem.heads_q * d;
     let dq_accum = if det {
         None
     } else {
-        Some(DeviceBuffer::zeros(gpu, n_dq * 4)?)
+        Some(DeviceBuffer::uninit(gpu, n_dq * 4)?)
     };
 
     let (cu_q, cu_k) = if varlen {
@@ -444,6 +472,9 @@ pub fn backward(
     } else {
         ((problem.heads_q * sq) as i64, sq as i64)
     };
+    let grid_env = std::env::var("FLASHATTN_BWD_GRID").unwrap_or_default();
+    let kfirst = grid_env != "heads";
+    let rotate = kfirst && grid_env != "blocks";
     let mut p = BwdParams {
         q: q.ptr(),
         k: k.ptr(),
@@ -493,6 +524,7 @@ pub fn backward(
         scale: problem.scale,
         softcap: problem.softcap,
         drop_scale: 1.0,
+        flags: kfirst as i32 | (rotate as i32) << 1,
         ..Default::default()
     };
     if let Some(dr) = &problem.dropout {
@@ -526,14 +558,26 @@ pub fn backward(
         }
         Ok(n as u32)
     };
-    // Grid (heads_k, batch, kv blocks): the kv blocks vary slowest so that, with a causal mask,
-    // every head's heaviest blocks start first.
-    let grid_main = (
-        problem.heads_k as u32,
-        grid_limit(problem.batch, "batch")?,
-        grid_limit(problem.max_sk.div_ceil(t.bc), "key blocks")?,
-    );
-    if grid_main.2 > 0 {
+    // Grid: (kv blocks, heads_k, batch) by default, so that the CTAs running together share
+    // their Q, dO and dQ rows in L2 (as FA2); with a causal mask block 0 is the heaviest and
+    // starts first within each head. FLASHATTN_BWD_GRID=heads (tuning): the earlier order
+    // (heads_k, batch, kv blocks); `blocks` / `rot` (default): key blocks first, without / with
+    // the rotated Q-tile walk.
+    let n_kb = problem.max_sk.div_ceil(t.bc);
+    let grid_main = if kfirst {
+        (
+            n_kb as u32,
+            grid_limit(problem.heads_k, "key heads")?,
+            grid_limit(problem.batch, "batch")?,
+        )
+    } else {
+        (
+            problem.heads_k as u32,
+            grid_limit(problem.batch, "batch")?,
+            grid_limit(n_kb, "key blocks")?,
+        )
+    };
+    if n_kb > 0 {
         let spec = tiled_spec("fa2_bwd_main", d, bf16, &t, st_main, feats, det);
         launch(
             gpu,
@@ -549,12 +593,21 @@ pub fn backward(
     if det {
         let st = stages_for(|s| smem_dq(d, &t, s), limit).ok_or_else(no_fit)?;
         let spec = tiled_spec("fa2_bwd_dq", d, bf16, &t, st, feats, true);
-        let grid = (
-            problem.heads_q as u32,
-            grid_limit(problem.batch, "batch")?,
-            grid_limit(problem.max_sq.div_ceil(t.br), "query blocks")?,
-        );
-        if grid.2 > 0 {
+        let n_qb = problem.max_sq.div_ceil(t.br);
+        let grid = if kfirst {
+            (
+                n_qb as u32,
+                grid_limit(problem.heads_q, "query heads")?,
+                grid_limit(problem.batch, "batch")?,
+            )
+        } else {
+            (
+                problem.heads_q as u32,
+                grid_limit(problem.batch, "batch")?,
+                grid_limit(n_qb, "query blocks")?,
+            )
+        };
+        if n_qb > 0 {
             launch(gpu, &spec, grid, (t.nw * 32) as u32, smem_dq(d, &t, st), &p)?;
         }
     } else {
