@@ -23,6 +23,14 @@
 // continue across tiles, and Q is reloaded once consumers release it (q_empty), so the
 // producer prefetches the next tile while the consumers run the epilogue.
 //
+// Feature switches (JIT): FA3_WINDOW=1 — sliding window (p.wl, p.wr; bottom-right aligned, see
+// SPEC §1), key tiles outside the window are skipped; FA3_SOFTCAP=1 / FA3_ALIBI=1 — scores are
+// transformed before the softmax ("prescaled": s' = softcap·log2e·tanh(s·scale/softcap) or
+// s·scale·log2e, minus slope·log2e·|i + sk − sq − j|; the softmax then runs with c = 1), each
+// switched on at run time by p.sc_out > 0 / p.alibi != 0; FA3_VARLEN=1 — packed q/k/v with
+// cu_seqlens (p.cu_q, p.cu_k): the tensor maps are [d, total, heads, 1] and each work tile loads
+// at its sequence's start row; key columns past the sequence's end are masked, query rows past
+// it are never written (the epilogue clamps to the sequence's sq).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC. Entry point: fa3_fwd (without
@@ -60,6 +68,22 @@
 #ifndef FA3_NC
 #define FA3_NC 2
 #endif
+#ifndef FA3_WINDOW
+#define FA3_WINDOW 0
+#endif
+#ifndef FA3_SOFTCAP
+#define FA3_SOFTCAP 0
+#endif
+#ifndef FA3_ALIBI
+#define FA3_ALIBI 0
+#endif
+#ifndef FA3_VARLEN
+#define FA3_VARLEN 0
+#endif
+constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
+constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
+constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
+static_assert(!(FA3_WINDOW && FA3_CAUSAL), "causal is the window (unbounded, 0)");
 
 constexpr int D = FA3_D;
 constexpr int BK = FA3_BK;
@@ -90,18 +114,33 @@ struct __align__(64) Fa3Params {
   int m_tiles;
   float scale_log2;
   int batch, pad1;
+  u64 cu_q, cu_k;     // int32 [batch + 1] packed offsets (FA3_VARLEN)
+  u64 alibi;          // f32 slopes (FA3_ALIBI; 0 = none)
+  i64 lse_b, lse_h;   // LSE strides (elements) of batch and head; the row index adds q start
+  int wl, wr;         // window left/right (FA3_WINDOW), clamped to max_sq + max_sk
+  float sc_in, sc_out;  // softcap: scale/softcap and softcap·log2e (sc_out 0 = off)
+  int alibi_bs, pad2;   // slopes' batch stride (0 for [heads_q])
+};
+
+// Which (query tile, head, batch) work item t is, its sequence, and its key-tile range
+// [n_lo, n_hi) (visited from n_hi − 1 down to n_lo).
+struct WorkTile {
+  int m, h, b, n_lo, n_hi;
+  int sq, sk, qs, ks;  // this sequence's lengths and packed start rows (0 dense)
+  int tb;              // TMA batch coordinate (b dense, 0 varlen)
+  __device__ __forceinline__ int count() const { return n_hi - n_lo; }
 };
 
 __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
                                          u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
-                                         u32 q_empty, int m, int h, int hk, int b, int n_end,
-                                         int g0, int jq) {
+                                         u32 q_empty, const WorkTile& w, int hk, int g0, int jq) {
+  const int m = w.m, h = w.h, b = w.tb, n_end = w.count();
   if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
   mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
-  for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * 64, m * BQ, h, b);
+  for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * 64, w.qs + m * BQ, h, b);
   for (int it = 0; it < n_end; ++it) {
-    const int tile = n_end - 1 - it;
+    const int tile = w.n_hi - 1 - it;
     const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
     const int s = g % STAGES;
     const u32 par = ((g / STAGES) + 1) & 1;  // parity of the previous use of slot s
@@ -109,12 +148,12 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
     mbar_expect_tx(k_full + 8 * s, KV_BYTES);
 #pragma unroll
     for (int c = 0; c < NCH; ++c)
-      tma_load_4d(sK + s * KV_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * 64, tile * BK, hk, b);
+      tma_load_4d(sK + s * KV_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
     if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
     mbar_expect_tx(v_full + 8 * s, KV_BYTES);
 #pragma unroll
     for (int c = 0; c < NCH; ++c)
-      tma_load_4d(sV + s * KV_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, tile * BK, hk, b);
+      tma_load_4d(sV + s * KV_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
   }
 }
 
@@ -143,18 +182,47 @@ __device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 sVs) 
   }
 }
 
-__device__ __forceinline__ void apply_mask(float* sc, int tile, int row0, int sq, int sk, int tq) {
+// Key j is visible from row i iff j < sk, and (HAS_RIGHT) j <= i + sk - sq + wr, and
+// (HAS_LEFT) j >= i + sk - sq - wl.
+__device__ __forceinline__ void apply_mask(float* sc, int tile, int row0, int sq, int sk, int tq,
+                                           int wl, int wr) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
     int limit = sk;
-    if (FA3_CAUSAL) limit = min(limit, row + sk - sq + 1);
+    if (HAS_RIGHT) limit = min(limit, row + sk - sq + wr + 1);
     const int lim = limit - tile * BK - 2 * tq;  // column index 8j + e must stay below this
+    const int liml = row + sk - sq - wl - tile * BK - 2 * tq;  // ... and at or above this
 #pragma unroll
     for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
-        if (8 * j + e >= lim) sc[4 * j + 2 * r + e] = FA3_NEG_INF;
+        if (8 * j + e >= lim || (HAS_LEFT && 8 * j + e < liml)) sc[4 * j + 2 * r + e] = FA3_NEG_INF;
+  }
+}
+
+// tanh through exp2 (as the FA2 kernel): ~1e-7 absolute, what the score needs.
+__device__ __forceinline__ float tanh_fast(float x) {
+  const float e = fast_exp2(2.8853900817779268f * x);  // 2·log2(e)·x
+  return 1.0f - __fdividef(2.0f, e + 1.0f);
+}
+
+// Prescaled scores (softcap / ALiBi) in log2 units; the softmax then runs with c = 1.
+__device__ __forceinline__ void prescale(float* sc, int tile, int row0, int sq, int sk, int tq,
+                                         float c, float sc_in, float sc_out, float slope) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int di = row0 + 8 * r + sk - sq - tile * BK - 2 * tq;  // i + sk - sq - (column base)
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = sc[4 * j + 2 * r + e];
+        if (FA3_SOFTCAP && sc_out > 0.f) x = sc_out * tanh_fast(x * sc_in);
+        else x *= c;
+        if (FA3_ALIBI) x -= slope * fabsf((float)(di - 8 * j - e));
+        sc[4 * j + 2 * r + e] = x;
+      }
   }
 }
 
@@ -170,14 +238,28 @@ __device__ __forceinline__ void to_pfrag(const float* sc, u32 (*pf)[4]) {
 
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
                                          u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
-                                         u32 q_empty, int m, int h, int b, int n_end, int cw,
-                                         int g0, int jq) {
+                                         u32 q_empty, const WorkTile& w, int cw, int g0, int jq) {
+  const int m = w.m, h = w.h, b = w.b, n_end = w.count();
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
-  const int sq = p.sq, sk = p.sk;
-  const float c = p.scale_log2;
+  const int sq = w.sq, sk = w.sk;
+  const int wl = FA3_WINDOW ? p.wl : 0, wr = FA3_WINDOW ? p.wr : 0;
+  // Prescaled scores are already in log2 units.
+  const float c = PRESCALE ? 1.0f : p.scale_log2;
+  float slope = 0.f;
+  if (FA3_ALIBI && p.alibi != 0)
+    slope = ((const float*)p.alibi)[b * p.alibi_bs + h] * 1.4426950408889634f;
   // Tiles whose columns can reach past a row's limit need the mask.
   const int first_diag = m * BQ + cw * 64 + sk - sq;  // smallest visible-limit-1 in this warpgroup
+  // Does key tile `tile` hold a masked entry for one of this warpgroup's 64 rows?
+  auto need_mask = [&](int tile) {
+    return (tile + 1) * BK > sk || (HAS_RIGHT && (tile + 1) * BK - 1 > first_diag + wr) ||
+           (HAS_LEFT && tile * BK < first_diag + 63 - wl);
+  };
+  auto transform = [&](float* sc, int tile) {
+    if (PRESCALE) prescale(sc, tile, row0, sq, sk, tq, p.scale_log2, p.sc_in, p.sc_out, slope);
+    if (need_mask(tile)) apply_mask(sc, tile, row0, sq, sk, tq, wl, wr);
+  };
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -210,15 +292,14 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       fence_regs<BK / 2>(sc);
       __syncwarp();
       if (lane == 0) mbar_arrive(k_empty + 8 * s0);
-      const int tile = n_end - 1;
-      if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
-        apply_mask(sc, tile, row0, sq, sk, tq);
+      const int tile = w.n_hi - 1;
+      transform(sc, tile);
       float alpha[2];
       sm.step(sc, c, alpha);
       to_pfrag(sc, pf);
     }
     for (int it = 1; it < n_end; ++it) {
-      const int tile = n_end - 1 - it;
+      const int tile = w.n_hi - 1 - it;
       const int g = g0 + it;
       const int s = g % STAGES, sp = (g - 1) % STAGES;
       const u32 ph = (g / STAGES) & 1, php = ((g - 1) / STAGES) & 1;
@@ -242,8 +323,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       fence_regs<BK / 2>(sc);
       __syncwarp();
       if (lane == 0) mbar_arrive(k_empty + 8 * s);
-      if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
-        apply_mask(sc, tile, row0, sq, sk, tq);
+      transform(sc, tile);
       float alpha[2];
       sm.step(sc, c, alpha);
       wgmma_wait<0>();
@@ -277,7 +357,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #endif
 #else
     for (int it = 0; it < n_end; ++it) {
-      const int tile = n_end - 1 - it;
+      const int tile = w.n_hi - 1 - it;
       const int s = (g0 + it) % STAGES;
       const u32 ph = ((g0 + it) / STAGES) & 1;
       float sc[BK / 2];
@@ -290,8 +370,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       fence_regs<BK / 2>(sc);
       __syncwarp();
       if (lane == 0) mbar_arrive(k_empty + 8 * s);
-      if ((tile + 1) * BK > sk || (FA3_CAUSAL && (tile + 1) * BK - 1 > first_diag))
-        apply_mask(sc, tile, row0, sq, sk, tq);
+      transform(sc, tile);
       float alpha[2];
       sm.step(sc, c, alpha);
       rescale_o<D / 8>(o, alpha);
@@ -312,7 +391,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     if (lane == 0) mbar_arrive(q_empty);  // Q may be overwritten (persistent CTAs)
   }
 
-  // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past sq are not written.
+  // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are
+  // not written (varlen: they belong to the next sequence).
   float inv[2], lse[2];
   sm.finish(c, inv, lse);
   unsigned short* out = (unsigned short*)p.o;
@@ -320,26 +400,31 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
     if (row < sq) {
-      unsigned short* orow = out + b * p.o_batch + (i64)row * p.o_row + (i64)h * p.o_head + 2 * tq;
+      unsigned short* orow =
+          out + b * p.o_batch + (i64)(w.qs + row) * p.o_row + (i64)h * p.o_head + 2 * tq;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *(u32*)(orow + 8 * j) = pack2<FA3_DT>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
-      if (tq == 0) ((float*)p.lse)[((i64)b * p.heads_q + h) * sq + row] = lse[r];
+      if (tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)h * p.lse_h + w.qs + row] = lse[r];
     }
   }
 }
 
-// Which (query tile, head, batch) work item t is, and how many key tiles it visits.
-struct WorkTile {
-  int m, h, b, n_end;
-};
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   WorkTile w;
 #if FA3_PERSISTENT
   // Persistent: the query tiles of one (head, batch) are adjacent, so CTAs running together
-  // share K/V in L2; causal walks each head's query tiles longest (last) first.
+  // share K/V in L2. Causal: longest-processing-time order over the whole grid — every
+  // (head, batch)'s last query tile first, then the second last, ... — so that the static
+  // stride hands each CTA one tile of every length class (balanced within one tile's work).
+#if FA3_CAUSAL
+  const int hb = p.heads_q * p.batch;
+  const int mi = t / hb, r = t % hb;
+  w.m = p.m_tiles - 1 - mi;
+#else
   const int mi = t % p.m_tiles, r = t / p.m_tiles;
-  w.m = FA3_CAUSAL ? (p.m_tiles - 1 - mi) : mi;
+  w.m = mi;
+#endif
   w.h = r % p.heads_q;
   w.b = r / p.heads_q;
 #else
@@ -348,13 +433,37 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   w.h = blockIdx.y;
   w.b = blockIdx.z;
 #endif
-  const int sq = p.sq, sk = p.sk;
-  w.n_end = (sk + BK - 1) / BK;
-  if (FA3_CAUSAL) {
-    const int last_row = min(sq, (w.m + 1) * BQ) - 1;
-    const int jmax = last_row + sk - sq;  // last visible key of the tile's last row
-    w.n_end = jmax < 0 ? 0 : min(w.n_end, jmax / BK + 1);
+#if FA3_VARLEN
+  const int* cq = (const int*)p.cu_q;
+  const int* ck = (const int*)p.cu_k;
+  w.qs = cq[w.b];
+  w.sq = cq[w.b + 1] - w.qs;
+  w.ks = ck[w.b];
+  w.sk = ck[w.b + 1] - w.ks;
+  w.tb = 0;
+#else
+  w.qs = w.ks = 0;
+  w.sq = p.sq;
+  w.sk = p.sk;
+  w.tb = w.b;
+#endif
+  const int sq = w.sq, sk = w.sk;
+  w.n_lo = 0;
+  w.n_hi = (sk + BK - 1) / BK;
+  if (w.m * BQ >= sq) {
+    w.n_hi = 0;  // (varlen) a query tile past this sequence's end: nothing to do
+    return w;
   }
+  if (HAS_RIGHT) {
+    const int last_row = min(sq, (w.m + 1) * BQ) - 1;
+    const int jmax = last_row + sk - sq + (FA3_WINDOW ? p.wr : 0);  // last visible key of the tile
+    w.n_hi = jmax < 0 ? 0 : min(w.n_hi, jmax / BK + 1);
+  }
+  if (HAS_LEFT) {
+    const int jmin = w.m * BQ + sk - sq - p.wl;  // first visible key of the tile's first row
+    w.n_lo = jmin <= 0 ? 0 : min(jmin / BK, w.n_hi);
+  }
+  if (w.n_lo > w.n_hi) w.n_lo = w.n_hi;
   return w;
 }
 
@@ -401,10 +510,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       tma_prefetch_map(&p.v);
       FA3_TILE_LOOP {
         const WorkTile w = decode_tile(p, t);
-        if (w.n_end > 0) {
-          producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w.m, w.h,
-                   w.h / p.group, w.b, w.n_end, g0, jq);
-          g0 += w.n_end;
+        if (w.count() > 0) {
+          producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w,
+                   w.h / p.group, g0, jq);
+          g0 += w.count();
           ++jq;
         }
       }
@@ -413,10 +522,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     reg_alloc<CONSUMER_REGS>();
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
-      consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w.m, w.h, w.b,
-               w.n_end, wg - 1, g0, jq);
-      if (w.n_end > 0) {
-        g0 += w.n_end;
+      consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w, wg - 1, g0, jq);
+      if (w.count() > 0) {
+        g0 += w.count();
         ++jq;
       }
     }

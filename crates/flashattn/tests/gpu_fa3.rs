@@ -1,4 +1,5 @@
-//! FA3 (sm_90a) forward against the float64 reference, the SASS check hook, and a CUDA-event
+//! FA3 (sm_90a) forward against the float64 reference (dense, causal; and sliding windows,
+//! softcap, ALiBi and varlen with empty sequences), the SASS check hook, and a CUDA-event
 //! benchmark. Skips with a printed reason without a GPU or on a GPU that is not sm 9.0.
 //!
 //! Env: `FA3_CUBIN_DIR=dir` writes every shipped variant's cubin there (for `cuobjdump -sass`);
@@ -9,7 +10,7 @@ mod common;
 
 use common::{lse_err, rand_tensor, ref_forward, rel_err, Rng};
 use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
-use flashattn::{AttnOptions, DType, Problem, Qkv, Tensor};
+use flashattn::{AlibiSlopes, AttnOptions, DType, Problem, Qkv, Tensor};
 use std::sync::Arc;
 
 fn hopper_or_skip() -> Option<Arc<Gpu>> {
@@ -148,6 +149,285 @@ fn fa3_matches_reference() {
     assert!(fails.is_empty(), "fa3 failures:\n{}", fails.join("\n"));
 }
 
+/// One feature case: masks, softcap, ALiBi, varlen (lengths per sequence).
+struct FeatCase {
+    dtype: DType,
+    d: usize,
+    hq: usize,
+    hk: usize,
+    /// (sq, sk) per sequence; dense when `varlen` is false (all entries equal).
+    seqs: Vec<(usize, usize)>,
+    varlen: bool,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: f32,
+    scale: Option<f32>,
+    alibi: Option<bool>, // Some(per_batch)
+}
+
+impl FeatCase {
+    fn label(&self) -> String {
+        format!(
+            "{} d={} hq={} hk={} seqs={:?} varlen={} causal={} window={:?} softcap={} scale={:?} alibi={:?}",
+            self.dtype.name(),
+            self.d,
+            self.hq,
+            self.hk,
+            self.seqs,
+            self.varlen,
+            self.causal,
+            self.window,
+            self.softcap,
+            self.scale,
+            self.alibi
+        )
+    }
+}
+
+/// Runs a feature case through `fa3::forward_into_with` (outputs poisoned) against the f64
+/// reference; returns (out err, lse err).
+fn run_feat(gpu: &Gpu, c: &FeatCase, rng: &mut Rng) -> (f64, f64) {
+    let b = c.seqs.len();
+    let seed = rng.next_u64() % 1_000_000;
+    let (q, k, v, cq, ck);
+    if c.varlen {
+        let tq: usize = c.seqs.iter().map(|s| s.0).sum();
+        let tk: usize = c.seqs.iter().map(|s| s.1).sum();
+        q = rand_tensor(c.dtype, &[tq, c.hq, c.d], seed);
+        k = rand_tensor(c.dtype, &[tk, c.hk, c.d], seed + 1);
+        v = rand_tensor(c.dtype, &[tk, c.hk, c.d], seed + 2);
+        let mut a = vec![0i32];
+        let mut bb = vec![0i32];
+        for s in &c.seqs {
+            a.push(a.last().unwrap() + s.0 as i32);
+            bb.push(bb.last().unwrap() + s.1 as i32);
+        }
+        cq = a;
+        ck = bb;
+    } else {
+        let (sq, sk) = c.seqs[0];
+        q = rand_tensor(c.dtype, &[b, sq, c.hq, c.d], seed);
+        k = rand_tensor(c.dtype, &[b, sk, c.hk, c.d], seed + 1);
+        v = rand_tensor(c.dtype, &[b, sk, c.hk, c.d], seed + 2);
+        cq = vec![];
+        ck = vec![];
+    }
+    let mut opts = AttnOptions::new().causal(c.causal);
+    if let Some((l, r)) = c.window {
+        opts = opts.window(l, r);
+    }
+    if c.softcap > 0.0 {
+        opts = opts.softcap(c.softcap);
+    }
+    if let Some(s) = c.scale {
+        opts = opts.scale(s);
+    }
+    if let Some(per_batch) = c.alibi {
+        let n = if per_batch { b * c.hq } else { c.hq };
+        let vals: Vec<f32> = (0..n).map(|_| (rng.uniform() * 0.5) as f32).collect();
+        opts = opts.alibi(if per_batch {
+            AlibiSlopes::per_batch(vals)
+        } else {
+            AlibiSlopes::per_head(vals)
+        });
+    }
+    let qkv = if c.varlen {
+        Qkv::varlen(&q, &k, &v, &cq, &ck)
+    } else {
+        Qkv::dense(&q, &k, &v)
+    };
+    let problem = Problem::new(&qkv, &opts).expect("valid problem");
+    assert!(fa3::covers(gpu, &problem), "fa3 must cover {}", c.label());
+    let (dq, dk, dv) = (
+        DeviceTensor::upload(gpu, &q).unwrap(),
+        DeviceTensor::upload(gpu, &k).unwrap(),
+        DeviceTensor::upload(gpu, &v).unwrap(),
+    );
+    let out = DeviceTensor::alloc(gpu, c.dtype, &problem.q_shape).unwrap();
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
+    out.fill_poison().unwrap();
+    lse.fill_poison().unwrap();
+    let r = fa3::forward_into_with(
+        gpu,
+        &problem,
+        &dq,
+        &dk,
+        &dv,
+        &out,
+        &lse,
+        opts.alibi_slopes.as_ref(),
+    );
+    if let Err(e) = r {
+        eprintln!("fa3 launch failed: {e}");
+        return (f64::INFINITY, f64::INFINITY);
+    }
+    gpu.synchronize().expect("fa3 kernel ran");
+    let got = out.download().unwrap().to_f32_vec();
+    let got_lse = lse.download().unwrap().to_f32_vec();
+    let (want, want_lse) = ref_forward(&qkv, &opts);
+    (rel_err(&got, &want), lse_err(&got_lse, &want_lse))
+}
+
+/// Sliding windows, softcap, ALiBi and varlen (and their mixes) against the f64 reference.
+#[test]
+fn fa3_features_match_reference() {
+    let Some(gpu) = hopper_or_skip() else { return };
+    let tunes: Vec<String> = std::env::var("FA3_TEST_TUNES")
+        .unwrap_or_default()
+        .split(';')
+        .map(String::from)
+        .collect();
+    let mut rng = Rng::new(0xfea7);
+    let mut fails = Vec::new();
+    let mut n = 0;
+    for (tune, dtype) in tunes
+        .iter()
+        .flat_map(|t| [(t.clone(), DType::BF16), (t.clone(), DType::F16)])
+    {
+        std::env::set_var("FLASHATTN_FA3_TUNE", &tune);
+        for d in fa3::HEAD_DIMS {
+            let mut cases = Vec::new();
+            let base = |seqs: Vec<(usize, usize)>, varlen: bool| FeatCase {
+                dtype,
+                d,
+                hq: 4,
+                hk: 2,
+                seqs,
+                varlen,
+                causal: false,
+                window: None,
+                softcap: 0.0,
+                scale: None,
+                alibi: None,
+            };
+            // Windows: left only, both sides, right only, sq > sk (empty rows), sq < sk.
+            for (w, sq, sk) in [
+                ((32i64, 0i64), 300, 300),
+                ((17, 40), 257, 391),
+                ((-1, 5), 200, 130),
+                ((3, 0), 350, 100),
+                ((100, 100), 70, 600),
+                ((0, 0), 129, 129),
+            ] {
+                let mut c = base(vec![(sq, sk); 2], false);
+                c.window = Some(w);
+                cases.push(c);
+            }
+            // Softcap (with a large scale so that it bites), causal and not.
+            for causal in [false, true] {
+                let mut c = base(vec![(rng.range(1, 300), rng.range(1, 300)); 2], false);
+                c.causal = causal;
+                c.softcap = 0.5 + rng.uniform() as f32 * 2.0;
+                c.scale = Some(1.0);
+                cases.push(c);
+            }
+            // ALiBi per head / per batch, causal and not.
+            for (causal, per_batch) in [(false, false), (true, true)] {
+                let mut c = base(vec![(rng.range(1, 300), rng.range(1, 300)); 2], false);
+                c.causal = causal;
+                c.alibi = Some(per_batch);
+                cases.push(c);
+            }
+            // Everything at once.
+            {
+                let mut c = base(vec![(231, 245); 2], false);
+                c.window = Some((60, 7));
+                c.softcap = 1.5;
+                c.scale = Some(0.5);
+                c.alibi = Some(false);
+                cases.push(c);
+            }
+            // Varlen: plain, causal, window + softcap + ALiBi; empty sequences on either side.
+            let vseqs = vec![(130, 257), (0, 40), (77, 77), (200, 64), (5, 0), (1, 1)];
+            for mode in 0..3 {
+                let mut c = base(vseqs.clone(), true);
+                match mode {
+                    0 => {}
+                    1 => c.causal = true,
+                    _ => {
+                        c.window = Some((50, 3));
+                        c.softcap = 1.0;
+                        c.scale = Some(0.7);
+                        c.alibi = Some(true);
+                    }
+                }
+                cases.push(c);
+            }
+            {
+                let seqs: Vec<(usize, usize)> = (0..3)
+                    .map(|_| (rng.range(1, 400), rng.range(1, 400)))
+                    .collect();
+                let mut c = base(seqs, true);
+                c.hq = 3;
+                c.hk = 1;
+                c.causal = rng.chance(0.5);
+                cases.push(c);
+            }
+            for c in &cases {
+                let (e, le) = run_feat(&gpu, c, &mut rng);
+                n += 1;
+                let ok = e <= tol(dtype) && le <= 1e-3;
+                let line = format!(
+                    "[{tune}] {}: rel_err {e:.2e}, lse_err {le:.2e} {}",
+                    c.label(),
+                    if ok { "ok" } else { "FAIL" }
+                );
+                eprintln!("{line}");
+                if !ok {
+                    fails.push(line);
+                }
+            }
+        }
+    }
+    std::env::remove_var("FLASHATTN_FA3_TUNE");
+    eprintln!("fa3 features: {} of {n} cases passed", n - fails.len());
+    assert!(
+        fails.is_empty(),
+        "fa3 feature failures:\n{}",
+        fails.join("\n")
+    );
+}
+
+/// `fa3::forward` (allocating) on varlen with no keys at all, and with ALiBi through options.
+#[test]
+fn fa3_forward_edge_cases() {
+    let Some(gpu) = hopper_or_skip() else { return };
+    let q = rand_tensor(DType::BF16, &[10, 2, 64], 3);
+    let k = rand_tensor(DType::BF16, &[0, 2, 64], 4);
+    let (cq, ck) = (vec![0, 4, 10], vec![0, 0, 0]);
+    let opts = AttnOptions::new().causal(true);
+    let qkv = Qkv::varlen(&q, &k, &k, &cq, &ck);
+    let p = Problem::new(&qkv, &opts).unwrap();
+    let (dq, dk) = (
+        DeviceTensor::upload(&gpu, &q).unwrap(),
+        DeviceTensor::upload(&gpu, &k).unwrap(),
+    );
+    let (out, lse) = fa3::forward(&gpu, &p, &dq, &dk, &dk, &opts).unwrap();
+    let (want, want_lse) = ref_forward(&qkv, &opts);
+    let e = rel_err(&out.download().unwrap().to_f32_vec(), &want);
+    let le = lse_err(&lse.download().unwrap().to_f32_vec(), &want_lse);
+    eprintln!("varlen, no keys: out err {e:.2e}, lse err {le:.2e}");
+    assert!(out
+        .download()
+        .unwrap()
+        .to_f32_vec()
+        .iter()
+        .all(|&x| x == 0.0));
+    assert!(le <= 1e-3);
+    let q = rand_tensor(DType::BF16, &[2, 100, 4, 128], 5);
+    let opts = AttnOptions::new()
+        .causal(true)
+        .alibi(AlibiSlopes::per_head(vec![0.1, 0.2, 0.3, 0.05]));
+    let qkv = Qkv::dense(&q, &q, &q);
+    let p = Problem::new(&qkv, &opts).unwrap();
+    let dq = DeviceTensor::upload(&gpu, &q).unwrap();
+    let (out, _) = fa3::forward(&gpu, &p, &dq, &dq, &dq, &opts).unwrap();
+    let (want, _) = ref_forward(&qkv, &opts);
+    let e = rel_err(&out.download().unwrap().to_f32_vec(), &want);
+    eprintln!("fa3::forward with ALiBi: rel_err {e:.2e}");
+    assert!(e <= tol(DType::BF16));
+}
+
 #[test]
 fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
     let Some(gpu) = hopper_or_skip() else { return };
@@ -159,10 +439,15 @@ fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
     let q80 = rand_tensor(DType::BF16, &[1, 64, 2, 80], 1);
     let p80 = Problem::new(&Qkv::dense(&q80, &q80, &q80), &opts).unwrap();
     assert!(!fa3::supports(&gpu, &p80));
+    // Windows and softcap: supported once the extended paths are switched on.
     let pw = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().window(16, 0)).unwrap();
-    assert!(!fa3::supports(&gpu, &pw));
+    assert_eq!(fa3::supports(&gpu, &pw), fa3::EXTENDED);
+    assert!(fa3::covers(&gpu, &pw));
     let ps = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().softcap(30.0)).unwrap();
-    assert!(!fa3::supports(&gpu, &ps));
+    assert_eq!(fa3::supports(&gpu, &ps), fa3::EXTENDED);
+    // Dropout stays with FA2.
+    let pd = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().dropout(0.1, 7)).unwrap();
+    assert!(!fa3::supports(&gpu, &pd) && !fa3::covers(&gpu, &pd));
     // Family::Fa3 through the device dispatcher runs and matches the reference.
     let (dq, _) = (DeviceTensor::upload(&gpu, &q).unwrap(), ());
     let (out, _lse) =

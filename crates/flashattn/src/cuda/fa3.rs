@@ -2,22 +2,24 @@
 //!
 //! One CTA per (query tile, query head, batch): a TMA producer warp and two (Bq 128) or three
 //! (Bq 192, d=64 bf16) wgmma consumer warpgroups of 64 query rows (see the kernel's header
-//! comment for the math and the pipeline); an optional persistent mode (`persist=1`, off by
-//! default) walks the tiles with one CTA per SM. The host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
+//! comment for the math and the pipeline); a persistent mode (one CTA per SM walking
+//! the tiles; default for plain problems with ≤ 1024 keys, `persist=0|1` overrides). The host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
 //! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
 //! passes them by value in one `__grid_constant__` parameter struct.
 //!
-//! [`supports`] is the exact envelope of the kernel: dense (not varlen) bf16/f16, head dim 64,
-//! 96, 128, 192 or 256, no mask or causal (bottom-right), GQA/MQA, any lengths, 16-byte aligned
-//! row/head/batch strides. Everything else goes to FA2 through the dispatcher; ALiBi (which
-//! `supports` cannot see, it lives in the options) is forwarded to FA2 by [`forward`] itself.
+//! [`supports`] is the exact envelope of the kernel: dense or varlen (cu_seqlens) bf16/f16,
+//! head dim 64, 96, 128, 192 or 256, no mask, causal or any sliding window (bottom-right),
+//! softcap, ALiBi, GQA/MQA, any lengths, 16-byte aligned row/head/batch strides, no dropout.
+//! Three kernel modes per (head dim, dtype, dense/varlen): plain, causal, and "full" (window,
+//! softcap and ALiBi compiled in, each switched at run time) for everything masked or
+//! transformed other than plain causal. Dropout goes to FA2 through the dispatcher.
 
 use super::context::{driver_err, Gpu};
 use super::jit::KernelSpec;
-use super::tensor::DeviceTensor;
+use super::tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::layout::Problem;
-use crate::options::AttnOptions;
+use crate::options::{AlibiSlopes, AttnOptions};
 use crate::tensor::DType;
 use cudarc::driver::sys;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -44,7 +46,14 @@ pub struct Variant {
     pub persistent: bool,
     /// Consumer warpgroups (64 query rows each): 2 or 3.
     pub nc: usize,
+    /// Window + softcap + ALiBi compiled in (run-time switches); excludes `causal`.
+    pub full: bool,
+    /// Packed q/k/v with cu_seqlens.
+    pub varlen: bool,
 }
+
+/// Longest key sequence for which the plain mode runs persistent CTAs by default.
+pub const PERSIST_MAX_SK: usize = 1024;
 
 /// Key-tile sizes the kernel has wgmma shapes for.
 const BK_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
@@ -55,6 +64,13 @@ impl Variant {
     /// f16 d=64 keeps two (the three-consumer f16 path has not been run on a GPU yet);
     /// d=256 takes 80-key tiles (+4..6% over 64 at 8k/16k).
     pub fn default_for(d: usize, f16: bool, causal: bool) -> Variant {
+        let mut v = Variant::base(d, f16, causal);
+        v.apply_env();
+        v
+    }
+
+    /// The shipped tuning before `FLASHATTN_FA3_TUNE`.
+    fn base(d: usize, f16: bool, causal: bool) -> Variant {
         let (bk, stages) = match d {
             64 => (128, 3),
             96 | 128 => (128, 2),
@@ -62,7 +78,7 @@ impl Variant {
             _ => (80, 2),
         };
         let nc = if d == 64 && !f16 { 3 } else { 2 };
-        let mut v = Variant {
+        Variant {
             d,
             bk,
             stages,
@@ -72,9 +88,33 @@ impl Variant {
             pingpong: true,
             persistent: false,
             nc,
-        };
+            full: false,
+            varlen: false,
+        }
+    }
+
+    /// The variant that runs `problem` (with ALiBi when `alibi`). Plain (unmasked, no softcap
+    /// or ALiBi) problems with at most [`PERSIST_MAX_SK`] keys run persistent CTAs: the
+    /// prologue and epilogue of one tile hide behind the next (H100, 2026-11-26: +6% d=64,
+    /// +16% d=128 and d=256 at 1k non-causal; at 16k and for causal the static stride loses,
+    /// so those keep one CTA per tile).
+    pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
+        let full = needs_full(problem, alibi);
+        let causal = !full && is_causal(problem);
+        let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
+        v.persistent = !full && !causal && problem.max_sk <= PERSIST_MAX_SK;
+        v.full = full;
+        v.varlen = problem.varlen;
         v.apply_env();
+        v.fix_full();
         v
+    }
+
+    /// The full mode needs the registers of two consumers (three spill at d = 64).
+    fn fix_full(&mut self) {
+        if self.full {
+            self.nc = 2;
+        }
     }
 
     /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1"` overrides knobs
@@ -135,6 +175,10 @@ impl Variant {
             .define("FA3_PINGPONG", u32::from(self.pingpong))
             .define("FA3_PERSISTENT", u32::from(self.persistent))
             .define("FA3_NC", self.nc)
+            .define("FA3_WINDOW", u32::from(self.full))
+            .define("FA3_SOFTCAP", u32::from(self.full))
+            .define("FA3_ALIBI", u32::from(self.full))
+            .define("FA3_VARLEN", u32::from(self.varlen))
     }
 }
 
@@ -146,8 +190,16 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     let mut v = Vec::new();
     for d in HEAD_DIMS {
         for f16 in [false, true] {
-            for causal in [false, true] {
-                v.push(Variant::default_for(d, f16, causal).spec());
+            for varlen in [false, true] {
+                // plain, causal, full, plain persistent (short sequences)
+                for mode in 0..4 {
+                    let mut var = Variant::default_for(d, f16, mode == 1);
+                    var.full = mode == 2;
+                    var.persistent = mode == 3;
+                    var.varlen = varlen;
+                    var.fix_full();
+                    v.push(var.spec());
+                }
             }
         }
     }
@@ -158,6 +210,18 @@ fn is_causal(problem: &Problem) -> bool {
     problem.mask.left.is_none() && problem.mask.right == Some(0)
 }
 
+/// Window other than causal, softcap or ALiBi: the "full" kernel mode.
+fn needs_full(problem: &Problem, alibi: bool) -> bool {
+    !(problem.mask.is_none() || is_causal(problem)) || problem.softcap > 0.0 || alibi
+}
+
+/// Longest sequence (either side) the kernel takes: window arithmetic stays inside i32.
+const MAX_LEN: usize = 1 << 28;
+
+/// Whether the window/softcap/ALiBi ("full" mode) and varlen paths are part of [`supports`]
+/// (on: they passed `gpu_fa3` on an H100, 2026-11-26; see bench/RESULTS.md).
+pub const EXTENDED: bool = true;
+
 /// Whether FA3 handles `problem` on `gpu` exactly (anything else must go to FA2).
 pub fn supports(gpu: &Gpu, problem: &Problem) -> bool {
     let arch = gpu.arch();
@@ -167,35 +231,45 @@ pub fn supports(gpu: &Gpu, problem: &Problem) -> bool {
     if !matches!(problem.dtype, DType::BF16 | DType::F16) {
         return false;
     }
-    if !HEAD_DIMS.contains(&problem.head_dim) || problem.varlen {
+    if !EXTENDED && (problem.varlen || needs_full(problem, false)) {
         return false;
     }
-    if !(problem.mask.is_none() || is_causal(problem)) {
+    covers(gpu, problem)
+}
+
+/// The kernel's whole envelope (what [`forward_into_with`] runs), ALiBi included; [`supports`]
+/// is this minus the paths not yet switched on ([`EXTENDED`]).
+pub fn covers(gpu: &Gpu, problem: &Problem) -> bool {
+    let arch = gpu.arch();
+    if !(arch.major == 9 && arch.minor == 0) {
         return false;
     }
-    if problem.softcap > 0.0 || problem.dropout.is_some() {
+    if !matches!(problem.dtype, DType::BF16 | DType::F16) {
         return false;
     }
-    // The kernel takes row maxima on raw scores: needs a positive scale.
-    if !(problem.scale > 0.0 && problem.scale.is_finite()) {
+    if !HEAD_DIMS.contains(&problem.head_dim) || problem.dropout.is_some() {
         return false;
     }
-    if problem.max_sq > i32::MAX as usize / 2 || problem.max_sk > i32::MAX as usize / 2 {
+    if !problem.scale.is_finite() {
         return false;
     }
-    let v = Variant::default_for(
-        problem.head_dim,
-        problem.dtype == DType::F16,
-        is_causal(problem),
-    );
+    // Plain and causal modes take row maxima on raw scores: need a positive scale (the full
+    // mode scales before the maximum).
+    if !needs_full(problem, false) && problem.scale <= 0.0 {
+        return false;
+    }
+    if problem.max_sq > MAX_LEN || problem.max_sk > MAX_LEN {
+        return false;
+    }
+    let v = Variant::for_problem(problem, false);
     v.smem_bytes() <= gpu.max_smem_optin() as usize
 }
 
 /// Strides (elements) of a `[batch, rows, heads, d]` device tensor that TMA can address:
 /// last dim contiguous, every other stride a multiple of 16 bytes (or irrelevant: extent 1).
 fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
-    let (sh, st) = (t.shape(), t.strides());
-    if sh.len() != 4 || (sh[3] > 1 && st[3] != 1) {
+    let (sh, st) = bshd(t);
+    if sh[3] > 1 && st[3] != 1 {
         return Err(Error::invalid(
             name,
             format!("shape {sh:?} strides {st:?}"),
@@ -208,7 +282,7 @@ fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
     let mut extent = sh[3] as u64 * esz; // bytes spanned so far, for strides of extent-1 dims
     for (slot, dim) in [(0usize, 1usize), (1, 2), (2, 0)] {
         let s = st[dim] as u64 * esz;
-        let v = if s % 16 == 0 && s > 0 && s < (1u64 << 40) {
+        let v = if s.is_multiple_of(16) && s > 0 && s < (1u64 << 40) {
             s
         } else if sh[dim] <= 1 {
             extent.div_ceil(16) * 16
@@ -222,7 +296,7 @@ fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
         extent = extent.max(v * sh[dim].max(1) as u64);
         out[slot] = v;
     }
-    if (t.ptr() + t.offset() as u64 * esz) % 16 != 0 {
+    if !(t.ptr() + t.offset() as u64 * esz).is_multiple_of(16) {
         return Err(Error::invalid(
             name,
             "a base address not 16-byte aligned",
@@ -232,8 +306,29 @@ fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
     Ok(out)
 }
 
+/// Shape and strides as `[batch, rows, heads, d]`: a packed (varlen) `[total, heads, d]` tensor
+/// is one batch entry.
+fn bshd(t: &DeviceTensor) -> ([usize; 4], [usize; 4]) {
+    let (sh, st) = (t.shape(), t.strides());
+    match sh.len() {
+        3 => (
+            [1, sh[0], sh[1], sh[2]],
+            [st[0] * sh[0].max(1), st[0], st[1], st[2]],
+        ),
+        4 => ([sh[0], sh[1], sh[2], sh[3]], [st[0], st[1], st[2], st[3]]),
+        _ => ([0; 4], [0; 4]),
+    }
+}
+
 fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Result<[u64; 16]> {
-    let sh = t.shape();
+    let (sh, _) = bshd(t);
+    if !matches!(t.shape().len(), 3 | 4) || sh.contains(&0) {
+        return Err(Error::invalid(
+            name,
+            format!("shape {:?}", t.shape()),
+            "[batch, rows, heads, d] or [total, heads, d], no zero extent (fa3 TMA)",
+        ));
+    }
     let strides = tma_strides(t, name)?;
     let esz = t.dtype().size() as u64;
     let dtype = match t.dtype() {
@@ -294,6 +389,17 @@ struct Fa3Params {
     scale_log2: f32,
     batch: i32,
     pad1: i32,
+    cu_q: u64,
+    cu_k: u64,
+    alibi: u64,
+    lse_b: i64,
+    lse_h: i64,
+    wl: i32,
+    wr: i32,
+    sc_in: f32,
+    sc_out: f32,
+    alibi_bs: i32,
+    pad2: i32,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
 unsafe impl DeviceRepr for Fa3Params {}
@@ -307,28 +413,37 @@ pub fn forward(
     v: &DeviceTensor,
     opts: &AttnOptions,
 ) -> Result<(DeviceTensor, DeviceTensor)> {
-    if opts.alibi_slopes.is_some() {
-        // Not in this kernel; `supports` cannot see options, so hand over here.
+    if opts.alibi_slopes.is_some() && !EXTENDED {
+        // The ALiBi path is not switched on yet; `supports` cannot see options.
         return super::fa2::forward(gpu, problem, q, k, v, opts);
     }
-    if !supports(gpu, problem) {
+    if !covers(gpu, problem) {
         return Err(Error::unsupported(
             gpu.device_name(),
             "problem",
             "fa3",
-            "dense bf16/f16, head dim 64/96/128/192/256, no mask or causal, no softcap/dropout, sm 9.0",
+            "bf16/f16, head dim 64/96/128/192/256, no dropout, sm 9.0",
         ));
     }
     let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape)?;
     let lse_shape = problem.lse_shape();
-    if problem.q_shape[1] > 0 && problem.k_shape[1] == 0 {
+    if problem.total_q > 0 && problem.total_k == 0 {
         // No keys: out = 0 (alloc zero-fills), lse = -inf.
         let n: usize = lse_shape.iter().product();
         let t = crate::tensor::Tensor::from_f32(vec![f32::NEG_INFINITY; n], &lse_shape)?;
         return Ok((out, DeviceTensor::upload(gpu, &t)?));
     }
     let lse = DeviceTensor::alloc(gpu, DType::F32, &lse_shape)?;
-    forward_into(gpu, problem, q, k, v, &out, &lse)?;
+    forward_into_with(
+        gpu,
+        problem,
+        q,
+        k,
+        v,
+        &out,
+        &lse,
+        opts.alibi_slopes.as_ref(),
+    )?;
     Ok((out, lse))
 }
 
@@ -344,8 +459,24 @@ pub fn forward_into(
     out: &DeviceTensor,
     lse: &DeviceTensor,
 ) -> Result<()> {
-    let sq = problem.q_shape[1];
-    let sk = problem.k_shape[1];
+    forward_into_with(gpu, problem, q, k, v, out, lse, None)
+}
+
+/// [`forward_into`] with ALiBi slopes; runs anything [`covers`] accepts (varlen: `out` packed
+/// like q, `lse` `[heads_q, total_q]`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into_with(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    alibi: Option<&AlibiSlopes>,
+) -> Result<()> {
+    let sq = problem.max_sq;
+    let sk = problem.max_sk;
     if out.shape() != problem.q_shape.as_slice() || out.dtype() != problem.dtype {
         return Err(Error::invalid(
             "out",
@@ -360,35 +491,49 @@ pub fn forward_into(
         return Err(Error::invalid(
             "lse",
             format!("{} {:?}", lse.dtype(), lse.shape()),
-            "contiguous f32 [batch, heads_q, sq]",
+            "contiguous f32 [batch, heads_q, sq] or [heads_q, total_q]",
         ));
     }
     if problem.batch == 0 || sq == 0 || problem.heads_q == 0 {
         return Ok(());
     }
-    if sk == 0 {
+    if problem.total_k == 0 {
         return Err(Error::invalid(
             "k",
             "no keys",
             "at least one key (use fa3::forward)",
         ));
     }
-    let var = Variant::default_for(
-        problem.head_dim,
-        problem.dtype == DType::F16,
-        is_causal(problem),
-    );
+    let var = Variant::for_problem(problem, alibi.is_some());
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let m_tiles = sq.div_ceil(var.bq());
-    let ost = out.strides();
+    let ost = bshd(out).1;
+    // Window bounds clamped so that i + sk − sq ± w stays inside i32 (lengths ≤ MAX_LEN).
+    let unb = (problem.max_sq + problem.max_sk + 1) as i32;
+    let clampw = |w: Option<usize>| w.map_or(unb, |x| x.min(unb as usize) as i32);
+    let mut cu = None;
+    if problem.varlen {
+        let mut cq: Vec<i32> = problem.seqs.iter().map(|s| s.q_start as i32).collect();
+        let mut ck: Vec<i32> = problem.seqs.iter().map(|s| s.k_start as i32).collect();
+        cq.push(problem.total_q as i32);
+        ck.push(problem.total_k as i32);
+        cu = Some((
+            DeviceBuffer::from_i32(gpu, &cq)?,
+            DeviceBuffer::from_i32(gpu, &ck)?,
+        ));
+    }
+    let slopes = match alibi {
+        Some(a) => Some(DeviceBuffer::from_f32(gpu, &a.values)?),
+        None => None,
+    };
     let params = Fa3Params {
         q: encode_map(q, "q", var.bq())?,
         k: encode_map(k, "k", var.bk)?,
         v: encode_map(v, "v", var.bk)?,
         o: out.ptr() + out.offset() as u64 * out.dtype().size() as u64,
         lse: lse.ptr() + lse.offset() as u64 * 4,
-        o_batch: ost[0] as i64,
+        o_batch: if problem.varlen { 0 } else { ost[0] as i64 },
         o_row: ost[1] as i64,
         o_head: ost[2] as i64,
         sq: sq as i32,
@@ -399,6 +544,36 @@ pub fn forward_into(
         scale_log2: problem.scale * std::f32::consts::LOG2_E,
         batch: problem.batch as i32,
         pad1: 0,
+        cu_q: cu.as_ref().map_or(0, |c| c.0.ptr()),
+        cu_k: cu.as_ref().map_or(0, |c| c.1.ptr()),
+        alibi: slopes.as_ref().map_or(0, |s| s.ptr()),
+        lse_b: if problem.varlen {
+            0
+        } else {
+            (problem.heads_q * sq) as i64
+        },
+        lse_h: if problem.varlen {
+            problem.total_q as i64
+        } else {
+            sq as i64
+        },
+        wl: clampw(problem.mask.left),
+        wr: clampw(problem.mask.right),
+        sc_in: if problem.softcap > 0.0 {
+            problem.scale / problem.softcap
+        } else {
+            0.0
+        },
+        sc_out: if problem.softcap > 0.0 {
+            problem.softcap * std::f32::consts::LOG2_E
+        } else {
+            0.0
+        },
+        alibi_bs: match alibi {
+            Some(a) if a.per_batch => problem.heads_q as i32,
+            _ => 0,
+        },
+        pad2: 0,
     };
     if !var.persistent
         && (m_tiles > i32::MAX as usize || problem.heads_q > 65535 || problem.batch > 65535)
@@ -437,5 +612,7 @@ pub fn forward_into(
     // the tensor maps address q/k/v, which outlive the launch (the stream is synchronized
     // before they can be dropped by callers that download), and out/lse are sized by Problem.
     unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd", e))?;
+    // cu_seqlens and slopes are freed stream-ordered, after the launch (as fa2 does).
+    drop((cu, slopes));
     Ok(())
 }
