@@ -16,8 +16,17 @@
 // O += P V_j runs, two barriers per iteration. Only tiles that touch a mask edge
 // (causal/window diagonal or the sequence end) pay for per-element masking.
 //
+// LEAN = 1 (register-lean main loop, for tiles that would otherwise spill, e.g. 128x64w4 at
+// d=128): P is rounded to 16-bit A fragments as soon as its row sums are taken (the f32 scores
+// are dead before O += P V starts; dropout clears halves of the packed pairs), the output
+// pointers are formed in the epilogue, Q+K_0 and V_0 are separate cp.async groups (S_0 starts
+// while V_0 is in flight; one extra barrier in the first iteration), and STAGES may be 3
+// (K_{j+2}, V_{j+2} load during iteration j). On the H100 this measured slower for tiles that
+// fit without it (d=64/256 non-causal -5..-10%, 2026-11-26), so LEAN = 0 keeps the plain loop.
+//
 // JIT switches (-D): HEAD_DIM, IS_BF16, BLOCK_Q, BLOCK_K, N_WARPS, MIN_BLOCKS,
-//   STAGES, HAS_MASK (causal / sliding window), HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT.
+//   STAGES, S_UNROLL (k-steps of Q K^T unrolled), LEAN, HAS_MASK (causal / sliding window),
+//   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT.
 // Varlen (cu_seqlens) is a run-time branch, once per block.
 #include "common/types.cuh"
 #include "common/mma.cuh"
@@ -62,6 +71,9 @@
 #ifndef HAS_DROPOUT
 #define HAS_DROPOUT 0
 #endif
+#ifndef LEAN
+#define LEAN 0
+#endif
 
 namespace {
 constexpr int D = HEAD_DIM;
@@ -78,7 +90,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 static_assert(D % 16 == 0 && BK % 16 == 0, "head dim and key tile must be multiples of 16");
-static_assert(STAGES == 1 || STAGES == 2, "1 or 2 K/V stages");
+static_assert(STAGES == 1 || STAGES == 2 || (LEAN && STAGES == 3), "1 or 2 K/V stages (3: LEAN)");
 static_assert(MS * 16 * NWARPS == BQ, "BQ must be 16 * slabs * warps");
 
 // tanh through exp2: exact to ~1e-7 absolute, which is what the score needs.
@@ -120,9 +132,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
                   hk * p.k_head_stride;
   const u16* gv = (const u16*)p.v + b * p.v_batch_stride + (i64)k_start * p.v_row_stride +
                   hk * p.v_head_stride;
-  u16* go = (u16*)p.o + b * p.o_batch_stride + (i64)(q_start + m0) * p.o_row_stride +
-            h * p.o_head_stride;
+// Output pointers (LEAN: formed in the epilogue, not held in registers across the main loop).
+#define FA_OUT_PTRS                                                                          \
+  u16* go = (u16*)p.o + b * p.o_batch_stride + (i64)(q_start + m0) * p.o_row_stride +      \
+            h * p.o_head_stride;                                                            \
   float* glse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + q_start + m0;
+#if !LEAN
+  FA_OUT_PTRS
+#endif
 
   // Keys visible to the tile: row i sees [i+sk-sq-left, i+sk-sq+right] ∩ [0, sk).
   const int diag0 = m0 + sk - sq;                 // key position of the first row
@@ -133,6 +150,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
     n_hi = min(sk, diag1 + p.window_right + 1);
   }
   if (n_hi <= n_lo) {  // every row of the tile is empty: O = 0, lse = -inf
+#if LEAN
+    FA_OUT_PTRS
+#endif
     for (int idx = tid; idx < rows_valid * W; idx += NT) {
       int r = idx / W, c = idx % W;
       *(uint4*)(go + r * p.o_row_stride + c * 8) = make_uint4(0, 0, 0, 0);
@@ -142,6 +162,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
   }
   const int nb_begin = n_lo / BK, nb_end = (n_hi + BK - 1) / BK;
 
+#if !LEAN
   load_tile<BQ, W, NT>(sQ, gq, p.q_row_stride, rows_valid, tid);
   load_tile<BK, W, NT>(sK, gk + (i64)nb_begin * BK * p.k_row_stride, p.k_row_stride,
                        sk - nb_begin * BK, tid);
@@ -149,6 +170,29 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
     load_tile<BK, W, NT>(sV, gv + (i64)nb_begin * BK * p.v_row_stride, p.v_row_stride,
                          sk - nb_begin * BK, tid);
   cp_async_commit();
+#else
+  // Groups: [Q, K_0] [V_0] [K_1 V_1] ... [K_{S-2} V_{S-2}] (STAGES >= 2); [Q, K_0] (STAGES = 1).
+  load_tile<BQ, W, NT>(sQ, gq, p.q_row_stride, rows_valid, tid);
+  load_tile<BK, W, NT>(sK, gk + (i64)nb_begin * BK * p.k_row_stride, p.k_row_stride,
+                       sk - nb_begin * BK, tid);
+  cp_async_commit();
+  if (STAGES >= 2) {
+    load_tile<BK, W, NT>(sV, gv + (i64)nb_begin * BK * p.v_row_stride, p.v_row_stride,
+                         sk - nb_begin * BK, tid);
+    cp_async_commit();
+#pragma unroll
+    for (int st = 1; st + 1 < STAGES; ++st) {
+      const int nb = nb_begin + st;
+      if (nb < nb_end) {
+        load_tile<BK, W, NT>(sK + st * KV_STAGE, gk + (i64)nb * BK * p.k_row_stride,
+                             p.k_row_stride, sk - nb * BK, tid);
+        load_tile<BK, W, NT>(sV + st * KV_STAGE, gv + (i64)nb * BK * p.v_row_stride,
+                             p.v_row_stride, sk - nb * BK, tid);
+      }
+      cp_async_commit();  // always: the wait counts below assume one group per tile
+    }
+  }
+#endif
 
   // Scores are kept in base-2 units after multiplying by sl2. Prescaled paths (softcap,
   // ALiBi, or a non-positive scale, where max(S)·scale != max(S·scale)) multiply first.
@@ -183,8 +227,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
   const u32 v_lane = sV + (u32)v_row * W * 16;
   const ChunkTable<W> v_chunk(v_row, lane >> 4);
 
+#if LEAN
+  u32 stage = 0;  // byte offset of tile j's K/V buffers
+#endif
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int n0 = nb * BK;
+#if !LEAN
     const u32 stage = STAGES == 2 ? (u32)((nb - nb_begin) & 1) * KV_STAGE : 0u;
     cp_async_wait<0>();
     if (STAGES == 2) {
@@ -202,6 +250,30 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
       load_tile<BK, W, NT>(sV, gv + (i64)n0 * p.v_row_stride, p.v_row_stride, sk - n0, tid);
       cp_async_commit();
     }
+#else
+    if (STAGES >= 2) {
+      // First tile: only [Q, K_0] must have landed (V_0 may be in flight). Later tiles: all
+      // but the STAGES-2 newest groups (K_j, V_j landed).
+      if (nb == nb_begin) cp_async_wait<STAGES - 1>();
+      else cp_async_wait<STAGES - 2>();
+      __syncthreads();  // K_j landed for every thread; every warp is done with tile j-1's stage
+      // Tile j+STAGES-1 goes into tile j-1's stage.
+      const u32 free_stage = stage == 0 ? (u32)(STAGES - 1) * KV_STAGE : stage - KV_STAGE;
+      const int n1 = n0 + (STAGES - 1) * BK;
+      if (nb + STAGES - 1 < nb_end) {
+        load_tile<BK, W, NT>(sK + free_stage, gk + (i64)n1 * p.k_row_stride, p.k_row_stride,
+                             sk - n1, tid);
+        load_tile<BK, W, NT>(sV + free_stage, gv + (i64)n1 * p.v_row_stride, p.v_row_stride,
+                             sk - n1, tid);
+      }
+      cp_async_commit();
+    } else {
+      cp_async_wait<0>();
+      __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
+      load_tile<BK, W, NT>(sV, gv + (i64)n0 * p.v_row_stride, p.v_row_stride, sk - n0, tid);
+      cp_async_commit();
+    }
+#endif
 
     // S = Q K_j^T
     float s[MS][NS][4];
@@ -259,6 +331,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
           }
     }
 
+#if !LEAN
     // Online softmax, two rows (g, g+8) per slab per thread.
 #pragma unroll
     for (int ms = 0; ms < MS; ++ms) {
@@ -338,10 +411,104 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
         }
       }
     }
+#else
+    // Online softmax, two rows (g, g+8) per slab per thread. P leaves as 16-bit pairs:
+    // pk[ms][n][r] = (P[row g + 8r][n0 + 8n + 2t], P[..][.. + 1]), the A-fragment layout of P V.
+    u32 pk[MS][NS][2];
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_i[ms][r];
+#pragma unroll
+        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[ms][n][2 * r], s[ms][n][2 * r + 1]));
+        mx = quad_max(mx);
+        const float m_scaled = mx == -FA_INF ? 0.0f : mx * sl2;
+        const float alpha = exp2_approx(m_i[ms][r] * sl2 - m_scaled);
+        m_i[ms][r] = mx;
+        float rowsum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          float p0 = exp2_approx(s[ms][n][2 * r] * sl2 - m_scaled);
+          float p1 = exp2_approx(s[ms][n][2 * r + 1] * sl2 - m_scaled);
+          rowsum += p0 + p1;
+          pk[ms][n][r] = pack2<BF16>(p0, p1);
+        }
+        l_i[ms][r] = l_i[ms][r] * alpha + rowsum;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          acc_o[ms][n][2 * r] *= alpha;
+          acc_o[ms][n][2 * r + 1] *= alpha;
+        }
+      }
+    }
+
+    if (HAS_DROPOUT && use_dropout) {  // after the row sums: the LSE is taken before dropout
+#pragma unroll
+      for (int ms = 0; ms < MS; ++ms)
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = m0 + warp_row0 + ms * 16 + g + r * 8;
+            const int j = n0 + n * 8 + 2 * t;  // j and j+1 share one Philox call
+            Philox4 w = philox4x32_10((u32)(j >> 2), (u32)i, (u32)h, (u32)b ^ p.dropout_offset_lo,
+                                      p.dropout_key0, p.dropout_key1);
+            const u32 w0 = (t & 1) ? w.z : w.x, w1 = (t & 1) ? w.w : w.y;
+            // A dropped element is +0 in f16 and bf16 alike: clear its half of the pair.
+            const u32 keep = (w0 < p.dropout_threshold ? 0u : 0x0000ffffu) |
+                             (w1 < p.dropout_threshold ? 0u : 0xffff0000u);
+            pk[ms][n][r] &= keep;
+          }
+    }
+
+    if (STAGES == 1) {
+      cp_async_wait<0>();
+      __syncthreads();  // V_j landed; every warp is done with K_j
+      if (nb + 1 < nb_end) {
+        const int n1 = n0 + BK;
+        load_tile<BK, W, NT>(sK, gk + (i64)n1 * p.k_row_stride, p.k_row_stride, sk - n1, tid);
+        cp_async_commit();
+      }
+    } else if (nb == nb_begin) {
+      cp_async_wait<STAGES - 1>();  // V_0 landed (only tiles 1 .. STAGES-1 may be in flight)
+      __syncthreads();
+    }
+
+    // O += P V_j
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      u32 pa[MS][4];
+#pragma unroll
+      for (int ms = 0; ms < MS; ++ms) {
+        pa[ms][0] = pk[ms][2 * kk][0];
+        pa[ms][1] = pk[ms][2 * kk][1];
+        pa[ms][2] = pk[ms][2 * kk + 1][0];
+        pa[ms][3] = pk[ms][2 * kk + 1][1];
+      }
+#pragma unroll
+      for (int dd = 0; dd < D / 16; ++dd) {
+        u32 vb[4];
+        ldmatrix_x4_trans(vb, v_lane + stage + kk * 16 * W * 16 + v_chunk(dd));
+#pragma unroll
+        for (int ms = 0; ms < MS; ++ms) {
+          mma_16816<BF16>(acc_o[ms][2 * dd], pa[ms], vb[0], vb[1]);
+          mma_16816<BF16>(acc_o[ms][2 * dd + 1], pa[ms], vb[2], vb[3]);
+        }
+      }
+    }
+    if (STAGES >= 2) {
+      stage += KV_STAGE;
+      if (stage == (u32)STAGES * KV_STAGE) stage = 0;
+    }
+#endif
   }
 
   // Epilogue: normalise, write lse, stage O through this warp's own Q rows, store 16 B per lane.
   __syncwarp();  // every lane of this warp is done reading its Q rows
+#if LEAN  // formed here, not held in registers across the main loop
+  FA_OUT_PTRS
+#endif
 #pragma unroll
   for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll

@@ -29,6 +29,16 @@ fn gpu_tol(dtype: DType) -> f64 {
     }
 }
 
+/// `FA2_TEST_TILES=128:128x64w4u2,256:128x32w8s3` runs every case of that head dim on that
+/// tile instead of the table's (tuning: a candidate tile must pass the same checks).
+fn tile_override(head_dim: usize) -> Option<fa2::Tile> {
+    let list = std::env::var("FA2_TEST_TILES").ok()?;
+    list.split(',').find_map(|item| {
+        let (d, t) = item.split_once(':')?;
+        (d.parse::<usize>().ok()? == head_dim).then(|| fa2::Tile::parse(t).expect("FA2_TEST_TILES"))
+    })
+}
+
 /// Runs FA2 into poisoned outputs and returns (out, lse) as f32 host vectors.
 fn run_fa2(g: &Gpu, c: &Case) -> (Vec<f32>, Vec<f32>) {
     let what = c.spec.describe();
@@ -40,7 +50,8 @@ fn run_fa2(g: &Gpu, c: &Case) -> (Vec<f32>, Vec<f32>) {
     let lse = DeviceTensor::alloc(g, DType::F32, &problem.lse_shape()).unwrap();
     out.fill_poison().unwrap();
     lse.fill_poison().unwrap();
-    fa2::forward_into(g, &problem, &q, &k, &v, &out, &lse, c.opts(), None)
+    let tile = tile_override(problem.head_dim);
+    fa2::forward_into(g, &problem, &q, &k, &v, &out, &lse, c.opts(), tile)
         .unwrap_or_else(|e| panic!("{e}: {what}"));
     g.synchronize().unwrap_or_else(|e| panic!("{e}: {what}"));
     let o = out.download().unwrap().to_f32_vec();
@@ -287,4 +298,59 @@ fn tiles_fit_shared_memory() {
         Some("128x64w4s1")
     );
     assert!(fa2::Tile::parse("100x64w4").is_none());
+    let lean = fa2::Tile::parse("128x32w4s3u2l").expect("lean 3-stage tile");
+    assert!(lean.lean && lean.stages == 3 && lean.unroll == 2);
+    assert_eq!(lean.to_string(), "128x32w4s3u2l");
+    assert!(
+        fa2::Tile::parse("128x32w4s3").is_none(),
+        "3 stages need the LEAN loop"
+    );
+}
+
+/// Resource report (registers, spills) of candidate tiles, compiled through NVRTC for sm_80 and
+/// sm_90a in every feature group and dtype (no GPU needed). Tuning aid: set
+/// `FA2_TILE_CANDIDATES=128:128x64w4,256:128x32w8s3` (head_dim:tile, comma separated).
+#[test]
+fn candidate_tile_resources() {
+    let Ok(list) = std::env::var("FA2_TILE_CANDIDATES") else {
+        eprintln!("skipping: set FA2_TILE_CANDIDATES=d:tile,... to report candidate tiles");
+        return;
+    };
+    for item in list.split(',').filter(|s| !s.is_empty()) {
+        let (d, t) = item.split_once(':').expect("d:tile");
+        let d: usize = d.parse().expect("head dim");
+        let tile = fa2::Tile::parse(t).expect("tile");
+        for arch in ["sm_80", "sm_90a"] {
+            for f in Features::ALL {
+                for dtype in [DType::F16, DType::BF16] {
+                    let mut v = Variant::new(d, dtype, f);
+                    v.tile = tile;
+                    let mut spec = v.spec();
+                    // Extra -D switches for experiments, e.g. FA2_EXTRA_DEFINES=S_UNROLL=2.
+                    for kv in std::env::var("FA2_EXTRA_DEFINES")
+                        .unwrap_or_default()
+                        .split(',')
+                    {
+                        if let Some((k, x)) = kv.split_once('=') {
+                            spec = spec.define(k, x);
+                        }
+                    }
+                    match flashattn::cuda::jit::compile(&spec, arch) {
+                        Ok(c) => {
+                            let r = &c.resources;
+                            eprintln!(
+                                "{arch} {}: regs {} spill st/ld {}/{} stack {}",
+                                v.name(),
+                                r.registers,
+                                r.spill_stores,
+                                r.spill_loads,
+                                r.stack_bytes
+                            );
+                        }
+                        Err(e) => eprintln!("{arch} {}: ERROR {e}", v.name()),
+                    }
+                }
+            }
+        }
+    }
 }

@@ -55,8 +55,12 @@ impl Features {
 }
 
 /// A tile shape: `bq` query rows per block (16-row slabs spread over `warps` warps), `bk` keys
-/// per K/V tile, `stages` K/V buffers (2: double-buffered, one barrier per tile), and the
-/// `__launch_bounds__` minimum blocks per SM.
+/// per K/V tile, `stages` K/V buffers (2 or 3: one barrier per tile; 1: two), and the
+/// `__launch_bounds__` minimum blocks per SM, and `unroll`: how many of the head-dim k-steps of
+/// S = Q Kᵀ are unrolled (0 = all; 2 frees the registers that make 128x64w4 at d=128 spill), and
+/// `lean`: the register-lean main loop (kernel switch LEAN: P packed to 16 bits right after the
+/// row sums, output pointers formed in the epilogue, V_0 in its own cp.async group; needed for
+/// `stages` = 3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tile {
     pub bq: usize,
@@ -64,6 +68,8 @@ pub struct Tile {
     pub warps: usize,
     pub stages: usize,
     pub min_blocks: usize,
+    pub unroll: usize,
+    pub lean: bool,
 }
 
 impl Tile {
@@ -74,29 +80,47 @@ impl Tile {
             warps,
             stages: 2,
             min_blocks: 1,
+            unroll: 0,
+            lean: false,
         }
     }
     pub const fn stages(mut self, stages: usize) -> Tile {
         self.stages = stages;
         self
     }
+    pub const fn unroll(mut self, unroll: usize) -> Tile {
+        self.unroll = unroll;
+        self
+    }
+    pub const fn lean(mut self) -> Tile {
+        self.lean = true;
+        self
+    }
     /// Dynamic shared memory: the Q tile plus `stages` K and V tiles, `d` halves per row.
     pub fn smem_bytes(&self, d: usize) -> usize {
         (self.bq + 2 * self.stages * self.bk) * d * 2
     }
-    /// Parses `BQxBKwW[sS]`, e.g. `128x64w8` or `128x64w8s1` (benchmark overrides).
+    /// Parses `BQxBKwW[sS][uU][l]`, e.g. `128x64w8`, `128x64w8s1` or `128x64w4u2l` (`l`: lean;
+    /// benchmark overrides).
     #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; MSRV is 1.80
     pub fn parse(s: &str) -> Option<Tile> {
+        let (s, lean) = match s.strip_suffix('l') {
+            Some(rest) => (rest, true),
+            None => (s, false),
+        };
         let (bq, rest) = s.split_once('x')?;
         let (bk, rest) = rest.split_once('w')?;
+        let (rest, un) = rest.split_once('u').unwrap_or((rest, "0"));
         let (w, st) = rest.split_once('s').unwrap_or((rest, "2"));
-        let t =
-            Tile::new(bq.parse().ok()?, bk.parse().ok()?, w.parse().ok()?).stages(st.parse().ok()?);
+        let t = Tile::new(bq.parse().ok()?, bk.parse().ok()?, w.parse().ok()?)
+            .stages(st.parse().ok()?)
+            .unroll(un.parse().ok()?);
+        let t = Tile { lean, ..t };
         let ok = t.bk % 16 == 0
             && t.warps > 0
             && t.bq % (16 * t.warps) == 0
             && t.bq > 0
-            && (1..=2).contains(&t.stages);
+            && ((1..=2).contains(&t.stages) || (t.lean && t.stages == 3));
         ok.then_some(t)
     }
 }
@@ -107,6 +131,12 @@ impl std::fmt::Display for Tile {
         if self.stages != 2 {
             write!(f, "s{}", self.stages)?;
         }
+        if self.unroll != 0 {
+            write!(f, "u{}", self.unroll)?;
+        }
+        if self.lean {
+            write!(f, "l")?;
+        }
         Ok(())
     }
 }
@@ -114,16 +144,24 @@ impl std::fmt::Display for Tile {
 /// The tile table: per head dim and feature group, the fastest tile measured that compiles
 /// without spills (ptxas -v through NVRTC 13.0, sm_80 and sm_90a, f16 and bf16).
 ///
-/// Measured on an H200 (bf16, 16k tokens, hidden 2048; TFLOP/s at seqlen 16384 non-causal /
-/// causal; bench/RESULTS.md "CUDA FA2 forward"), all with 2 K/V stages:
+/// d=128 plain and mask: chosen by the H100 sweep of 2026-11-26 (device call C2b; bf16, 16k
+/// tokens, hidden 2048; TFLOP/s at seqlen 1k / 4k / 16k, non-causal then causal; `l` = LEAN loop,
+/// `uN` = N k-steps of Q Kᵀ unrolled; bench/RESULTS.md "CUDA FA2 forward", H100 step 4):
+///   non-causal: 128x64w4u4l 342/378/381, 128x64w4u2l 333/357/351, 128x64w4l 349/375/367
+///               (spills), 128x32w4l 305/330/336, 128x32w4s3l 309/331/331, 64x64w4l 280/302/294
+///   causal:     128x64w4u2l 259/351/373, 128x64w4u4l 253/339/364 (spills 40 B on sm_90a),
+///               128x64w4l 271/370/393 (spills), 128x32w4l 226/311/337, 64x64w4l 241/297/297
+///   (the non-LEAN 05:45 defaults on the same H100 model: 128x32w4 321/349/350, 64x64w4 258/312/305).
+/// Every other entry keeps the non-LEAN loop (LEAN measured 5-10% slower there: d=64 128x64w4
+/// 300 vs 318, d=256 128x64w8 299 vs 333 at 16k non-causal) and the H200 sweep below
+/// (TFLOP/s at seqlen 16384 non-causal / causal), all with 2 K/V stages:
 ///   d=32:  128x128w4 241/249, 128x64w4 227/223
 ///   d=64:  128x64w4 307/311, 128x128w8 273/273, 64x64w4 254/275, 128x64w8 242/240
 ///   d=96:  128x32w4 288/302, 128x64w8 262/252
-///   d=128: 128x64w4 335/344 (spills 60 B), 128x32w4 338/334 (mask variant spills 20 B),
-///          64x64w4 294/327, 128x128w8 318/322, 128x64w8 307/308, 128x32w8 247/241;
-///          one stage: 128x64w8s1 253/257
+///   d=128 full: 128x32w4 338/334 (128x64w4 spills 88-276 B with every switch compiled in)
 ///   d=192: 128x64w8 314/322, 128x32w8 261/260
-///   d=256: 128x64w8 305/313, 128x32w8 277/274, 64x32w4 276/283
+///   d=256: 128x64w8 305/313, 128x32w8 277/274, 64x32w4 276/283; on the H100 (C2b, LEAN):
+///          128x64w8 299/312, 128x64w8u4 297/302, 64x32w4 278/275, 128x32w8s3 263/263
 /// Two 16-row slabs per warp (BQ 128 on 4 warps) halve the shared-memory traffic per MMA and
 /// win wherever they fit in 255 registers; elsewhere one slab per warp.
 pub fn tile_for(head_dim: usize, features: Features) -> Tile {
@@ -131,8 +169,9 @@ pub fn tile_for(head_dim: usize, features: Features) -> Tile {
     match (head_dim, features) {
         (32, Plain) => Tile::new(128, 128, 4),
         (32, _) | (64, _) => Tile::new(128, 64, 4),
-        (96, _) | (128, Plain) | (128, Full) => Tile::new(128, 32, 4),
-        (128, Mask) => Tile::new(64, 64, 4),
+        (96, _) | (128, Full) => Tile::new(128, 32, 4),
+        (128, Plain) => Tile::new(128, 64, 4).unroll(4).lean(),
+        (128, Mask) => Tile::new(128, 64, 4).unroll(2).lean(),
         (256, Full) => Tile::new(128, 32, 8),
         _ => Tile::new(128, 64, 8),
     }
@@ -171,10 +210,21 @@ impl Variant {
             .define("N_WARPS", self.tile.warps)
             .define("STAGES", self.tile.stages)
             .define("MIN_BLOCKS", self.tile.min_blocks)
+            .define("S_UNROLL", self.s_unroll())
+            .define("LEAN", self.tile.lean as u32)
             .define("HAS_MASK", mask)
             .define("HAS_SOFTCAP", full)
             .define("HAS_ALIBI", full)
             .define("HAS_DROPOUT", full)
+    }
+
+    /// `#pragma unroll` count of the Q Kᵀ k-loop (64: all of it).
+    fn s_unroll(&self) -> usize {
+        if self.tile.unroll == 0 {
+            64
+        } else {
+            self.tile.unroll
+        }
     }
 
     /// Short name for reports, e.g. `d128 bf16 mask 128x64w8`.
