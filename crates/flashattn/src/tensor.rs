@@ -130,7 +130,8 @@ pub struct Tensor {
     offset: usize,
 }
 
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+/// Row-major element strides of a dense tensor of `shape`.
+pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         strides[i] = strides[i + 1] * shape[i + 1];

@@ -7,7 +7,7 @@
 
 use super::context::{driver_err, Gpu};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Storage, Tensor};
+use crate::tensor::{contiguous_strides, DType, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -166,14 +166,6 @@ pub struct DeviceTensor {
     shape: Vec<usize>,
     strides: Vec<usize>,
     offset: usize,
-}
-
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1usize; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
 }
 
 fn storage_bytes(s: &Storage) -> &[u8] {
