@@ -424,7 +424,10 @@ mod tests {
         assert_eq!(c, vec!["test/axpy.cu", "test/axpy_util.cuh"]);
         for (p, _) in sources().iter().filter(|(p, _)| p.ends_with(".cu")) {
             let c = include_closure(p);
-            assert!(c.is_some(), "{p}: an #include does not resolve to an embedded file");
+            assert!(
+                c.is_some(),
+                "{p}: an #include does not resolve to an embedded file"
+            );
             eprintln!("{p}: {:?}", c.unwrap());
         }
     }
