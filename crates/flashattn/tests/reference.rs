@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas they check
 //! Checks of the f64 reference itself (tests/common): its backward against central finite
 //! differences of its forward, its mask against the SPEC examples, and a few closed forms.
 
