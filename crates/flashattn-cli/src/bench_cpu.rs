@@ -182,6 +182,64 @@ pub fn gemm_rate(n: usize, threads: usize, repeats: usize) -> f64 {
     2.0 * (n as f64).powi(3) / t / 1e9
 }
 
+/// Rows of head `hi` of batch entry `bi` of a contiguous `[b, s, h, d]` tensor, packed `[s, d]`.
+fn gather_head(src: &[f32], bi: usize, hi: usize, s: usize, h: usize, d: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; s * d];
+    for r in 0..s {
+        let o = ((bi * s + r) * h + hi) * d;
+        t[r * d..r * d + d].copy_from_slice(&src[o..o + d]);
+    }
+    t
+}
+
+/// Writes packed `[s, d]` blocks, one per (batch, head), back into a `[b, s, h, d]` tensor.
+fn scatter_heads(parts: &[Vec<f32>], b: usize, s: usize, h: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; b * s * h * d];
+    for (bh, o) in parts.iter().enumerate() {
+        let (bi, hi) = (bh / h, bh % h);
+        for r in 0..s {
+            let dst = ((bi * s + r) * h + hi) * d;
+            out[dst..dst + d].copy_from_slice(&o[r * d..r * d + d]);
+        }
+    }
+    out
+}
+
+/// The materialised probabilities `P = softmax(scale · Q Kᵀ)` (`[sq, sk]`, causal bottom-right);
+/// rows with no visible key are all zero.
+fn naive_probs(qq: &[f32], kk: &[f32], sq: usize, sk: usize, d: usize, causal: bool) -> Vec<f32> {
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut s = vec![0.0f32; sq * sk];
+    tile::matmul(
+        sq,
+        sk,
+        d,
+        &mut s,
+        sk,
+        Mat::rows(qq, d),
+        Mat::trans(kk, d),
+        false,
+    );
+    for i in 0..sq {
+        let row = &mut s[i * sk..i * sk + sk];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = if causal && j + sq > i + sk {
+                f32::NEG_INFINITY
+            } else {
+                *x * scale
+            };
+        }
+        let m = tile::max_of(row);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let l = tile::exp_sub_sum(row, m);
+        tile::scale_in_place(row, 1.0 / l);
+    }
+    s
+}
+
 /// Naive attention: the full `sq × sk` score matrix per (batch, head) with the same gemm,
 /// a plain softmax, then `P V`. f32 dense inputs `[b, s, h, d]` (contiguous), MHA only.
 pub fn naive_forward(
@@ -193,48 +251,14 @@ pub fn naive_forward(
     causal: bool,
 ) -> Vec<f32> {
     let [b, sq, h, d] = shape;
-    let scale = 1.0 / (d as f32).sqrt();
     let parts: Vec<Vec<f32>> = (0..b * h)
         .into_par_iter()
         .map(|bh| {
             let (bi, hi) = (bh / h, bh % h);
-            let gather = |src: &[f32], s: usize| {
-                let mut t = vec![0.0f32; s * d];
-                for r in 0..s {
-                    let o = ((bi * s + r) * h + hi) * d;
-                    t[r * d..r * d + d].copy_from_slice(&src[o..o + d]);
-                }
-                t
-            };
-            let (qq, kk, vv) = (gather(q, sq), gather(k, sk), gather(v, sk));
-            let mut s = vec![0.0f32; sq * sk];
-            tile::matmul(
-                sq,
-                sk,
-                d,
-                &mut s,
-                sk,
-                Mat::rows(&qq, d),
-                Mat::trans(&kk, d),
-                false,
-            );
-            for i in 0..sq {
-                let row = &mut s[i * sk..i * sk + sk];
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = if causal && j + sq > i + sk {
-                        f32::NEG_INFINITY
-                    } else {
-                        *x * scale
-                    };
-                }
-                let m = tile::max_of(row);
-                if m == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    continue;
-                }
-                let l = tile::exp_sub_sum(row, m);
-                tile::scale_in_place(row, 1.0 / l);
-            }
+            let qq = gather_head(q, bi, hi, sq, h, d);
+            let kk = gather_head(k, bi, hi, sk, h, d);
+            let vv = gather_head(v, bi, hi, sk, h, d);
+            let p = naive_probs(&qq, &kk, sq, sk, d, causal);
             let mut o = vec![0.0f32; sq * d];
             tile::matmul(
                 sq,
@@ -242,22 +266,99 @@ pub fn naive_forward(
                 sk,
                 &mut o,
                 d,
-                Mat::rows(&s, sk),
+                Mat::rows(&p, sk),
                 Mat::rows(&vv, d),
                 false,
             );
             o
         })
         .collect();
-    let mut out = vec![0.0f32; b * sq * h * d];
-    for (bh, o) in parts.iter().enumerate() {
-        let (bi, hi) = (bh / h, bh % h);
-        for r in 0..sq {
-            let dst = ((bi * sq + r) * h + hi) * d;
-            out[dst..dst + d].copy_from_slice(&o[r * d..r * d + d]);
-        }
-    }
-    out
+    scatter_heads(&parts, b, sq, h, d)
+}
+
+/// Naive backward with the same materialisation: `P` (recomputed, `[sq, sk]`), `dV = Pᵀ dO`,
+/// `dP = dO Vᵀ` (`[sq, sk]`), `dS = P ∘ (dP − rowsum(dO ∘ O))`, `dQ = scale · dS K`,
+/// `dK = scale · dSᵀ Q`. Returns `(dq, dk, dv)` in the layout of the inputs (`sq == sk` here).
+pub fn naive_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    shape: [usize; 4],
+    sk: usize,
+    causal: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let [b, sq, h, d] = shape;
+    let scale = 1.0 / (d as f32).sqrt();
+    let parts: Vec<[Vec<f32>; 3]> = (0..b * h)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let qq = gather_head(q, bi, hi, sq, h, d);
+            let kk = gather_head(k, bi, hi, sk, h, d);
+            let vv = gather_head(v, bi, hi, sk, h, d);
+            let dd = gather_head(dout, bi, hi, sq, h, d);
+            let p = naive_probs(&qq, &kk, sq, sk, d, causal);
+            let mut dv = vec![0.0f32; sk * d];
+            tile::matmul(
+                sk,
+                d,
+                sq,
+                &mut dv,
+                d,
+                Mat::trans(&p, sk),
+                Mat::rows(&dd, d),
+                false,
+            );
+            let mut ds = vec![0.0f32; sq * sk];
+            tile::matmul(
+                sq,
+                sk,
+                d,
+                &mut ds,
+                sk,
+                Mat::rows(&dd, d),
+                Mat::trans(&vv, d),
+                false,
+            );
+            // rowsum(dO ∘ O) = rowsum(P ∘ dP), so O need not be formed.
+            for i in 0..sq {
+                let (pr, dr) = (&p[i * sk..i * sk + sk], &mut ds[i * sk..i * sk + sk]);
+                let di: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                for (x, &pv) in dr.iter_mut().zip(pr) {
+                    *x = pv * (*x - di) * scale;
+                }
+            }
+            let mut dq = vec![0.0f32; sq * d];
+            tile::matmul(
+                sq,
+                d,
+                sk,
+                &mut dq,
+                d,
+                Mat::rows(&ds, sk),
+                Mat::rows(&kk, d),
+                false,
+            );
+            let mut dk = vec![0.0f32; sk * d];
+            tile::matmul(
+                sk,
+                d,
+                sq,
+                &mut dk,
+                d,
+                Mat::trans(&ds, sk),
+                Mat::rows(&qq, d),
+                false,
+            );
+            [dq, dk, dv]
+        })
+        .collect();
+    let pick = |i: usize, s: usize| {
+        let v: Vec<Vec<f32>> = parts.iter().map(|p| p[i].clone()).collect();
+        scatter_heads(&v, b, s, h, d)
+    };
+    (pick(0, sq), pick(1, sk), pick(2, sk))
 }
 
 struct Row {
@@ -269,6 +370,7 @@ struct Row {
     fwd: f64,
     naive: Option<f64>,
     bwd: Option<f64>,
+    naive_bwd: Option<f64>,
     /// GEMM GFLOP/s timed alternately with fwd / with bwd.
     gemm_f: f64,
     gemm_b: Option<f64>,
@@ -325,6 +427,15 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                     )?;
                     (Some(2.5 * flops / tb / 1e9), Some(gflop / tg / 1e9))
                 };
+                let naive_bwd = if args.no_naive || args.no_backward {
+                    None
+                } else {
+                    let df = dout.to_f32_vec();
+                    let tn = time_it(args.repeats, || {
+                        Ok(naive_backward(&qf, &kf, &vf, &df, shape, s, causal))
+                    })?;
+                    Some(2.5 * flops / tn / 1e9)
+                };
                 rows.push(Row {
                     d,
                     seqlen: s,
@@ -334,6 +445,7 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                     fwd: flops / tf / 1e9,
                     naive,
                     bwd,
+                    naive_bwd,
                     gemm_f,
                     gemm_b,
                 });
@@ -356,9 +468,10 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
                 s.push(',');
             }
             s.push_str(&format!(
-                "{{\"d\":{},\"seqlen\":{},\"batch\":{},\"heads\":{},\"causal\":{},\"fwd_gflops\":{:.3},\"naive_gflops\":{},\"bwd_gflops\":{},\"fwd_over_naive\":{},\"gemm_gflops_fwd\":{:.3},\"gemm_gflops_bwd\":{},\"fwd_over_gemm\":{:.4},\"bwd_over_gemm\":{}}}",
+                "{{\"d\":{},\"seqlen\":{},\"batch\":{},\"heads\":{},\"causal\":{},\"fwd_gflops\":{:.3},\"naive_gflops\":{},\"bwd_gflops\":{},\"naive_bwd_gflops\":{},\"fwd_over_naive\":{},\"bwd_over_naive\":{},\"gemm_gflops_fwd\":{:.3},\"gemm_gflops_bwd\":{},\"fwd_over_gemm\":{:.4},\"bwd_over_gemm\":{}}}",
                 r.d, r.seqlen, r.batch, r.heads, r.causal, r.fwd, js(r.naive), js(r.bwd),
-                js(r.naive.map(|n| r.fwd / n)), r.gemm_f, js(r.gemm_b), r.fwd / r.gemm_f,
+                js(r.naive_bwd), js(r.naive.map(|n| r.fwd / n)),
+                js(r.bwd.zip(r.naive_bwd).map(|(b, n)| b / n)), r.gemm_f, js(r.gemm_b), r.fwd / r.gemm_f,
                 js(r.bwd.zip(r.gemm_b).map(|(b, g)| b / g))
             ));
         }
@@ -376,11 +489,11 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
         n = args.gemm_size,
         m = args.row_gemm_size
     );
-    s.push_str("|   d | seqlen | batch | heads | causal |    fwd |  naive | fwd/naive |   GEMM | fwd/GEMM |    bwd | bwd/GEMM |\n");
-    s.push_str("|----:|-------:|------:|------:|:------:|-------:|-------:|----------:|-------:|---------:|-------:|---------:|\n");
+    s.push_str("|   d | seqlen | batch | heads | causal |    fwd |  naive | fwd/naive |   GEMM | fwd/GEMM |    bwd | naive bwd | bwd/naive | bwd/GEMM |\n");
+    s.push_str("|----:|-------:|------:|------:|:------:|-------:|-------:|----------:|-------:|---------:|-------:|----------:|----------:|---------:|\n");
     for r in &rows {
         s.push_str(&format!(
-            "| {:>3} | {:>6} | {:>5} | {:>5} | {:^6} | {:>6.2} | {:>6} | {:>9} | {:>6.2} | {:>7.1}% | {:>6} | {:>8} |\n",
+            "| {:>3} | {:>6} | {:>5} | {:>5} | {:^6} | {:>6.2} | {:>6} | {:>9} | {:>6.2} | {:>7.1}% | {:>6} | {:>9} | {:>9} | {:>8} |\n",
             r.d,
             r.seqlen,
             r.batch,
@@ -392,6 +505,11 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
             r.gemm_f,
             100.0 * r.fwd / r.gemm_f,
             opt(r.bwd),
+            opt(r.naive_bwd),
+            r.bwd
+                .zip(r.naive_bwd)
+                .map(|(b, n)| format!("{:.2}x", b / n))
+                .unwrap_or_else(|| "-".into()),
             r.bwd
                 .zip(r.gemm_b)
                 .map(|(b, g)| format!("{:.1}%", 100.0 * b / g))
@@ -473,4 +591,39 @@ fn run_long(args: &CpuBenchArgs, n: usize, threads: usize) -> Result<String, Err
         _ => s.push_str("peak memory: /proc/self/status not readable on this system\n"),
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The naive baselines compute real attention: they match flashattn on a causal case.
+    #[test]
+    fn naive_baselines_match_flashattn() {
+        let shape = [2, 37, 3, 16];
+        let n: usize = shape.iter().product();
+        let (qf, kf, vf, df) = (
+            rand_vec(n, 1),
+            rand_vec(n, 2),
+            rand_vec(n, 3),
+            rand_vec(n, 4),
+        );
+        let t = |x: &[f32]| Tensor::from_f32(x.to_vec(), &shape).unwrap();
+        let (q, k, v, dout) = (t(&qf), t(&kf), t(&vf), t(&df));
+        let qkv = Qkv::dense(&q, &k, &v);
+        let opts = AttnOptions::new().causal(true);
+        let f = forward(&qkv, &opts, Device::Cpu).unwrap();
+        let g = backward(&qkv, &f.out, &f.lse, &dout, &opts, Device::Cpu).unwrap();
+        let rel = |a: &[f32], b: &[f32]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+            (num / den).sqrt()
+        };
+        let o = naive_forward(&qf, &kf, &vf, shape, 37, true);
+        assert!(rel(&o, &f.out.to_f32_vec()) < 1e-5);
+        let (dq, dk, dv) = naive_backward(&qf, &kf, &vf, &df, shape, 37, true);
+        assert!(rel(&dq, &g.dq.to_f32_vec()) < 1e-4);
+        assert!(rel(&dk, &g.dk.to_f32_vec()) < 1e-4);
+        assert!(rel(&dv, &g.dv.to_f32_vec()) < 1e-4);
+    }
 }
