@@ -5,6 +5,7 @@
 //! reports its peak memory.
 
 use flashattn::cpu::tile::{self, Mat};
+use flashattn::tensor::random_values;
 use flashattn::{backward, forward, AttnOptions, DType, Device, Error, Problem, Qkv, Tensor};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -93,18 +94,6 @@ fn parse_dtype(s: &str) -> Result<DType, Error> {
     }
 }
 
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 static USE_MIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -157,8 +146,8 @@ fn time_pair<R, S>(
 /// A square f32 GEMM of size n (the same `gemm` code, `threads` threads) as a closure, for
 /// timing next to attention; returns its FLOPs.
 fn gemm_job(n: usize, threads: usize) -> (impl FnMut() -> Result<(), Error>, f64) {
-    let a = rand_vec(n * n, 5);
-    let b = rand_vec(n * n, 6);
+    let a = random_values(n * n, 5);
+    let b = random_values(n * n, 6);
     let mut c = vec![0.0f32; n * n];
     (
         move || {
@@ -171,8 +160,8 @@ fn gemm_job(n: usize, threads: usize) -> (impl FnMut() -> Result<(), Error>, f64
 
 /// f32 GEMM GFLOP/s of the `gemm` crate on an n×n×n product with `threads` rayon threads.
 pub fn gemm_rate(n: usize, threads: usize, repeats: usize) -> f64 {
-    let a = rand_vec(n * n, 1);
-    let b = rand_vec(n * n, 2);
+    let a = random_values(n * n, 1);
+    let b = random_values(n * n, 2);
     let mut c = vec![0.0f32; n * n];
     let t = time_it(repeats, || {
         tile::matmul_parallel(n, n, n, &mut c, &a, &b, threads);
@@ -393,13 +382,13 @@ fn run_sweep(args: &CpuBenchArgs, threads: usize) -> Result<String, Error> {
             let heads = (args.hidden / d.max(1)).max(1);
             let shape = [batch, s, heads, d];
             let n = batch * s * heads * d;
-            let qf = rand_vec(n, 11 + s as u64);
-            let kf = rand_vec(n, 12 + d as u64);
-            let vf = rand_vec(n, 13);
+            let qf = random_values(n, 11 + s as u64);
+            let kf = random_values(n, 12 + d as u64);
+            let vf = random_values(n, 13);
             let q = Tensor::from_f32_as(&qf, &shape, dtype)?;
             let k = Tensor::from_f32_as(&kf, &shape, dtype)?;
             let v = Tensor::from_f32_as(&vf, &shape, dtype)?;
-            let dout = Tensor::from_f32_as(&rand_vec(n, 14), &shape, dtype)?;
+            let dout = Tensor::from_f32_as(&random_values(n, 14), &shape, dtype)?;
             for &causal in &masks {
                 let opts = AttnOptions::new().causal(causal);
                 let qkv = Qkv::dense(&q, &k, &v);
@@ -534,9 +523,9 @@ fn mem_status() -> Option<(u64, u64)> {
 fn run_long(args: &CpuBenchArgs, n: usize, threads: usize) -> Result<String, Error> {
     let d = 128;
     let shape = [1, n, 1, d];
-    let q = Tensor::from_f32(rand_vec(n * d, 1), &shape)?;
-    let k = Tensor::from_f32(rand_vec(n * d, 2), &shape)?;
-    let v = Tensor::from_f32(rand_vec(n * d, 3), &shape)?;
+    let q = Tensor::from_f32(random_values(n * d, 1), &shape)?;
+    let k = Tensor::from_f32(random_values(n * d, 2), &shape)?;
+    let v = Tensor::from_f32(random_values(n * d, 3), &shape)?;
     // Reset the high-water mark so that it measures the forward alone (Linux >= 4.0).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = mem_status();
@@ -603,10 +592,10 @@ mod tests {
         let shape = [2, 37, 3, 16];
         let n: usize = shape.iter().product();
         let (qf, kf, vf, df) = (
-            rand_vec(n, 1),
-            rand_vec(n, 2),
-            rand_vec(n, 3),
-            rand_vec(n, 4),
+            random_values(n, 1),
+            random_values(n, 2),
+            random_values(n, 3),
+            random_values(n, 4),
         );
         let t = |x: &[f32]| Tensor::from_f32(x.to_vec(), &shape).unwrap();
         let (q, k, v, dout) = (t(&qf), t(&kf), t(&vf), t(&df));

@@ -66,26 +66,6 @@ struct Row {
     finite: bool,
 }
 
-/// Non-zero pseudo-random values in [-1, 1] (xorshift), rounded to `dtype`.
-fn rand_tensor(dtype: DType, shape: &[usize], seed: u64) -> Result<Tensor, Error> {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let x = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-            if x.abs() < 1e-3 {
-                0.5
-            } else {
-                x
-            }
-        })
-        .collect();
-    Tensor::from_f32_as(&v, shape, dtype)
-}
-
 fn parse_family(s: &str) -> Result<Family, Error> {
     match s {
         "auto" => Ok(Family::Auto),
@@ -200,9 +180,9 @@ fn memory_report(
 ) -> Result<String, Error> {
     let (b, h, d) = (1usize, 16usize, 128usize);
     let shape = [b, seqlen, h, d];
-    let q = DeviceTensor::upload(gpu, &rand_tensor(dtype, &shape, 11)?)?;
-    let k = DeviceTensor::upload(gpu, &rand_tensor(dtype, &shape, 12)?)?;
-    let v = DeviceTensor::upload(gpu, &rand_tensor(dtype, &shape, 13)?)?;
+    let q = DeviceTensor::upload(gpu, &Tensor::random(dtype, &shape, 11))?;
+    let k = DeviceTensor::upload(gpu, &Tensor::random(dtype, &shape, 12))?;
+    let v = DeviceTensor::upload(gpu, &Tensor::random(dtype, &shape, 13))?;
     let opts = AttnOptions::new().causal(true);
     let qt = Tensor::zeros(dtype, &shape);
     let problem = Problem::new(&Qkv::dense(&qt, &qt, &qt), &opts)?;
@@ -287,7 +267,7 @@ pub fn run(args: &CudaBenchArgs) -> Result<String, Error> {
             if t < n_tensors {
                 set.push(DeviceTensor::upload(
                     &gpu,
-                    &rand_tensor(dtype, &[max_elems], seed)?,
+                    &Tensor::random(dtype, &[max_elems], seed),
                 )?);
             } else {
                 set.push(set[0].clone());

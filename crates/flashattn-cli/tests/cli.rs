@@ -21,20 +21,6 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn rand_tensor(dtype: DType, shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let vals: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_f32_as(&vals, shape, dtype).unwrap()
-}
-
 enum Entry {
     T(Tensor),
     I32(Vec<i32>),
@@ -169,12 +155,12 @@ fn assert_fails_untouched(dir: &Path, args_without_output: &[&str], needle: &str
 fn dense_input(dir: &Path, dtype: DType, with_dout: bool) -> PathBuf {
     let input = dir.join("in.safetensors");
     let mut e = vec![
-        ("q", Entry::T(rand_tensor(dtype, &[2, 33, 4, 16], 1))),
-        ("k", Entry::T(rand_tensor(dtype, &[2, 40, 2, 16], 2))),
-        ("v", Entry::T(rand_tensor(dtype, &[2, 40, 2, 16], 3))),
+        ("q", Entry::T(Tensor::random(dtype, &[2, 33, 4, 16], 1))),
+        ("k", Entry::T(Tensor::random(dtype, &[2, 40, 2, 16], 2))),
+        ("v", Entry::T(Tensor::random(dtype, &[2, 40, 2, 16], 3))),
     ];
     if with_dout {
-        e.push(("dout", Entry::T(rand_tensor(dtype, &[2, 33, 4, 16], 4))));
+        e.push(("dout", Entry::T(Tensor::random(dtype, &[2, 33, 4, 16], 4))));
     }
     write_st(&input, e);
     input
@@ -226,9 +212,9 @@ fn forward_round_trip_matches_library() {
         assert_eq!(got.len(), 2);
         assert_eq!(got["out"].0, sdt);
         assert_eq!(got["lse"].0, Dtype::F32);
-        let q = rand_tensor(dtype, &[2, 33, 4, 16], 1);
-        let k = rand_tensor(dtype, &[2, 40, 2, 16], 2);
-        let v = rand_tensor(dtype, &[2, 40, 2, 16], 3);
+        let q = Tensor::random(dtype, &[2, 33, 4, 16], 1);
+        let k = Tensor::random(dtype, &[2, 40, 2, 16], 2);
+        let v = Tensor::random(dtype, &[2, 40, 2, 16], 3);
         let opts = AttnOptions::new()
             .causal(true)
             .window(-1, 0)
@@ -248,9 +234,9 @@ fn varlen_alibi_round_trip() {
     let dir = tmpdir("varlen");
     let input = dir.join("in.safetensors");
     let (q, k, v) = (
-        rand_tensor(DType::BF16, &[9, 4, 8], 5),
-        rand_tensor(DType::BF16, &[12, 1, 8], 6),
-        rand_tensor(DType::BF16, &[12, 1, 8], 7),
+        Tensor::random(DType::BF16, &[9, 4, 8], 5),
+        Tensor::random(DType::BF16, &[12, 1, 8], 6),
+        Tensor::random(DType::BF16, &[12, 1, 8], 7),
     );
     let (cq, ck) = (vec![0, 4, 4, 9], vec![0, 3, 10, 12]);
     let slopes: Vec<f32> = (0..12).map(|i| 0.05 * i as f32).collect();
@@ -299,10 +285,10 @@ fn backward_round_trip_matches_library() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = read_st(&output);
     assert_eq!(got.len(), 3);
-    let q = rand_tensor(dtype, &[2, 33, 4, 16], 1);
-    let k = rand_tensor(dtype, &[2, 40, 2, 16], 2);
-    let v = rand_tensor(dtype, &[2, 40, 2, 16], 3);
-    let dout = rand_tensor(dtype, &[2, 33, 4, 16], 4);
+    let q = Tensor::random(dtype, &[2, 33, 4, 16], 1);
+    let k = Tensor::random(dtype, &[2, 40, 2, 16], 2);
+    let v = Tensor::random(dtype, &[2, 40, 2, 16], 3);
+    let dout = Tensor::random(dtype, &[2, 33, 4, 16], 4);
     let opts = AttnOptions::new()
         .softcap(3.0)
         .dropout(0.1, 5)
@@ -411,8 +397,8 @@ fn error_missing_tensor() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(rand_tensor(DType::F32, &[1, 4, 1, 8], 1))),
-            ("k", Entry::T(rand_tensor(DType::F32, &[1, 4, 1, 8], 2))),
+            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 1, 8], 1))),
+            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 1, 8], 2))),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "`v`");
@@ -428,23 +414,23 @@ fn error_bad_shapes() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(rand_tensor(DType::F32, &[1, 4, 3, 8], 1))),
-            ("k", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 2))),
-            ("v", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 3))),
+            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 3, 8], 1))),
+            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 2))),
+            ("v", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 3))),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "heads");
     write_st(
         &input,
         vec![
-            ("q", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 1))),
-            ("k", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 2))),
-            ("v", Entry::T(rand_tensor(DType::F32, &[1, 5, 2, 8], 3))),
+            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 1))),
+            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 2))),
+            ("v", Entry::T(Tensor::random(DType::F32, &[1, 5, 2, 8], 3))),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "`v`");
     // Bad cu_seqlens, and only one of the pair.
-    let qv = || Entry::T(rand_tensor(DType::F32, &[6, 2, 8], 1));
+    let qv = || Entry::T(Tensor::random(DType::F32, &[6, 2, 8], 1));
     write_st(
         &input,
         vec![
@@ -470,9 +456,9 @@ fn error_bad_shapes() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 1))),
-            ("k", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 2))),
-            ("v", Entry::T(rand_tensor(DType::F32, &[1, 4, 2, 8], 3))),
+            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 1))),
+            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 2))),
+            ("v", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 3))),
             ("alibi_slopes", Entry::F32(vec![0.1; 3], vec![3])),
         ],
     );
@@ -498,8 +484,11 @@ fn error_bad_shapes() {
             ("k", k),
             ("v", v),
             ("dout", dout),
-            ("out", Entry::T(rand_tensor(DType::F32, &[2, 33, 4, 16], 8))),
-            ("lse", Entry::T(rand_tensor(DType::F32, &[2, 33, 4], 9))),
+            (
+                "out",
+                Entry::T(Tensor::random(DType::F32, &[2, 33, 4, 16], 8)),
+            ),
+            ("lse", Entry::T(Tensor::random(DType::F32, &[2, 33, 4], 9))),
         ],
     );
     assert_fails_untouched(&dir, &["backward", "--input", p(&bad)], "`lse`");
@@ -556,8 +545,8 @@ fn error_wrong_dtype() {
         &input,
         vec![
             ("q", Entry::Raw(Dtype::F64, vec![1, 2, 1, 4], vec![0u8; 64])),
-            ("k", Entry::T(rand_tensor(DType::F32, &[1, 2, 1, 4], 2))),
-            ("v", Entry::T(rand_tensor(DType::F32, &[1, 2, 1, 4], 3))),
+            ("k", Entry::T(Tensor::random(DType::F32, &[1, 2, 1, 4], 2))),
+            ("v", Entry::T(Tensor::random(DType::F32, &[1, 2, 1, 4], 3))),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "`q`");
@@ -565,14 +554,14 @@ fn error_wrong_dtype() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(rand_tensor(DType::F32, &[1, 2, 1, 4], 1))),
-            ("k", Entry::T(rand_tensor(DType::BF16, &[1, 2, 1, 4], 2))),
-            ("v", Entry::T(rand_tensor(DType::BF16, &[1, 2, 1, 4], 3))),
+            ("q", Entry::T(Tensor::random(DType::F32, &[1, 2, 1, 4], 1))),
+            ("k", Entry::T(Tensor::random(DType::BF16, &[1, 2, 1, 4], 2))),
+            ("v", Entry::T(Tensor::random(DType::BF16, &[1, 2, 1, 4], 3))),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "dtype");
     // cu_seqlens as f32.
-    let qv = || Entry::T(rand_tensor(DType::F32, &[6, 2, 8], 1));
+    let qv = || Entry::T(Tensor::random(DType::F32, &[6, 2, 8], 1));
     write_st(
         &input,
         vec![

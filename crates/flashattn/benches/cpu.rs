@@ -5,20 +5,6 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flashattn::{backward, forward, AttnOptions, DType, Device, Problem, Qkv, Tensor};
 
-fn rand_tensor(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_f32_as(&v, shape, dtype).unwrap()
-}
-
 fn bench_cpu(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu");
     g.sample_size(10);
@@ -29,10 +15,10 @@ fn bench_cpu(c: &mut Criterion) {
         (DType::BF16, 512, 128, true),
     ] {
         let shape = [1, s, 2, d];
-        let q = rand_tensor(&shape, dtype, 1);
-        let k = rand_tensor(&shape, dtype, 2);
-        let v = rand_tensor(&shape, dtype, 3);
-        let dout = rand_tensor(&shape, dtype, 4);
+        let q = Tensor::random(dtype, &shape, 1);
+        let k = Tensor::random(dtype, &shape, 2);
+        let v = Tensor::random(dtype, &shape, 3);
+        let dout = Tensor::random(dtype, &shape, 4);
         let qkv = Qkv::dense(&q, &k, &v);
         let opts = AttnOptions::new().causal(causal);
         let flops = Problem::new(&qkv, &opts).unwrap().forward_flops();

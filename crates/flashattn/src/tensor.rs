@@ -139,6 +139,26 @@ pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     strides
 }
 
+/// `n` deterministic pseudo-random values in `[-1, 1]` (xorshift64 seeded by `seed`), never
+/// within 1e-3 of zero: inputs for benchmarks, examples and tests, where zeros would hide
+/// unwritten outputs and wrong indexing.
+pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let x = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            if x.abs() < 1e-3 {
+                0.5
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
 impl Tensor {
     /// A contiguous tensor over `storage`; its length must equal the product of `shape`.
     pub fn new(storage: Storage, shape: &[usize]) -> Result<Self> {
@@ -208,6 +228,18 @@ impl Tensor {
     pub fn from_f32_as(data: &[f32], shape: &[usize], dtype: DType) -> Result<Self> {
         Tensor::new(Storage::from_f32_slice(dtype, data), shape)
     }
+    /// A contiguous tensor of [`random_values`] rounded to `dtype`.
+    pub fn random(dtype: DType, shape: &[usize], seed: u64) -> Self {
+        let n: usize = shape.iter().product();
+        let storage = Storage::from_f32_slice(dtype, &random_values(n, seed));
+        Tensor {
+            storage,
+            strides: contiguous_strides(shape),
+            shape: shape.to_vec(),
+            offset: 0,
+        }
+    }
+
     /// A contiguous tensor of zeros.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Self {
         let n: usize = shape.iter().product();

@@ -3,20 +3,8 @@
 
 use crate::layout::{Problem, Qkv};
 use crate::options::{AlibiSlopes, AttnOptions};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{random_values, DType, Tensor};
 use crate::{backward, forward, Device};
-
-fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x1234_5678;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Naive f64 attention over logical (row-major) f32 data. Returns out, lse, dq, dk, dv.
 #[allow(clippy::type_complexity)]
@@ -150,7 +138,7 @@ fn check(
         cu_seqlens: cu,
     };
     let f = forward(&qkv, opts, Device::Cpu).unwrap();
-    let dout = Tensor::from_f32_as(&rnd(q.numel(), 99), q.shape(), q.dtype()).unwrap();
+    let dout = Tensor::from_f32_as(&random_values(q.numel(), 99), q.shape(), q.dtype()).unwrap();
     let (out, lse, dq, dk, dv) = naive(&qkv, opts, &dout.to_f32_vec());
     assert!(rel(&f.out, &out) < tol, "out err {}", rel(&f.out, &out));
     let gl = f.lse.to_f32_vec();
@@ -209,9 +197,20 @@ fn dense(
     dt: DType,
     seed: u64,
 ) -> (Tensor, Tensor, Tensor) {
-    let q = Tensor::from_f32_as(&rnd(b * sq * hq * d, seed), &[b, sq, hq, d], dt).unwrap();
-    let k = Tensor::from_f32_as(&rnd(b * sk * hk * d, seed + 1), &[b, sk, hk, d], dt).unwrap();
-    let v = Tensor::from_f32_as(&rnd(b * sk * hk * d, seed + 2), &[b, sk, hk, d], dt).unwrap();
+    let q =
+        Tensor::from_f32_as(&random_values(b * sq * hq * d, seed), &[b, sq, hq, d], dt).unwrap();
+    let k = Tensor::from_f32_as(
+        &random_values(b * sk * hk * d, seed + 1),
+        &[b, sk, hk, d],
+        dt,
+    )
+    .unwrap();
+    let v = Tensor::from_f32_as(
+        &random_values(b * sk * hk * d, seed + 2),
+        &[b, sk, hk, d],
+        dt,
+    )
+    .unwrap();
     (q, k, v)
 }
 
@@ -275,9 +274,9 @@ fn varlen_and_strided() {
     let cq = [0, 3, 3, 80, 81];
     let ck = [0, 5, 9, 9, 140];
     let (hq, hk, d) = (4, 1, 16);
-    let q = Tensor::from_f32(rnd(81 * hq * d, 1), &[81, hq, d]).unwrap();
-    let k = Tensor::from_f32(rnd(140 * hk * d, 2), &[140, hk, d]).unwrap();
-    let v = Tensor::from_f32(rnd(140 * hk * d, 3), &[140, hk, d]).unwrap();
+    let q = Tensor::from_f32(random_values(81 * hq * d, 1), &[81, hq, d]).unwrap();
+    let k = Tensor::from_f32(random_values(140 * hk * d, 2), &[140, hk, d]).unwrap();
+    let v = Tensor::from_f32(random_values(140 * hk * d, 3), &[140, hk, d]).unwrap();
     for opts in [
         AttnOptions::new(),
         AttnOptions::new().causal(true).dropout(0.1, 3),
@@ -286,7 +285,7 @@ fn varlen_and_strided() {
     }
     // A fused-QKV style strided view: [b, s, 3, h, d] with q/k/v slices.
     let (b, s, h) = (2, 37, 2);
-    let data = rnd(b * s * 3 * h * d, 8);
+    let data = random_values(b * s * 3 * h * d, 8);
     let mk = |which: usize| {
         Tensor::strided(
             crate::tensor::Storage::F32(data.clone()),
