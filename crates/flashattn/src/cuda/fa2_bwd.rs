@@ -352,6 +352,31 @@ pub fn backward(
     dout: &DeviceTensor,
     opts: &AttnOptions,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+    // The kernels write every element of dq, dk, dv (dk/dv rows that no query sees get zeros
+    // from the main kernel), so no memsets.
+    let dq = DeviceTensor::uninit(gpu, problem.dtype, &problem.q_shape)?;
+    let dk = DeviceTensor::uninit(gpu, problem.dtype, &problem.k_shape)?;
+    let dv = DeviceTensor::uninit(gpu, problem.dtype, &problem.k_shape)?;
+    backward_into(gpu, problem, q, k, v, out, lse, dout, opts, [&dq, &dk, &dv])?;
+    Ok((dq, dk, dv))
+}
+
+/// The launches of [`backward`] into caller-owned contiguous `[dq, dk, dv]` (shapes of q, k, v,
+/// input dtype). Every element is written, so tests can NaN-poison them first.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    dout: &DeviceTensor,
+    opts: &AttnOptions,
+    grads: [&DeviceTensor; 3],
+) -> Result<()> {
+    let [dq, dk, dv] = grads;
     let dtype = problem.dtype;
     let d = problem.head_dim;
     let arch = gpu.arch();
@@ -383,22 +408,24 @@ pub fn backward(
             format!("one of {HEAD_DIMS:?} for the FA2 backward"),
         ));
     }
-    if problem.total_q == 0 || problem.total_k == 0 || problem.heads_q == 0 || problem.batch == 0 {
-        let dq = DeviceTensor::alloc(gpu, dtype, &problem.q_shape)?;
-        let dk = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
-        let dv = DeviceTensor::alloc(gpu, dtype, &problem.k_shape)?;
-        return Ok((dq, dk, dv)); // zeros
+    for (name, t, shape) in [
+        ("dq", dq, &problem.q_shape),
+        ("dk", dk, &problem.k_shape),
+        ("dv", dv, &problem.k_shape),
+    ] {
+        if t.dtype() != dtype || t.shape() != shape.as_slice() || !t.is_contiguous() {
+            return Err(Error::invalid(
+                name,
+                format!("{} {:?} strides {:?}", t.dtype(), t.shape(), t.strides()),
+                format!("a contiguous {dtype} tensor of shape {shape:?}"),
+            ));
+        }
     }
-    // The kernels write every element of dq, dk, dv (dk/dv rows that no query sees get zeros
-    // from the main kernel), so no memsets.
-    let dq = DeviceTensor::uninit(gpu, dtype, &problem.q_shape)?;
-    let dk = DeviceTensor::uninit(gpu, dtype, &problem.k_shape)?;
-    let dv = DeviceTensor::uninit(gpu, dtype, &problem.k_shape)?;
-    if std::env::var_os("FLASHATTN_BWD_POISON").is_some() {
-        // Tests: NaN-fill the outputs so that any element the kernels miss shows up.
-        dq.fill_poison()?;
-        dk.fill_poison()?;
-        dv.fill_poison()?;
+    if problem.total_q == 0 || problem.total_k == 0 || problem.heads_q == 0 || problem.batch == 0 {
+        for t in grads {
+            t.fill_zero()?;
+        }
+        return Ok(());
     }
     let varlen = problem.varlen;
     let (q_b, q_r, q_h) = strides3("q", q, varlen, dtype, d)?;
@@ -625,5 +652,5 @@ pub fn backward(
     }
     // The temporaries are freed stream-ordered (cuMemFreeAsync) after the kernels that read them.
     drop((dsum, dq_accum, cu_q, cu_k, alibi));
-    Ok((dq, dk, dv))
+    Ok(())
 }
