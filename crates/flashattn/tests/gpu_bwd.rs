@@ -117,26 +117,18 @@ fn check_case(case: &Case, det: bool) -> Errs {
         vs_ref: [0.0; 3],
         vs_cpu: [0.0; 3],
     };
+    // Errors relative to each gradient's norm, but never to less than 1e-3 of ‖dV‖ (the
+    // backward's natural scale, which does not cancel): below that, dq and dk are rounding
+    // noise (e.g. one key: dS = P (dP − D) = 0 in exact arithmetic) on every backend.
+    let floor = 1e-3 * refs[2].iter().map(|w| w * w).sum::<f64>().sqrt();
     for i in 0..3 {
-        e.vs_ref[i] = rel_err(&got[i], &refs[i]);
+        e.vs_ref[i] = rel_err_floor(&got[i], &refs[i], floor);
         let c64: Vec<f64> = cpu[i].iter().map(|&x| x as f64).collect();
-        e.vs_cpu[i] = rel_err(&got[i], &c64);
+        e.vs_cpu[i] = rel_err_floor(&got[i], &c64, floor);
     }
     let tol = bwd_tol(case.spec.dtype);
     let names = ["dq", "dk", "dv"];
     for i in 0..3 {
-        let cpu_vs_ref = rel_err(&cpu[i], &refs[i]);
-        if e.vs_ref[i] <= tol && e.vs_cpu[i] > tol && cpu_vs_ref > tol {
-            // The GPU matches float64 but the CPU backward does not (seen where the gradient
-            // cancels, e.g. sk = 1, where dS = P (dP - D) is only rounding): not a GPU error.
-            eprintln!(
-                "note: {} GPU vs f64 {:.3e} but CPU vs f64 {cpu_vs_ref:.3e}: {}",
-                names[i],
-                e.vs_ref[i],
-                case.spec.describe()
-            );
-            continue;
-        }
         assert!(
             e.vs_ref[i] <= tol && e.vs_cpu[i] <= tol,
             "{} (det={det}): vs f64 {:.3e}, vs CPU {:.3e} > {tol:e}\n{}",

@@ -261,3 +261,12 @@ fn backward_given_exact_out_is_backward() {
         assert!(worst < 1e-12, "{worst}");
     }
 }
+
+/// The floor only changes the denominator of near-zero targets; real differences still fail.
+#[test]
+fn rel_err_floor_semantics() {
+    assert_eq!(rel_err_floor(&[2.0, 0.0], &[1.0, 0.0], 1e-3), 1.0);
+    assert!((rel_err_floor(&[1e-6, 0.0], &[0.0, 0.0], 1.0) - 1e-6).abs() < 1e-12);
+    assert!((rel_err_floor(&[0.5, 0.0], &[0.0, 0.0], 1.0) - 0.5).abs() < 1e-12);
+    assert_eq!(rel_err_floor(&[f32::NAN], &[0.0], 1.0), f64::INFINITY);
+}

@@ -196,6 +196,29 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     }
 }
 
+/// Like [`rel_err`], but relative to `max(‖want‖, floor)`: for a gradient that cancels to
+/// (almost) zero — e.g. dq, dk with one key, where `dS = P (dP − D)` is pure rounding — the
+/// relative error of two rounding-noise vectors means nothing; `floor` (a fraction of the
+/// problem's natural gradient scale, such as `1e-3 · ‖dV‖`) says below what size a difference is
+/// noise. NaN and inf mismatches still give `INFINITY`.
+pub fn rel_err_floor(got: &[f32], want: &[f64], floor: f64) -> f64 {
+    let e = rel_err(got, want);
+    if !e.is_finite() {
+        return e;
+    }
+    let norm = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+    if norm >= floor {
+        return e;
+    }
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w) * (g as f64 - w))
+        .sum::<f64>()
+        .sqrt();
+    diff / floor
+}
+
 /// LSE error: `-inf` must match `-inf` exactly (and any non-finite mismatch or NaN gives
 /// `INFINITY`); otherwise the largest `|got − want| / max(1, |want|)`.
 pub fn lse_err(got: &[f32], want: &[f64]) -> f64 {
