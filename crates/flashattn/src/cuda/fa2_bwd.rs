@@ -136,7 +136,7 @@ fn tiled_spec(
     det: bool,
 ) -> KernelSpec {
     let mut spec = base_spec(entry, d, bf16);
-    // Tuning only: FLASHATTN_BWD_RED4=0|1 forces the dQ atomic width (default: v4 on sm_90+).
+    // Tuning only: FLASHATTN_BWD_RED4=1 selects .v4 dQ atomics (default .v2, measured faster).
     if let Ok(v) = std::env::var("FLASHATTN_BWD_RED4") {
         spec = spec.define("FA_RED4", (v == "1") as u8);
     }
@@ -499,9 +499,10 @@ pub fn backward_into(
     } else {
         ((problem.heads_q * sq) as i64, sq as i64)
     };
-    let grid_env = std::env::var("FLASHATTN_BWD_GRID").unwrap_or_default();
-    let kfirst = grid_env != "heads";
-    let rotate = kfirst && grid_env != "blocks";
+    // Grid (key blocks, heads, batch) with the Q-tile walk rotated per key block: CTAs resident
+    // together share one head's Q/dO/dQ in L2 (+3..+51% over (heads, batch, blocks) on the H100,
+    // bench/RESULTS.md). The kernel still reads both choices from `flags`.
+    let (kfirst, rotate) = (true, true);
     let mut p = BwdParams {
         q: q.ptr(),
         k: k.ptr(),
@@ -587,9 +588,8 @@ pub fn backward_into(
     };
     // Grid: (kv blocks, heads_k, batch) by default, so that the CTAs running together share
     // their Q, dO and dQ rows in L2 (as FA2); with a causal mask block 0 is the heaviest and
-    // starts first within each head. FLASHATTN_BWD_GRID=heads (tuning): the earlier order
-    // (heads_k, batch, kv blocks); `blocks` / `rot` (default): key blocks first, without / with
-    // the rotated Q-tile walk.
+    // starts first within each head. (The A/B against (heads_k, batch, kv blocks) and against
+    // no rotation is in bench/RESULTS.md; those orders are no longer selectable here.)
     let n_kb = problem.max_sk.div_ceil(t.bc);
     let grid_main = if kfirst {
         (
