@@ -63,23 +63,41 @@ fn run_case(gpu: &Gpu, c: &Case, seed: u64) -> (f64, f64) {
     let qkv = Qkv::dense(&q, &k, &v);
     let problem = Problem::new(&qkv, &opts).expect("valid problem");
     assert!(fa3::supports(gpu, &problem), "fa3 must support this case");
-    let (dq, dk, dv) = (
-        DeviceTensor::upload(gpu, &q).unwrap(),
-        DeviceTensor::upload(gpu, &k).unwrap(),
-        DeviceTensor::upload(gpu, &v).unwrap(),
-    );
-    let out = DeviceTensor::alloc(gpu, c.dtype, &problem.q_shape).unwrap();
+    launch_and_compare(gpu, &qkv, &opts, &problem)
+}
+
+/// Runs `fa3::forward_into_with` into NaN-poisoned `out`/`lse` and returns the (out, lse)
+/// errors against the f64 reference; a failed launch counts as an infinite error.
+fn launch_and_compare(
+    gpu: &Gpu,
+    qkv: &Qkv<'_>,
+    opts: &AttnOptions,
+    problem: &Problem,
+) -> (f64, f64) {
+    let up = |t: &Tensor| DeviceTensor::upload(gpu, t).unwrap();
+    let (q, k, v) = (up(qkv.q), up(qkv.k), up(qkv.v));
+    let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape).unwrap();
     let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
     out.fill_poison().unwrap();
     lse.fill_poison().unwrap();
-    if let Err(e) = fa3::forward_into(gpu, &problem, &dq, &dk, &dv, &out, &lse) {
+    let r = fa3::forward_into_with(
+        gpu,
+        problem,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        opts.alibi_slopes.as_ref(),
+    );
+    if let Err(e) = r {
         eprintln!("fa3 launch failed: {e}");
         return (f64::INFINITY, f64::INFINITY);
     }
     gpu.synchronize().expect("fa3 kernel ran");
     let got = out.download().unwrap().to_f32_vec();
     let got_lse = lse.download().unwrap().to_f32_vec();
-    let (want, want_lse) = ref_forward(&qkv, &opts);
+    let (want, want_lse) = ref_forward(qkv, opts);
     (rel_err(&got, &want), lse_err(&got_lse, &want_lse))
 }
 
@@ -238,34 +256,7 @@ fn run_feat(gpu: &Gpu, c: &FeatCase, rng: &mut Rng) -> (f64, f64) {
     };
     let problem = Problem::new(&qkv, &opts).expect("valid problem");
     assert!(fa3::covers(gpu, &problem), "fa3 must cover {}", c.label());
-    let (dq, dk, dv) = (
-        DeviceTensor::upload(gpu, &q).unwrap(),
-        DeviceTensor::upload(gpu, &k).unwrap(),
-        DeviceTensor::upload(gpu, &v).unwrap(),
-    );
-    let out = DeviceTensor::alloc(gpu, c.dtype, &problem.q_shape).unwrap();
-    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
-    out.fill_poison().unwrap();
-    lse.fill_poison().unwrap();
-    let r = fa3::forward_into_with(
-        gpu,
-        &problem,
-        &dq,
-        &dk,
-        &dv,
-        &out,
-        &lse,
-        opts.alibi_slopes.as_ref(),
-    );
-    if let Err(e) = r {
-        eprintln!("fa3 launch failed: {e}");
-        return (f64::INFINITY, f64::INFINITY);
-    }
-    gpu.synchronize().expect("fa3 kernel ran");
-    let got = out.download().unwrap().to_f32_vec();
-    let got_lse = lse.download().unwrap().to_f32_vec();
-    let (want, want_lse) = ref_forward(&qkv, &opts);
-    (rel_err(&got, &want), lse_err(&got_lse, &want_lse))
+    launch_and_compare(gpu, &qkv, &opts, &problem)
 }
 
 /// Sliding windows, softcap, ALiBi and varlen (and their mixes) against the f64 reference.
