@@ -121,18 +121,14 @@ fn check_case(case: &Case, det: bool) -> Errs {
     // backward's natural scale, which does not cancel): below that, dq and dk are rounding
     // noise (e.g. one key: dS = P (dP − D) = 0 in exact arithmetic) on every backend.
     let floor = 1e-3 * refs[2].iter().map(|w| w * w).sum::<f64>().sqrt();
-    for i in 0..3 {
+    let tol = bwd_tol(case.spec.dtype);
+    for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
         e.vs_ref[i] = rel_err_floor(&got[i], &refs[i], floor);
         let c64: Vec<f64> = cpu[i].iter().map(|&x| x as f64).collect();
         e.vs_cpu[i] = rel_err_floor(&got[i], &c64, floor);
-    }
-    let tol = bwd_tol(case.spec.dtype);
-    let names = ["dq", "dk", "dv"];
-    for i in 0..3 {
         assert!(
             e.vs_ref[i] <= tol && e.vs_cpu[i] <= tol,
-            "{} (det={det}): vs f64 {:.3e}, vs CPU {:.3e} > {tol:e}\n{}",
-            names[i],
+            "{name} (det={det}): vs f64 {:.3e}, vs CPU {:.3e} > {tol:e}\n{}",
             e.vs_ref[i],
             e.vs_cpu[i],
             case.spec.describe()
