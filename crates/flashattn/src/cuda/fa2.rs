@@ -12,6 +12,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::context::{driver_err, Gpu};
 use super::jit::KernelSpec;
+use super::operand::{check_lse, row_strides_16b};
 use super::tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::layout::Problem;
@@ -434,63 +435,12 @@ fn prepare(
     lse: &DeviceTensor,
     opts: &AttnOptions,
 ) -> Result<Prepared> {
-    for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
-        if t.dtype() != problem.dtype {
-            return Err(Error::invalid(name, t.dtype(), problem.dtype));
-        }
-        let want: &[usize] = if name == "k" || name == "v" {
-            &problem.k_shape
-        } else {
-            &problem.q_shape
-        };
-        if t.shape() != want {
-            return Err(Error::invalid(
-                name,
-                format!("shape {:?}", t.shape()),
-                format!("{want:?}"),
-            ));
-        }
-        let s = t.strides();
-        if t.numel() > 0 && s[s.len() - 1] != 1 {
-            return Err(Error::invalid(
-                name,
-                "a non-contiguous last dim",
-                "stride 1",
-            ));
-        }
-        // 16-byte loads and stores: rows and heads must start 16-byte aligned.
-        let misaligned = t.ptr() % 16 != 0 || s[..s.len() - 1].iter().any(|&x| x % 8 != 0);
-        if misaligned && t.numel() > 0 {
-            return Err(Error::invalid(
-                name,
-                "a view not aligned to 16 bytes",
-                "16-byte aligned rows (strides multiple of 8 elements)",
-            ));
-        }
-    }
-    if lse.dtype() != DType::F32
-        || lse.shape() != problem.lse_shape().as_slice()
-        || !lse.is_contiguous()
-    {
-        return Err(Error::invalid(
-            "lse",
-            format!("{} {:?}", lse.dtype(), lse.shape()),
-            format!("contiguous f32 {:?}", problem.lse_shape()),
-        ));
-    }
-    // (batch, row, head) strides of a [b, s, h, d] or packed [t, h, d] tensor.
-    let bsh = |t: &DeviceTensor| -> (i64, i64, i64) {
-        let s = t.strides();
-        if problem.varlen {
-            (0, s[0] as i64, s[1] as i64)
-        } else {
-            (s[0] as i64, s[1] as i64, s[2] as i64)
-        }
-    };
-    let (qb, qr, qh) = bsh(q);
-    let (kb, kr, kh) = bsh(k);
-    let (vb, vr, vh) = bsh(v);
-    let (ob, or, oh) = bsh(out);
+    let (dt, vl) = (problem.dtype, problem.varlen);
+    let (qb, qr, qh) = row_strides_16b("q", q, &problem.q_shape, dt, vl)?;
+    let (kb, kr, kh) = row_strides_16b("k", k, &problem.k_shape, dt, vl)?;
+    let (vb, vr, vh) = row_strides_16b("v", v, &problem.k_shape, dt, vl)?;
+    let (ob, or, oh) = row_strides_16b("out", out, &problem.q_shape, dt, vl)?;
+    check_lse(lse, problem)?;
 
     let mut p = FwdParams {
         q: q.ptr(),

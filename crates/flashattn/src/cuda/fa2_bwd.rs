@@ -13,6 +13,7 @@
 
 use super::context::{driver_err, Gpu};
 use super::jit::KernelSpec;
+use super::operand::{check_lse, row_strides_16b};
 use super::tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::layout::Problem;
@@ -259,62 +260,6 @@ struct BwdParams {
 // exact layout of the CUDA struct; the kernels only read it.
 unsafe impl cudarc::driver::DeviceRepr for BwdParams {}
 
-/// (batch, row, head) element strides of a `[b, s, h, d]` or varlen `[t, h, d]` device tensor,
-/// checked for what cp.async needs (last dim contiguous, 16-byte aligned rows).
-fn strides3(
-    name: &str,
-    t: &DeviceTensor,
-    varlen: bool,
-    dtype: DType,
-    d: usize,
-) -> Result<(i64, i64, i64)> {
-    if t.dtype() != dtype {
-        return Err(Error::invalid(
-            name,
-            format!("dtype {}", t.dtype()),
-            format!("dtype {dtype}"),
-        ));
-    }
-    let s = t.strides();
-    let rank = if varlen { 3 } else { 4 };
-    if t.shape().len() != rank || t.shape()[rank - 1] != d {
-        return Err(Error::invalid(
-            name,
-            format!("shape {:?}", t.shape()),
-            format!("rank {rank}, head_dim {d}"),
-        ));
-    }
-    if s[rank - 1] != 1 && d > 1 {
-        return Err(Error::invalid(
-            name,
-            format!("last-dim stride {}", s[rank - 1]),
-            "1",
-        ));
-    }
-    let (b, r, h) = if varlen {
-        (0, s[0], s[1])
-    } else {
-        (s[0], s[1], s[2])
-    };
-    let shape = t.shape();
-    // Strides of size-1 dimensions never matter; the others must keep 16-byte alignment.
-    let dims_ok = [
-        (b, if varlen { 1 } else { shape[0] }),
-        (r, shape[rank - 3]),
-        (h, shape[rank - 2]),
-    ]
-    .iter()
-    .all(|&(st, n)| n <= 1 || st % 8 == 0);
-    if !dims_ok || !t.ptr().is_multiple_of(16) {
-        return Err(Error::invalid(
-            name,
-            format!("strides {:?} at device address {:#x}", s, t.ptr()),
-            "16-byte aligned rows (strides multiples of 8 elements) for the FA2 backward",
-        ));
-    }
-    Ok((b as i64, r as i64, h as i64))
-}
-
 fn launch(
     gpu: &Gpu,
     spec: &KernelSpec,
@@ -428,26 +373,13 @@ pub fn backward_into(
         return Ok(());
     }
     let varlen = problem.varlen;
-    let (q_b, q_r, q_h) = strides3("q", q, varlen, dtype, d)?;
-    let (k_b, k_r, k_h) = strides3("k", k, varlen, dtype, d)?;
-    let (v_b, v_r, v_h) = strides3("v", v, varlen, dtype, d)?;
-    let (o_b, o_r, o_h) = strides3("out", out, varlen, dtype, d)?;
-    let (do_b, do_r, do_h) = strides3("dout", dout, varlen, dtype, d)?;
-    if lse.dtype() != DType::F32
-        || lse.shape() != problem.lse_shape().as_slice()
-        || !lse.is_contiguous()
-    {
-        return Err(Error::invalid(
-            "lse",
-            format!(
-                "{} {:?} strides {:?}",
-                lse.dtype(),
-                lse.shape(),
-                lse.strides()
-            ),
-            format!("a contiguous f32 tensor {:?}", problem.lse_shape()),
-        ));
-    }
+    let (qs, ks) = (&problem.q_shape, &problem.k_shape);
+    let (q_b, q_r, q_h) = row_strides_16b("q", q, qs, dtype, varlen)?;
+    let (k_b, k_r, k_h) = row_strides_16b("k", k, ks, dtype, varlen)?;
+    let (v_b, v_r, v_h) = row_strides_16b("v", v, ks, dtype, varlen)?;
+    let (o_b, o_r, o_h) = row_strides_16b("out", out, qs, dtype, varlen)?;
+    let (do_b, do_r, do_h) = row_strides_16b("dout", dout, qs, dtype, varlen)?;
+    check_lse(lse, problem)?;
 
     let det = opts.deterministic;
     let feats = Features::of(problem, opts);

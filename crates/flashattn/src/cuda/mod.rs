@@ -14,6 +14,7 @@ pub mod fa3;
 pub mod jit;
 pub mod loader;
 mod nvrtc;
+mod operand;
 pub mod report;
 pub mod tensor;
 
