@@ -255,7 +255,11 @@ fn run_feat(gpu: &Gpu, c: &FeatCase, rng: &mut Rng) -> (f64, f64) {
         Qkv::dense(&q, &k, &v)
     };
     let problem = Problem::new(&qkv, &opts).expect("valid problem");
-    assert!(fa3::covers(gpu, &problem), "fa3 must cover {}", c.label());
+    assert!(
+        fa3::supports(gpu, &problem),
+        "fa3 must support {}",
+        c.label()
+    );
     launch_and_compare(gpu, &qkv, &opts, &problem)
 }
 
@@ -426,19 +430,18 @@ fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
     let opts = AttnOptions::new().causal(true);
     let p = Problem::new(&Qkv::dense(&q, &q, &q), &opts).unwrap();
     assert!(fa3::supports(&gpu, &p));
-    // Unsupported by fa3: head dim 80, windows, softcap.
+    // Unsupported by fa3: head dim 80.
     let q80 = rand_tensor(DType::BF16, &[1, 64, 2, 80], 1);
     let p80 = Problem::new(&Qkv::dense(&q80, &q80, &q80), &opts).unwrap();
     assert!(!fa3::supports(&gpu, &p80));
-    // Windows and softcap: supported once the extended paths are switched on.
+    // Windows and softcap run in the kernel's full mode.
     let pw = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().window(16, 0)).unwrap();
-    assert_eq!(fa3::supports(&gpu, &pw), fa3::EXTENDED);
-    assert!(fa3::covers(&gpu, &pw));
+    assert!(fa3::supports(&gpu, &pw));
     let ps = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().softcap(30.0)).unwrap();
-    assert_eq!(fa3::supports(&gpu, &ps), fa3::EXTENDED);
+    assert!(fa3::supports(&gpu, &ps));
     // Dropout stays with FA2.
     let pd = Problem::new(&Qkv::dense(&q, &q, &q), &AttnOptions::new().dropout(0.1, 7)).unwrap();
-    assert!(!fa3::supports(&gpu, &pd) && !fa3::covers(&gpu, &pd));
+    assert!(!fa3::supports(&gpu, &pd));
     // Family::Fa3 through the device dispatcher runs and matches the reference.
     let (dq, _) = (DeviceTensor::upload(&gpu, &q).unwrap(), ());
     let (out, _lse) =

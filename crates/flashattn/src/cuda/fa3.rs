@@ -16,6 +16,7 @@
 
 use super::context::{driver_err, Gpu};
 use super::jit::KernelSpec;
+use super::operand::check_lse;
 use super::tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::layout::Problem;
@@ -218,28 +219,10 @@ fn needs_full(problem: &Problem, alibi: bool) -> bool {
 /// Longest sequence (either side) the kernel takes: window arithmetic stays inside i32.
 const MAX_LEN: usize = 1 << 28;
 
-/// Whether the window/softcap/ALiBi ("full" mode) and varlen paths are part of [`supports`]
-/// (on: they passed `gpu_fa3` on an H100, 2026-11-26; see bench/RESULTS.md).
-pub const EXTENDED: bool = true;
-
-/// Whether FA3 handles `problem` on `gpu` exactly (anything else must go to FA2).
+/// Whether FA3 handles `problem` on `gpu` exactly (anything else must go to FA2): the kernel's
+/// whole envelope, ALiBi included (window/softcap/ALiBi and varlen passed `gpu_fa3` on an H100,
+/// 2026-11-26; see bench/RESULTS.md).
 pub fn supports(gpu: &Gpu, problem: &Problem) -> bool {
-    let arch = gpu.arch();
-    if !(arch.major == 9 && arch.minor == 0) {
-        return false;
-    }
-    if !matches!(problem.dtype, DType::BF16 | DType::F16) {
-        return false;
-    }
-    if !EXTENDED && (problem.varlen || needs_full(problem, false)) {
-        return false;
-    }
-    covers(gpu, problem)
-}
-
-/// The kernel's whole envelope (what [`forward_into_with`] runs), ALiBi included; [`supports`]
-/// is this minus the paths not yet switched on ([`EXTENDED`]).
-pub fn covers(gpu: &Gpu, problem: &Problem) -> bool {
     let arch = gpu.arch();
     if !(arch.major == 9 && arch.minor == 0) {
         return false;
@@ -413,11 +396,7 @@ pub fn forward(
     v: &DeviceTensor,
     opts: &AttnOptions,
 ) -> Result<(DeviceTensor, DeviceTensor)> {
-    if opts.alibi_slopes.is_some() && !EXTENDED {
-        // The ALiBi path is not switched on yet; `supports` cannot see options.
-        return super::fa2::forward(gpu, problem, q, k, v, opts);
-    }
-    if !covers(gpu, problem) {
+    if !supports(gpu, problem) {
         return Err(Error::unsupported(
             gpu.device_name(),
             "problem",
@@ -462,7 +441,7 @@ pub fn forward_into(
     forward_into_with(gpu, problem, q, k, v, out, lse, None)
 }
 
-/// [`forward_into`] with ALiBi slopes; runs anything [`covers`] accepts (varlen: `out` packed
+/// [`forward_into`] with ALiBi slopes; runs anything [`supports`] accepts (varlen: `out` packed
 /// like q, `lse` `[heads_q, total_q]`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_into_with(
@@ -484,16 +463,7 @@ pub fn forward_into_with(
             "q's dtype and shape",
         ));
     }
-    if lse.shape() != problem.lse_shape().as_slice()
-        || lse.dtype() != DType::F32
-        || !lse.is_contiguous()
-    {
-        return Err(Error::invalid(
-            "lse",
-            format!("{} {:?}", lse.dtype(), lse.shape()),
-            "contiguous f32 [batch, heads_q, sq] or [heads_q, total_q]",
-        ));
-    }
+    check_lse(lse, problem)?;
     if problem.batch == 0 || sq == 0 || problem.heads_q == 0 {
         return Ok(());
     }
