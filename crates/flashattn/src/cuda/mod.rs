@@ -41,23 +41,6 @@ pub enum Family {
     Fa3,
 }
 
-impl Family {
-    /// `FLASHATTN_FAMILY=fa2|fa3|auto` (default auto): lets tests and benchmarks pin a family
-    /// through the host API.
-    pub fn from_env() -> Result<Family> {
-        match std::env::var("FLASHATTN_FAMILY").as_deref() {
-            Err(_) | Ok("") | Ok("auto") => Ok(Family::Auto),
-            Ok("fa2") => Ok(Family::Fa2),
-            Ok("fa3") => Ok(Family::Fa3),
-            Ok(other) => Err(Error::invalid(
-                "FLASHATTN_FAMILY",
-                other,
-                "auto, fa2 or fa3",
-            )),
-        }
-    }
-}
-
 /// Forward on device tensors: `(out, lse)`.
 pub fn forward_device(
     gpu: &Gpu,
@@ -134,7 +117,6 @@ pub fn forward_host(
     inputs: &Qkv<'_>,
     opts: &AttnOptions,
 ) -> Result<ForwardOutput> {
-    let family = Family::from_env()?;
     let gpu = Gpu::get(ordinal)?;
     check_dtype(&gpu, problem.dtype)?;
     if inputs.q.numel() == 0 || problem.seqs.iter().all(|s| s.sk == 0) {
@@ -148,7 +130,7 @@ pub fn forward_host(
     let q = DeviceTensor::upload(&gpu, inputs.q)?;
     let k = DeviceTensor::upload(&gpu, inputs.k)?;
     let v = DeviceTensor::upload(&gpu, inputs.v)?;
-    let (out, lse) = forward_device(&gpu, problem, &q, &k, &v, opts, family)?;
+    let (out, lse) = forward_device(&gpu, problem, &q, &k, &v, opts, Family::Auto)?;
     Ok(ForwardOutput {
         out: out.download()?,
         lse: lse.download()?,
@@ -165,7 +147,6 @@ pub fn backward_host(
     dout: &Tensor,
     opts: &AttnOptions,
 ) -> Result<Gradients> {
-    let family = Family::from_env()?;
     let gpu = Gpu::get(ordinal)?;
     check_dtype(&gpu, problem.dtype)?;
     if inputs.q.numel() == 0 || inputs.k.numel() == 0 {
@@ -178,7 +159,7 @@ pub fn backward_host(
     let up = |t: &Tensor| DeviceTensor::upload(&gpu, t);
     let (q, k, v) = (up(inputs.q)?, up(inputs.k)?, up(inputs.v)?);
     let (o, l, d) = (up(out)?, up(lse)?, up(dout)?);
-    let (dq, dk, dv) = backward_device(&gpu, problem, &q, &k, &v, &o, &l, &d, opts, family)?;
+    let (dq, dk, dv) = backward_device(&gpu, problem, &q, &k, &v, &o, &l, &d, opts, Family::Auto)?;
     Ok(Gradients {
         dq: dq.download()?,
         dk: dk.download()?,
