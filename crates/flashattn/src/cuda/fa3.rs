@@ -303,7 +303,7 @@ fn bshd(t: &DeviceTensor) -> ([usize; 4], [usize; 4]) {
     }
 }
 
-fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Result<[u64; 16]> {
+pub(super) fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Result<[u64; 16]> {
     let (sh, _) = bshd(t);
     if !matches!(t.shape().len(), 3 | 4) || sh.contains(&0) {
         return Err(Error::invalid(
