@@ -1,4 +1,6 @@
-//! FA2 backward on the GPU (kernels/sm80/bwd.cu, cuda/fa2_bwd.rs).
+//! The GPU backward: the FA2 kernels (kernels/sm80/bwd.cu, cuda/fa2_bwd.rs) and, on sm 9.0, the
+//! Hopper main kernel (kernels/sm90/bwd.cu, cuda/fa3_bwd.rs). Every case it supports runs
+//! through both main kernels (`Family::Fa2` and `Family::Fa3`), so neither hides behind the other.
 //!
 //! - every shipped variant compiles (NVRTC only, no GPU needed) with its register/spill report;
 //! - against the float64 reference gradients (on the same rounded inputs, with `D` from the
@@ -15,9 +17,9 @@
 mod common;
 
 use common::*;
-use flashattn::cuda::fa2_bwd;
 use flashattn::cuda::jit;
-use flashattn::cuda::{loader, DeviceTensor, Gpu};
+use flashattn::cuda::{fa2_bwd, fa3_bwd};
+use flashattn::cuda::{loader, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Device, Error, Problem, Qkv, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,11 +47,14 @@ fn run_case(
     dout: &Tensor,
     device: Device,
     det: bool,
+    family: Family,
 ) -> Result<(flashattn::Gradients, Tensor), Error> {
     let opts = case.opts().clone().deterministic(det);
     let fwd = flashattn::forward(&case.qkv(), &opts, Device::Cpu)?;
     let g = match device {
-        Device::Cuda(_) => gpu_backward_poisoned(&case.qkv(), &fwd.out, &fwd.lse, dout, &opts)?,
+        Device::Cuda(_) => {
+            gpu_backward_poisoned(&case.qkv(), &fwd.out, &fwd.lse, dout, &opts, family)?
+        }
         Device::Cpu => flashattn::backward(&case.qkv(), &fwd.out, &fwd.lse, dout, &opts, device)?,
     };
     Ok((g, fwd.out))
@@ -63,6 +68,7 @@ fn gpu_backward_poisoned(
     lse: &Tensor,
     dout: &Tensor,
     opts: &AttnOptions,
+    family: Family,
 ) -> Result<flashattn::Gradients, Error> {
     if qkv.q.numel() == 0 || qkv.k.numel() == 0 {
         return flashattn::backward(qkv, out, lse, dout, opts, Device::Cuda(0));
@@ -91,6 +97,7 @@ fn gpu_backward_poisoned(
         &d,
         opts,
         [&dq, &dk, &dv],
+        family,
     )?;
     Ok(flashattn::Gradients {
         dq: dq.download()?,
@@ -104,11 +111,45 @@ struct Errs {
     vs_cpu: [f64; 3],
 }
 
+/// The main kernels that can run `case`: FA2 always; the Hopper one too where it supports it.
+fn families(case: &Case, det: bool) -> Vec<Family> {
+    let gpu = Gpu::get(0).expect("gpu");
+    let opts = case.opts().clone().deterministic(det);
+    let hopper = Problem::new(&case.qkv(), &opts)
+        .map(|p| fa3_bwd::supports(&gpu, &p, &opts))
+        .unwrap_or(false);
+    if hopper {
+        vec![Family::Fa2, Family::Fa3]
+    } else {
+        vec![Family::Fa2]
+    }
+}
+
+/// `check_case_with` for every main kernel that can run `case`; returns the worst errors.
 fn check_case(case: &Case, det: bool) -> Errs {
+    let mut worst = Errs {
+        vs_ref: [0.0; 3],
+        vs_cpu: [0.0; 3],
+    };
+    for fam in families(case, det) {
+        let e = check_case_with(case, det, fam);
+        for i in 0..3 {
+            worst.vs_ref[i] = worst.vs_ref[i].max(e.vs_ref[i]);
+            worst.vs_cpu[i] = worst.vs_cpu[i].max(e.vs_cpu[i]);
+        }
+    }
+    worst
+}
+
+fn check_case_with(case: &Case, det: bool, family: Family) -> Errs {
     let dout = case.dout();
-    let (g, out) = run_case(case, &dout, Device::Cuda(0), det)
-        .unwrap_or_else(|e| panic!("GPU backward failed: {e}\n{}", case.spec.describe()));
-    let (cg, _) = run_case(case, &dout, Device::Cpu, det).expect("CPU backward");
+    let (g, out) = run_case(case, &dout, Device::Cuda(0), det, family).unwrap_or_else(|e| {
+        panic!(
+            "GPU backward ({family:?}) failed: {e}\n{}",
+            case.spec.describe()
+        )
+    });
+    let (cg, _) = run_case(case, &dout, Device::Cpu, det, family).expect("CPU backward");
     let (rq, rk, rv) = case.ref_backward_given_out(&dout, &out);
     let got = [g.dq.to_f32_vec(), g.dk.to_f32_vec(), g.dv.to_f32_vec()];
     let cpu = [cg.dq.to_f32_vec(), cg.dk.to_f32_vec(), cg.dv.to_f32_vec()];
@@ -128,7 +169,7 @@ fn check_case(case: &Case, det: bool) -> Errs {
         e.vs_cpu[i] = rel_err_floor(&got[i], &c64, floor);
         assert!(
             e.vs_ref[i] <= tol && e.vs_cpu[i] <= tol,
-            "{name} (det={det}): vs f64 {:.3e}, vs CPU {:.3e} > {tol:e}\n{}",
+            "{name} ({family:?}, det={det}): vs f64 {:.3e}, vs CPU {:.3e} > {tol:e}\n{}",
             e.vs_ref[i],
             e.vs_cpu[i],
             case.spec.describe()
@@ -149,7 +190,8 @@ fn bwd_variants_compile() {
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
     for arch in ["sm_80", "sm_90a"] {
-        let specs = fa2_bwd::all_variants(arch);
+        let mut specs = fa2_bwd::all_variants(arch);
+        specs.extend(fa3_bwd::all_variants(arch));
         assert!(!specs.is_empty());
         for spec in specs {
             // Base: bf16, no dropout/softcap/ALiBi, not deterministic (causal included).
@@ -165,7 +207,7 @@ fn bwd_variants_compile() {
                 let d = spec
                     .defines
                     .iter()
-                    .find(|(n, _)| n == "FA_D")
+                    .find(|(n, _)| n == "FA_D" || n == "FB_D")
                     .map(|(_, v)| v);
                 if !d.is_some_and(|d| ds.contains(d)) || !spec.entry.contains("main") {
                     continue;
@@ -176,6 +218,10 @@ fn bwd_variants_compile() {
             let c = jit::compile(&spec, arch)
                 .unwrap_or_else(|e| panic!("{arch} {}: {e}", spec.label()));
             let r = c.resources;
+            // ptxas says so when it must serialise wgmma (an async operand it cannot prove safe).
+            for l in c.log.lines().filter(|l| l.contains("wgmma")) {
+                eprintln!("{arch} {}: {l}", spec.label());
+            }
             eprintln!(
                 "{arch} {:<80} regs {:>3} spill {:>4}/{:<4} stack {:>4}  ({:.1}s)",
                 spec.label(),
@@ -325,6 +371,113 @@ fn bwd_edge_cases() {
     }
 }
 
+/// Shapes aimed at the Hopper main kernel (128-key blocks; 128-row query tiles at d = 64, 64 at
+/// d = 128): partial tiles, sq != sk both ways, one token, empty rows and sequences, GQA, a
+/// window, and long enough walks that the two-stage ring wraps many times. Each runs through
+/// both main kernels; on sm 9.0 the test fails if the Hopper one does not take them.
+#[test]
+fn bwd_hopper_cases() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let hopper = gpu.arch().major == 9 && gpu.arch().minor == 0;
+    if !hopper {
+        eprintln!(
+            "note: not sm 9.0 ({}); these cases run the FA2 main kernel only",
+            gpu.arch()
+        );
+    }
+    let causal = || AttnOptions::new().causal(true);
+    let cases = [
+        Case::dense(
+            DType::BF16,
+            2,
+            1000,
+            1000,
+            4,
+            4,
+            128,
+            AttnOptions::new(),
+            41,
+        ),
+        Case::dense(DType::BF16, 2, 1000, 1000, 4, 2, 128, causal(), 42),
+        Case::dense(DType::F16, 1, 300, 700, 6, 2, 64, causal(), 43),
+        Case::dense(
+            DType::BF16,
+            1,
+            513,
+            129,
+            2,
+            1,
+            64,
+            AttnOptions::new().window(64, 32),
+            44,
+        ),
+        Case::dense(DType::F16, 1, 700, 300, 2, 2, 128, causal(), 45),
+        Case::dense(DType::BF16, 3, 1, 1, 2, 2, 128, AttnOptions::new(), 46),
+        Case::dense(DType::BF16, 1, 1, 300, 4, 1, 64, causal(), 47),
+        Case::dense(DType::F16, 1, 300, 1, 2, 1, 128, causal(), 48),
+        Case::dense(DType::BF16, 1, 2048, 2048, 2, 1, 64, causal(), 49),
+        Case::dense(
+            DType::BF16,
+            1,
+            256,
+            384,
+            2,
+            2,
+            128,
+            AttnOptions::new().window(-1, 0).scale(-0.2),
+            50,
+        ),
+        Case::varlen(
+            DType::BF16,
+            &[(33, 65), (0, 17), (129, 0), (1, 1), (250, 190)],
+            4,
+            2,
+            128,
+            causal(),
+            51,
+        ),
+        Case::varlen(
+            DType::F16,
+            &[(64, 64), (100, 300), (7, 3)],
+            6,
+            3,
+            64,
+            AttnOptions::new(),
+            52,
+        ),
+        Case::varlen(
+            DType::BF16,
+            &[(200, 500), (385, 129)],
+            2,
+            2,
+            64,
+            AttnOptions::new().window(100, 20),
+            53,
+        ),
+    ];
+    for (ci, case) in cases.iter().enumerate() {
+        let fams = families(case, false);
+        assert!(
+            !hopper || fams.contains(&Family::Fa3),
+            "the Hopper backward does not take {}",
+            case.spec.describe()
+        );
+        for fam in fams {
+            let e = check_case_with(case, false, fam);
+            eprintln!(
+                "hopper {ci:>2} {fam:?} vs f64 {:.2e}/{:.2e}/{:.2e} vs cpu {:.2e}/{:.2e}/{:.2e}: {}",
+                e.vs_ref[0],
+                e.vs_ref[1],
+                e.vs_ref[2],
+                e.vs_cpu[0],
+                e.vs_cpu[1],
+                e.vs_cpu[2],
+                case.spec.describe()
+            );
+        }
+    }
+}
+
 /// A small case for compute-sanitizer (memcheck / racecheck).
 #[test]
 fn bwd_sanitizer_case() {
@@ -395,9 +548,10 @@ fn bwd_deterministic_bit_identical() {
     ];
     for case in &cases {
         let dout = case.dout();
-        let (first, _) = run_case(case, &dout, Device::Cuda(0), true).expect("gpu backward");
+        let run = || run_case(case, &dout, Device::Cuda(0), true, Family::Auto);
+        let (first, _) = run().expect("gpu backward");
         for rep in 0..5 {
-            let (g, _) = run_case(case, &dout, Device::Cuda(0), true).expect("gpu backward");
+            let (g, _) = run().expect("gpu backward");
             assert!(
                 g.dq == first.dq && g.dk == first.dk && g.dv == first.dv,
                 "deterministic backward differs on repeat {rep}: {}",
@@ -567,8 +721,19 @@ fn bwd_bench() {
                 let (dq_, dk_, dv_, do_, dl_, dd_) =
                     (up(&q), up(&k), up(&v), up(&out), up(&lse), up(&dout));
                 let run = || {
-                    fa2_bwd::backward(&gpu, &problem, &dq_, &dk_, &dv_, &do_, &dl_, &dd_, &opts)
-                        .unwrap();
+                    fa2_bwd::backward(
+                        &gpu,
+                        &problem,
+                        &dq_,
+                        &dk_,
+                        &dv_,
+                        &do_,
+                        &dl_,
+                        &dd_,
+                        &opts,
+                        Family::Auto,
+                    )
+                    .unwrap();
                 };
                 for _ in 0..3 {
                     run();

@@ -10,11 +10,17 @@
 //!    a fixed order (bit-identical run to run; the main kernel then skips its dQ atomics).
 //!
 //! The tile shapes live in [`tiles`], one row per head dim.
+//!
+//! On sm 9.0, step 2 runs the Hopper main kernel instead ([`super::fa3_bwd`]: wgmma + TMA) for
+//! every problem it supports, unless the caller asks for [`Family::Fa2`]; steps 1 and 3 are
+//! shared.
 
 use super::context::{driver_err, Gpu};
+use super::fa3_bwd;
 use super::jit::KernelSpec;
 use super::operand::{check_lse, row_strides_16b};
 use super::tensor::{DeviceBuffer, DeviceTensor};
+use super::Family;
 use crate::error::{Error, Result};
 use crate::layout::Problem;
 use crate::options::AttnOptions;
@@ -296,18 +302,33 @@ pub fn backward(
     lse: &DeviceTensor,
     dout: &DeviceTensor,
     opts: &AttnOptions,
+    family: Family,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
     // The kernels write every element of dq, dk, dv (dk/dv rows that no query sees get zeros
     // from the main kernel), so no memsets.
     let dq = DeviceTensor::uninit(gpu, problem.dtype, &problem.q_shape)?;
     let dk = DeviceTensor::uninit(gpu, problem.dtype, &problem.k_shape)?;
     let dv = DeviceTensor::uninit(gpu, problem.dtype, &problem.k_shape)?;
-    backward_into(gpu, problem, q, k, v, out, lse, dout, opts, [&dq, &dk, &dv])?;
+    backward_into(
+        gpu,
+        problem,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        opts,
+        [&dq, &dk, &dv],
+        family,
+    )?;
     Ok((dq, dk, dv))
 }
 
 /// The launches of [`backward`] into caller-owned contiguous `[dq, dk, dv]` (shapes of q, k, v,
-/// input dtype). Every element is written, so tests can NaN-poison them first.
+/// input dtype). Every element is written, so tests can NaN-poison them first. `family` picks
+/// the main kernel: `Auto` the Hopper one where [`fa3_bwd::supports`] the problem, `Fa2` always
+/// the mma.sync one, `Fa3` the Hopper one or an error.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into(
     gpu: &Gpu,
@@ -320,6 +341,7 @@ pub fn backward_into(
     dout: &DeviceTensor,
     opts: &AttnOptions,
     grads: [&DeviceTensor; 3],
+    family: Family,
 ) -> Result<()> {
     let [dq, dk, dv] = grads;
     let dtype = problem.dtype;
@@ -382,6 +404,22 @@ pub fn backward_into(
     check_lse(lse, problem)?;
 
     let det = opts.deterministic;
+    let sm90 = match family {
+        Family::Fa2 => false,
+        Family::Auto => fa3_bwd::supports(gpu, problem, opts),
+        Family::Fa3 => {
+            if !fa3_bwd::supports(gpu, problem, opts) {
+                return Err(Error::unsupported(
+                    gpu.device_name(),
+                    "family",
+                    "fa3 backward",
+                    "sm 9.0, head dim 64 or 128, no softcap/ALiBi/dropout, not deterministic \
+                     (use fa2 or auto)",
+                ));
+            }
+            true
+        }
+    };
     let feats = Features::of(problem, opts);
     let t = tiles(d);
     let limit = gpu.max_smem_optin() as usize;
@@ -536,7 +574,15 @@ pub fn backward_into(
             grid_limit(n_kb, "key blocks")?,
         )
     };
-    if n_kb > 0 {
+    if sm90 {
+        let ws = fa3_bwd::Workspace {
+            dsum: dsum.ptr(),
+            dq_accum: dq_accum.as_ref().map_or(0, |b| b.ptr()),
+            cu_q: cu_q.as_ref().map_or(0, |b| b.ptr()),
+            cu_k: cu_k.as_ref().map_or(0, |b| b.ptr()),
+        };
+        fa3_bwd::launch_main(gpu, problem, q, k, v, dout, lse, dk, dv, &ws)?;
+    } else if n_kb > 0 {
         let spec = tiled_spec("fa2_bwd_main", d, bf16, &t, st_main, feats, det);
         launch(
             gpu,

@@ -4,13 +4,15 @@
 //! Layers, raw to safe: `loader` (find/preload libcuda, libnvrtc) → `nvrtc` (raw NVRTC FFI) →
 //! `jit` + `cache` (specs, options, disk/memory cache) → `context` (device, stream, loaded
 //! kernels) → `tensor` (device buffers) → kernel families (`fa2` forward, `fa2_bwd` backward,
-//! `fa3` Hopper) → this module's dispatch, and `report` (info, compile-all).
+//! `fa3` Hopper forward, `fa3_bwd` Hopper backward main kernel) → this module's dispatch, and
+//! `report` (info, compile-all).
 
 pub mod cache;
 pub mod context;
 pub mod fa2;
 pub mod fa2_bwd;
 pub mod fa3;
+pub mod fa3_bwd;
 pub mod jit;
 pub mod loader;
 mod nvrtc;
@@ -73,7 +75,9 @@ pub fn forward_device(
     }
 }
 
-/// Backward on device tensors: `(dq, dk, dv)` (FA2 backward; `Family::Fa3` is unsupported).
+/// Backward on device tensors: `(dq, dk, dv)`. `Auto` runs the Hopper main kernel where it
+/// supports the problem ([`fa3_bwd::supports`]), `Fa2` the mma.sync one, `Fa3` the Hopper one
+/// or an error.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_device(
     gpu: &Gpu,
@@ -87,15 +91,7 @@ pub fn backward_device(
     opts: &AttnOptions,
     family: Family,
 ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
-    if family == Family::Fa3 {
-        return Err(Error::unsupported(
-            gpu.device_name(),
-            "family",
-            "fa3 backward",
-            "fa2 or auto",
-        ));
-    }
-    fa2_bwd::backward(gpu, problem, q, k, v, out, lse, dout, opts)
+    fa2_bwd::backward(gpu, problem, q, k, v, out, lse, dout, opts, family)
 }
 
 fn check_dtype(gpu: &Gpu, dtype: DType) -> Result<()> {

@@ -1,0 +1,452 @@
+// bwd.cu — FlashAttention backward main kernel for Hopper (sm_90a): wgmma + TMA, self-contained.
+//
+// Math, per (batch b, query head h), P recomputed from the forward's LSE (c = scale·log2 e):
+//   Sᵀ = K Qᵀ ;  Pᵀ = 2^(c·Sᵀ − log2e·LSE) (0 where masked) ;  dPᵀ = V dOᵀ
+//   dSᵀ = scale · Pᵀ ∘ (dPᵀ − D)   with D = rowsum(dO ∘ O) (per query, from fa2_bwd_pre)
+//   dV += Pᵀ dO ;  dK += dSᵀ Q ;  dQ += dS K   (dQ: f32 atomics into dq_accum, converted later)
+// Masks align bottom-right: key j is visible from query row i iff j < sk and (causal/window)
+// i + sk − sq − wl ≤ j ≤ i + sk − sq + wr.
+//
+// One CTA per (key block of BK = 128 keys, key head, batch), 3 warpgroups:
+//   WG 0, warp 0: producer. Lane 0 loads K and V once, then Q and dO tiles of BQ query rows into
+//     a STAGES-deep ring with TMA (128B swizzle, mbarrier transaction counts); all 32 lanes copy
+//     the tile's LSE (as log2e·LSE; +inf for rows past sq and for empty rows so that P = 0
+//     there) and D into shared memory and arrive on the same "full" barriers.
+//   WG 1, 2: consumers, 64 keys each. Per (query head of the GQA group, query tile):
+//     Sᵀ and dPᵀ by SS wgmma (both K-major), Pᵀ and dSᵀ in registers, dV += Pᵀ dO and
+//     dK += dSᵀ Q by RS wgmma (the accumulators re-packed as A fragments; dO, Q MN-major);
+//     dSᵀ also goes to shared memory ([key][query], double-buffered) so that both warpgroups
+//     can form dQ = dS K with SS wgmma, both operands MN-major: with BQ = 64 each warpgroup
+//     takes half of the head dim, with BQ = 128 half of the query rows. dK and dV stay in
+//     registers (f32) for the whole walk and are written once at the end.
+// The Q-tile walk starts at a different tile per key block so that CTAs of one head do not
+// add into the same dQ rows at the same time.
+//
+// Defines: FB_D (64, 128), FB_BQ (query tile: 128 for d = 64, 64 for d = 128), FB_DT (0 bf16,
+// 1 f16), FB_STAGES, FB_MASK (causal/window: tile ranges and per-element masks; wl, wr from
+// params), FB_VARLEN (packed rows with cu_seqlens). Entry point: fa3_bwd_main, grid
+// (key blocks, heads_k, batch), 384 threads.
+#include "sm90/util.cuh"
+#include "sm90/mbarrier.cuh"
+#include "sm90/tma.cuh"
+#include "sm90/wgmma.cuh"
+
+#ifndef FB_D
+#define FB_D 128
+#endif
+#ifndef FB_BQ
+#define FB_BQ 64
+#endif
+#ifndef FB_DT
+#define FB_DT 0
+#endif
+#ifndef FB_STAGES
+#define FB_STAGES 2
+#endif
+#ifndef FB_MASK
+#define FB_MASK 0
+#endif
+#ifndef FB_VARLEN
+#define FB_VARLEN 0
+#endif
+
+constexpr int D = FB_D;
+constexpr int BQ = FB_BQ;
+constexpr int BK = 128;                  // two consumer warpgroups of 64 keys
+constexpr int STAGES = FB_STAGES;
+constexpr int NTHREADS = 384;
+constexpr int NCH = D / 64;              // 64-column (128 B) swizzle chunks along d
+constexpr int QCHUNK = BQ * 128;         // bytes of one d-chunk of a Q or dO tile
+constexpr int KCHUNK = BK * 128;         // ... of the K or V block
+constexpr int DSCHUNK = BK * 128;        // one 64-query chunk of dSᵀ ([key][query])
+constexpr int Q_BYTES = BQ * D * 2;
+constexpr int K_BYTES = BK * D * 2;
+constexpr int DS_BYTES = BK * BQ * 2;
+// dQ split between the two consumer warpgroups: by head-dim halves (BQ = 64) or query halves.
+constexpr bool DQ_SPLIT_N = BQ == 64;
+constexpr int DQ_N = DQ_SPLIT_N ? D / 2 : D;
+constexpr bool P_FROM_FRAG = BQ == 128;  // see the dS step
+constexpr int PRODUCER_REGS = 24;
+constexpr int CONSUMER_REGS = 240;
+static_assert(D % 64 == 0 && D <= 128, "head dim: whole 128-byte chunks, registers for dK, dV");
+static_assert(BQ == 64 || BQ == 128, "query tile");
+static_assert(!DQ_SPLIT_N || D % 128 == 0, "dQ split by head-dim halves needs whole chunks");
+
+constexpr int SMEM_BYTES = 2 * K_BYTES + STAGES * 2 * Q_BYTES + 2 * DS_BYTES + STAGES * 2 * BQ * 4 +
+                           8 * (1 + 3 * STAGES) + 1024;
+
+#define FB_NEG_INF (__int_as_float(0xff800000))
+#define FB_POS_INF (__int_as_float(0x7f800000))
+
+struct __align__(64) Fa3BwdParams {
+  TmaMap q, k, v, dout;
+  u64 lse;       // f32, LSE layout: [b*lse_b + h*lse_h + q_start + i]
+  u64 dsum;      // f32, same layout (fa2_bwd_pre)
+  u64 dq_accum;  // f32 [rows_q, heads_q, D], zeroed by fa2_bwd_pre
+  u64 dk, dv;    // contiguous [rows_k, heads_k, D], input dtype
+  u64 cu_q, cu_k;
+  i64 lse_b, lse_h;
+  int sq, sk, heads_q, heads_k, group, batch;
+  int wl, wr;    // window (FB_MASK), clamped to sq + sk
+  float scale_log2, scale;
+};
+
+struct Seq {
+  int sq, sk, qs, ks;  // lengths and packed start rows (0 dense)
+  int qrow0, krow0;    // first row of this sequence in dq_accum / dk, dv
+  int tb;              // TMA batch coordinate
+};
+
+__device__ __forceinline__ Seq seq_of(const Fa3BwdParams& p, int b) {
+  Seq s;
+#if FB_VARLEN
+  const int* cq = (const int*)p.cu_q;
+  const int* ck = (const int*)p.cu_k;
+  s.qs = cq[b];
+  s.sq = cq[b + 1] - s.qs;
+  s.ks = ck[b];
+  s.sk = ck[b + 1] - s.ks;
+  s.qrow0 = s.qs;
+  s.krow0 = s.ks;
+  s.tb = 0;
+#else
+  s.qs = s.ks = 0;
+  s.sq = p.sq;
+  s.sk = p.sk;
+  s.qrow0 = b * p.sq;
+  s.krow0 = b * p.sk;
+  s.tb = b;
+#endif
+  return s;
+}
+
+// The query tiles [m_lo, m_hi) that can see a key of block n.
+__device__ __forceinline__ void tile_range(const Fa3BwdParams& p, const Seq& s, int n, int& m_lo,
+                                           int& m_hi) {
+  m_lo = 0;
+  m_hi = (s.sq + BQ - 1) / BQ;
+#if FB_MASK
+  const int i_min = n * BK - (s.sk - s.sq) - p.wr;  // first row whose window reaches the block
+  m_lo = i_min <= 0 ? 0 : min(i_min / BQ, m_hi);
+  const int i_max = min(s.sk, (n + 1) * BK) - 1 - (s.sk - s.sq) + p.wl;
+  m_hi = i_max < 0 ? 0 : min(m_hi, i_max / BQ + 1);
+  if (m_hi < m_lo) m_hi = m_lo;
+#endif
+}
+
+__device__ __forceinline__ void step_of(int it, int nm, int n, int m_lo, int h0, int& hh, int& m) {
+  hh = h0 + it / nm;
+  m = m_lo + (it % nm + n) % nm;  // rotated walk: spreads the dQ atomics of one head's CTAs
+}
+
+__device__ __forceinline__ void producer(const Fa3BwdParams& p, const Seq& s, int n, int hk,
+                                         int n_iter, int nm, int m_lo, u32 sK, u32 sV, u32 sQ,
+                                         u32 sdO, float* sLse, float* sDsum, u32 kv_full,
+                                         u32 q_full, u32 do_full, u32 empty) {
+  const int lane = threadIdx.x % 32;
+  if (n_iter == 0) return;  // nothing to load (and no TMA may be in flight when the CTA exits)
+  if (lane == 0) {
+    mbar_expect_tx(kv_full, 2 * K_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      tma_load_4d(sK + c * KCHUNK, &p.k, kv_full, c * 64, s.ks + n * BK, hk, s.tb);
+      tma_load_4d(sV + c * KCHUNK, &p.v, kv_full, c * 64, s.ks + n * BK, hk, s.tb);
+    }
+  }
+  const float* lse = (const float*)p.lse;
+  const float* dsum = (const float*)p.dsum;
+  for (int it = 0; it < n_iter; ++it) {
+    int hh, m;
+    step_of(it, nm, n, m_lo, hk * p.group, hh, m);
+    const int st = it % STAGES;
+    if (it >= STAGES) mbar_wait(empty + 8 * st, ((it / STAGES) + 1) & 1);
+    const i64 base = (i64)blockIdx.z * p.lse_b + (i64)hh * p.lse_h + s.qs;
+    for (int r = lane; r < BQ; r += 32) {
+      const int row = m * BQ + r;
+      float l = FB_POS_INF, dd = 0.f;
+      if (row < s.sq) {
+        l = lse[base + row];
+        l = (l == FB_NEG_INF) ? FB_POS_INF : l * 1.4426950408889634f;
+        dd = dsum[base + row];
+      }
+      sLse[st * BQ + r] = l;
+      sDsum[st * BQ + r] = dd;
+    }
+    if (lane == 0) {
+      mbar_expect_tx(q_full + 8 * st, Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sQ + st * Q_BYTES + c * QCHUNK, &p.q, q_full + 8 * st, c * 64, s.qs + m * BQ, hh, s.tb);
+      mbar_expect_tx(do_full + 8 * st, Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sdO + st * Q_BYTES + c * QCHUNK, &p.dout, do_full + 8 * st, c * 64, s.qs + m * BQ, hh, s.tb);
+    } else {
+      mbar_arrive(q_full + 8 * st);
+      mbar_arrive(do_full + 8 * st);
+    }
+  }
+}
+
+// acc (m64 x BQ) = X_w · Yᵀ for this warpgroup's 64 rows of X (K or V block) and the Q or dO
+// tile Y, both K-major. Issue only.
+__device__ __forceinline__ void issue_xyt(float* acc, u32 sXw, u32 sY) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk / 4, w = (kk % 4) * 32;
+    Wgmma<BQ, FB_DT>::ss(acc, make_desc(sXw + c * KCHUNK + w, 16, 1024),
+                         make_desc(sY + c * QCHUNK + w, 16, 1024), kk > 0);
+  }
+}
+// acc (m64 x D) += A (registers, m64 x BQ) · Y (BQ x D, Q or dO tile, MN-major). Issue only.
+__device__ __forceinline__ void issue_ry(float* acc, const u32 (*a)[4], u32 sY) {
+#pragma unroll
+  for (int kk = 0; kk < BQ / 16; ++kk) Wgmma<D, FB_DT>::rs(acc, a[kk], make_desc(sY + kk * 2048, QCHUNK, 1024), 1);
+}
+// dQ part of warpgroup w = dS (BQ x BK, from dSᵀ in shared memory) · K (BK x D). Issue only.
+__device__ __forceinline__ void issue_dq(float* acc, u32 sdS, u32 sK, int w) {
+  const u32 a0 = DQ_SPLIT_N ? sdS : sdS + w * DSCHUNK;
+  const u32 b0 = DQ_SPLIT_N ? sK + w * KCHUNK : sK;
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk)
+    Wgmma<DQ_N, FB_DT>::ss_tt(acc, make_desc(a0 + kk * 2048, DSCHUNK, 1024),
+                              make_desc(b0 + kk * 2048, KCHUNK, 1024), kk > 0);
+}
+
+// Accumulator (rows g, g+8; columns 8j + 2t + {0,1}) → A fragments of k16 slices.
+__device__ __forceinline__ void to_afrag(const float* x, u32 (*a)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < BQ / 16; ++kk) {
+    a[kk][0] = pack2<FB_DT>(x[8 * kk + 0], x[8 * kk + 1]);
+    a[kk][1] = pack2<FB_DT>(x[8 * kk + 2], x[8 * kk + 3]);
+    a[kk][2] = pack2<FB_DT>(x[8 * kk + 4], x[8 * kk + 5]);
+    a[kk][3] = pack2<FB_DT>(x[8 * kk + 6], x[8 * kk + 7]);
+  }
+}
+
+// One b32 of two 16-bit values → two f32 (`lo` from the low half).
+template <int DT> __device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi);
+template <> __device__ __forceinline__ void unpack2<0>(u32 v, float& lo, float& hi) {
+  lo = __uint_as_float(v << 16);
+  hi = __uint_as_float(v & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void unpack2<1>(u32 v, float& lo, float& hi) {
+  asm("{\n.reg .f16 a, b;\nmov.b32 {a, b}, %2;\ncvt.f32.f16 %0, a;\ncvt.f32.f16 %1, b;\n}"
+      : "=f"(lo), "=f"(hi)
+      : "r"(v));
+}
+
+__device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(a), "f"(b) : "memory");
+}
+
+__device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, int n, int hk,
+                                         int n_iter, int nm, int m_lo, int w, u32 sK, u32 sV,
+                                         u32 sQ, u32 sdO, u32 sdS, const float* sLse,
+                                         const float* sDsum, u32 kv_full, u32 q_full,
+                                         u32 do_full, u32 empty) {
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+  const int key_l = 64 * w + 16 * warp + g;  // block-local key row of accumulator row g
+  const int key0 = n * BK + key_l;           // its key index in the sequence
+  float dv[D / 2], dk[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+  const u32 sKw = sK + 64 * w * 128, sVw = sV + 64 * w * 128;
+  float* dq_accum = (float*)p.dq_accum;
+
+  if (n_iter > 0) mbar_wait(kv_full, 0);
+  for (int it = 0; it < n_iter; ++it) {
+    int hh, m;
+    step_of(it, nm, n, m_lo, hk * p.group, hh, m);
+    const int st = it % STAGES;
+    const u32 ph = (it / STAGES) & 1;
+    const u32 sQs = sQ + st * Q_BYTES, sdOs = sdO + st * Q_BYTES;
+    const u32 sdSb = sdS + (it & 1) * DS_BYTES;
+    float sc[BQ / 2], dp[BQ / 2];
+    u32 pa[BQ / 16][4], da[BQ / 16][4];
+
+    mbar_wait(q_full + 8 * st, ph);
+    fence_regs<BQ / 2>(sc);
+    wgmma_fence();
+    issue_xyt(sc, sKw, sQs);
+    wgmma_commit();
+    mbar_wait(do_full + 8 * st, ph);
+    fence_regs<BQ / 2>(dp);
+    issue_xyt(dp, sVw, sdOs);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs<BQ / 2>(sc);
+
+    // Pᵀ = 2^(c·Sᵀ − log2e·LSE); masked entries (keys past sk, outside the window) are 0.
+    const float* lse2 = sLse + st * BQ;
+#if FB_MASK
+    const int diag = s.sk - s.sq;  // key position of query row 0
+    const bool need_mask = (n + 1) * BK > s.sk || n * BK + 64 * w + 63 > m * BQ + diag + p.wr ||
+                           n * BK + 64 * w < m * BQ + BQ - 1 + diag - p.wl;
+#else
+    const bool need_mask = (n + 1) * BK > s.sk;
+#endif
+#pragma unroll
+    for (int j = 0; j < BQ / 8; ++j) {
+      const float2 l = *(const float2*)(lse2 + 8 * j + 2 * tq);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = sc[4 * j + 2 * r + e] * p.scale_log2 - (e ? l.y : l.x);
+          if (need_mask) {
+            const int key = key0 + 8 * r, row = m * BQ + 8 * j + 2 * tq + e;
+            bool vis = key < s.sk;
+#if FB_MASK
+            vis = vis && key <= row + diag + p.wr && key >= row + diag - p.wl;
+#endif
+            if (!vis) x = FB_NEG_INF;
+          }
+          sc[4 * j + 2 * r + e] = fast_exp2(x);
+        }
+    }
+    to_afrag(sc, pa);
+    fence_regs<D / 2>(dv);
+    wgmma_fence();
+    issue_ry(dv, pa, sdOs);  // dV += Pᵀ dO
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs<BQ / 2>(dp);
+
+    // dSᵀ = scale · Pᵀ ∘ (dPᵀ − D); to registers (A fragments) and to shared memory. With
+    // 128-query tiles Pᵀ is read back from its 16-bit fragments (the f32 copy would not fit in
+    // the register budget next to dPᵀ); dS is rounded to 16 bits right after either way.
+    const float* dsum = sDsum + st * BQ;
+#pragma unroll
+    for (int j = 0; j < BQ / 8; ++j) {
+      const float2 dd = *(const float2*)(dsum + 8 * j + 2 * tq);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float p0, p1;
+        if constexpr (P_FROM_FRAG) {
+          unpack2<FB_DT>(pa[j / 2][(j % 2) * 2 + r], p0, p1);
+        } else {
+          p0 = sc[4 * j + 2 * r];
+          p1 = sc[4 * j + 2 * r + 1];
+        }
+        dp[4 * j + 2 * r] = p.scale * p0 * (dp[4 * j + 2 * r] - dd.x);
+        dp[4 * j + 2 * r + 1] = p.scale * p1 * (dp[4 * j + 2 * r + 1] - dd.y);
+      }
+    }
+    to_afrag(dp, da);
+    // [key][query] rows of 128 B per 64-query chunk, 16-byte units XOR-swizzled by (key & 7)
+    // (the 128B pattern the wgmma descriptors expect).
+#pragma unroll
+    for (int j = 0; j < BQ / 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int kl = key_l + 8 * r;
+        const u32 addr = sdSb + (j / 8) * DSCHUNK + kl * 128 + ((((j % 8) ^ (kl & 7))) << 4) + 4 * tq;
+        const u32 v = da[j / 2][(j % 2) * 2 + r];
+        asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+      }
+    fence_regs<D / 2>(dk);
+    wgmma_fence();
+    issue_ry(dk, da, sQs);  // dK += dSᵀ Q
+    wgmma_commit();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    named_sync(1, 256);  // both halves of dSᵀ are in shared memory
+
+    float dq[DQ_N / 2];
+    fence_regs<DQ_N / 2>(dq);
+    wgmma_fence();
+    issue_dq(dq, sdSb, sK, w);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<DQ_N / 2>(dq);
+    fence_regs<D / 2>(dv);
+    fence_regs<D / 2>(dk);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + 8 * st);  // Q, dO, LSE, D of this stage are consumed
+
+    // dQ rows of this thread: g and g+8 of its warp's 16 (+ 64·w when split by query halves).
+    const int col0 = DQ_SPLIT_N ? w * (D / 2) : 0;
+    const int qr0 = m * BQ + (DQ_SPLIT_N ? 0 : 64 * w) + 16 * warp + g;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = qr0 + 8 * r;
+      if (row < s.sq) {
+        float* dst = dq_accum + ((i64)(s.qrow0 + row) * p.heads_q + hh) * D + col0 + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < DQ_N / 8; ++j) red_add_v2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      }
+    }
+  }
+
+  // dK (scale already in dS) and dV for the keys of this sequence.
+  unsigned short* dk_out = (unsigned short*)p.dk;
+  unsigned short* dv_out = (unsigned short*)p.dv;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key < s.sk) {
+      const i64 off = ((i64)(s.krow0 + key) * p.heads_k + hk) * D + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        *(u32*)(dk_out + off + 8 * j) = pack2<FB_DT>(dk[4 * j + 2 * r], dk[4 * j + 2 * r + 1]);
+        *(u32*)(dv_out + off + 8 * j) = pack2<FB_DT>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_bwd_main(const __grid_constant__ Fa3BwdParams p) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const int n = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const Seq s = seq_of(p, b);
+  if (n * BK >= s.sk) return;  // (varlen) a key block past this sequence's end
+  int m_lo, m_hi;
+  tile_range(p, s, n, m_lo, m_hi);
+  const int nm = m_hi - m_lo, n_iter = nm * p.group;
+
+  const u32 raw = smem_u32(smem_raw);
+  const u32 base = (raw + 1023u) & ~1023u;
+  const u32 sK = base, sV = sK + K_BYTES;
+  const u32 sQ = sV + K_BYTES;                 // STAGES tiles
+  const u32 sdO = sQ + STAGES * Q_BYTES;       // STAGES tiles
+  const u32 sdS = sdO + STAGES * Q_BYTES;      // 2 buffers
+  const u32 sF = sdS + 2 * DS_BYTES;           // LSE, D: STAGES x BQ f32 each
+  float* sLse = (float*)(smem_raw + (sF - raw));
+  float* sDsum = sLse + STAGES * BQ;
+  const u32 bars = sF + STAGES * 2 * BQ * 4;
+  const u32 kv_full = bars, q_full = bars + 8, do_full = q_full + 8 * STAGES,
+            empty = do_full + 8 * STAGES;
+
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 1);
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(q_full + 8 * i, 32);   // the producer warp's lanes (lane 0 with the TMA bytes)
+      mbar_init(do_full + 8 * i, 32);
+      mbar_init(empty + 8 * i, 8);     // one arrival per consumer warp
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    reg_dealloc<PRODUCER_REGS>();
+    if (threadIdx.x < 32) {
+      if (threadIdx.x == 0) {
+        tma_prefetch_map(&p.q);
+        tma_prefetch_map(&p.k);
+        tma_prefetch_map(&p.v);
+        tma_prefetch_map(&p.dout);
+      }
+      producer(p, s, n, hk, n_iter, nm, m_lo, sK, sV, sQ, sdO, sLse, sDsum, kv_full, q_full,
+               do_full, empty);
+    }
+  } else {
+    reg_alloc<CONSUMER_REGS>();
+    consumer(p, s, n, hk, n_iter, nm, m_lo, wg - 1, sK, sV, sQ, sdO, sdS, sLse, sDsum, kv_full,
+             q_full, do_full, empty);
+  }
+}
+
+// Host reads this to size the launch (bytes of dynamic shared memory).
+extern "C" __global__ void fa3_bwd_smem_bytes(int* out) { *out = SMEM_BYTES; }
