@@ -31,8 +31,14 @@
 // cu_seqlens (p.cu_q, p.cu_k): the tensor maps are [d, total, heads, 1] and each work tile loads
 // at its sequence's start row; key columns past the sequence's end are masked, query rows past
 // it are never written (the epilogue clamps to the sequence's sq).
+// FA3_DT=2 — FP8 (e4m3) inputs, bf16 output: QKᵀ and PV run as k32 e4m3 wgmma (QGMMA); 8-bit
+// operands must both be K-major, so V arrives transposed (Vᵀ [batch, heads_k, d, skp], keys
+// contiguous and permuted within 16-key groups, written by the separate pre-pass fp8_vt.cu; see
+// fp8.cuh) and P is converted to e4m3 in registers. Descales: c = scale·log2e·q_descale·k_descale
+// (per tensor or per (batch, head): p.qd/p.kd/p.vd with element strides), O ·= v_descale at the
+// end. FP8 takes dense inputs, plain or causal, BK = 128 (a Vᵀ row is one 128-byte swizzle row).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
-// TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16), FA3_CAUSAL,
+// TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC. Entry point: fa3_fwd (without
 // FA3_PERSISTENT one CTA per query tile: grid (m_tiles, heads_q, batch), longest-first for causal).
 #include "sm90/util.cuh"
@@ -40,6 +46,7 @@
 #include "sm90/tma.cuh"
 #include "sm90/wgmma.cuh"
 #include "sm90/softmax.cuh"
+#include "sm90/fp8.cuh"
 
 #ifndef FA3_D
 #define FA3_D 128
@@ -84,6 +91,9 @@ constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the wind
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
 static_assert(!(FA3_WINDOW && FA3_CAUSAL), "causal is the window (unbounded, 0)");
+constexpr bool FP8 = FA3_DT == 2;
+static_assert(!FP8 || !(FA3_WINDOW || PRESCALE || FA3_VARLEN), "fp8: dense, plain or causal");
+static_assert(!FP8 || FA3_BK == 128, "fp8: one Vᵀ row is one 128-byte swizzle row");
 
 constexpr int D = FA3_D;
 constexpr int BK = FA3_BK;
@@ -95,14 +105,19 @@ static_assert(NC == 2 || NC == 3, "2 or 3 consumer warpgroups");
 constexpr int PRODUCER_REGS = 24;
 constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 constexpr int STAGES = FA3_STAGES;
-constexpr int DP = (D + 63) / 64 * 64;     // head dim padded to whole 64-element (128 B) chunks
-constexpr int NCH = DP / 64;               // swizzle chunks along d
-constexpr int Q_BYTES = BQ * DP * 2;
-constexpr int KV_BYTES = BK * DP * 2;      // one K (or V) stage
-constexpr int QCHUNK = BQ * 128;           // bytes of one 64-column chunk of Q
+constexpr int ESZ = FP8 ? 1 : 2;           // bytes per input element
+constexpr int KSTEP = FP8 ? 32 : 16;       // K of one wgmma (32 bytes either way)
+constexpr int CH = 128 / ESZ;              // elements per 128-byte swizzle row
+constexpr int DP = (D + CH - 1) / CH * CH; // head dim padded to whole 128-byte chunks
+constexpr int NCH = DP / CH;               // swizzle chunks along d
+constexpr int Q_BYTES = BQ * DP * ESZ;
+constexpr int K_BYTES = BK * DP * ESZ;     // one K stage
+constexpr int V_BYTES = FP8 ? D * BK : K_BYTES;  // one V stage (fp8: Vᵀ, D rows of BK bytes)
+constexpr int QCHUNK = BQ * 128;           // bytes of one 128-byte-wide chunk of Q
 constexpr int KCHUNK = BK * 128;
-constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (2 + 4 * STAGES) + 1024;
+constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + 8 * (2 + 4 * STAGES) + 1024;
 static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 256 && D <= 256, "tile shape");
+static_assert(!FP8 || D % 32 == 0, "fp8: whole k32 steps along d");
 static_assert(D % 64 == 0 || D % 64 == 32, "PV wgmma N: whole 64-column swizzle atoms (+ one half)");
 
 struct __align__(64) Fa3Params {
@@ -120,6 +135,8 @@ struct __align__(64) Fa3Params {
   int wl, wr;         // window left/right (FA3_WINDOW), clamped to max_sq + max_sk
   float sc_in, sc_out;  // softcap: scale/softcap and softcap·log2e (sc_out 0 = off)
   int alibi_bs, pad2;   // slopes' batch stride (0 for [heads_q])
+  u64 qd, kd, vd;       // FP8 descales (f32), element [b * x_b + h * x_h]; strides 0 = per tensor
+  int qd_b, qd_h, kd_b, kd_h, vd_b, vd_h;
 };
 
 // Which (query tile, head, batch) work item t is, its sequence, and its key-tile range
@@ -138,30 +155,35 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
   if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
   mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
-  for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * 64, w.qs + m * BQ, h, b);
+  for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
   for (int it = 0; it < n_end; ++it) {
     const int tile = w.n_hi - 1 - it;
     const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
     const int s = g % STAGES;
     const u32 par = ((g / STAGES) + 1) & 1;  // parity of the previous use of slot s
     if (g >= STAGES) mbar_wait(k_empty + 8 * s, par);
-    mbar_expect_tx(k_full + 8 * s, KV_BYTES);
+    mbar_expect_tx(k_full + 8 * s, K_BYTES);
 #pragma unroll
     for (int c = 0; c < NCH; ++c)
-      tma_load_4d(sK + s * KV_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
+      tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, b);
     if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
-    mbar_expect_tx(v_full + 8 * s, KV_BYTES);
+    mbar_expect_tx(v_full + 8 * s, V_BYTES);
+    if constexpr (FP8) {
+      // Vᵀ map [skp, d, heads_k, batch]: one box of BK keys × D rows.
+      tma_load_4d(sV + s * V_BYTES, &p.v, v_full + 8 * s, tile * BK, 0, hk, b);
+    } else {
 #pragma unroll
-    for (int c = 0; c < NCH; ++c)
-      tma_load_4d(sV + s * KV_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sV + s * V_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
+    }
   }
 }
 
 // S = Q Kᵀ for this consumer's 64 rows against K slot s (issue only; caller commits/waits).
 __device__ __forceinline__ void issue_qk(float* sc, u32 sQw, u32 sKs) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk / 4, w = (kk % 4) * 32;
+  for (int kk = 0; kk < D / KSTEP; ++kk) {
+    const int c = kk / 4, w = (kk % 4) * 32;  // 32 bytes of K per step
     const u64 da = make_desc(sQw + c * QCHUNK + w, 16, 1024);
     const u64 db = make_desc(sKs + c * KCHUNK + w, 16, 1024);
     Wgmma<BK, FA3_DT>::ss(sc, da, db, kk > 0);
@@ -170,14 +192,20 @@ __device__ __forceinline__ void issue_qk(float* sc, u32 sQw, u32 sKs) {
 // O += P V for V slot s (issue only). N = D in one wgmma when D is whole 64-column atoms;
 // otherwise (d = 96) the whole atoms, then the last half atom as an n32 wgmma.
 __device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 sVs) {
-  constexpr int DW = D / 64 * 64;
+  if constexpr (FP8) {
+    // Vᵀ: D rows of BK = 128 bytes (K-major, 128B swizzle); step kk takes bytes 32kk..32kk+31.
 #pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    const u64 db = make_desc(sVs + kk * 2048, KCHUNK, 1024);
-    Wgmma<DW, FA3_DT>::rs(o, pf[kk], db, 1);
-    if constexpr (DW != D) {
-      const u64 db2 = make_desc(sVs + (DW / 64) * KCHUNK + kk * 2048, KCHUNK, 1024);
-      Wgmma<D - DW, FA3_DT>::rs(o + DW / 2, pf[kk], db2, 1);
+    for (int kk = 0; kk < BK / 32; ++kk) Wgmma<D, 2>::rs(o, pf[kk], make_desc(sVs + kk * 32, 16, 1024), 1);
+  } else {
+    constexpr int DW = D / 64 * 64;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const u64 db = make_desc(sVs + kk * 2048, KCHUNK, 1024);
+      Wgmma<DW, FA3_DT>::rs(o, pf[kk], db, 1);
+      if constexpr (DW != D) {
+        const u64 db2 = make_desc(sVs + (DW / 64) * KCHUNK + kk * 2048, KCHUNK, 1024);
+        Wgmma<D - DW, FA3_DT>::rs(o + DW / 2, pf[kk], db2, 1);
+      }
     }
   }
 }
@@ -227,12 +255,16 @@ __device__ __forceinline__ void prescale(float* sc, int tile, int row0, int sq, 
 }
 
 __device__ __forceinline__ void to_pfrag(const float* sc, u32 (*pf)[4]) {
+  if constexpr (FP8) {
+    to_pfrag_e4m3<BK>(sc, pf);
+  } else {
 #pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    pf[kk][0] = pack2<FA3_DT>(sc[8 * kk + 0], sc[8 * kk + 1]);
-    pf[kk][1] = pack2<FA3_DT>(sc[8 * kk + 2], sc[8 * kk + 3]);
-    pf[kk][2] = pack2<FA3_DT>(sc[8 * kk + 4], sc[8 * kk + 5]);
-    pf[kk][3] = pack2<FA3_DT>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      pf[kk][0] = pack2<FP8 ? 0 : FA3_DT>(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pf[kk][1] = pack2<FP8 ? 0 : FA3_DT>(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pf[kk][2] = pack2<FP8 ? 0 : FA3_DT>(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pf[kk][3] = pack2<FP8 ? 0 : FA3_DT>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
   }
 }
 
@@ -245,7 +277,13 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   const int sq = w.sq, sk = w.sk;
   const int wl = FA3_WINDOW ? p.wl : 0, wr = FA3_WINDOW ? p.wr : 0;
   // Prescaled scores are already in log2 units.
-  const float c = PRESCALE ? 1.0f : p.scale_log2;
+  float c = PRESCALE ? 1.0f : p.scale_log2;
+  float v_descale = 1.f;
+  if constexpr (FP8) {
+    const int hk = h / p.group;
+    c *= ((const float*)p.qd)[b * p.qd_b + h * p.qd_h] * ((const float*)p.kd)[b * p.kd_b + hk * p.kd_h];
+    v_descale = ((const float*)p.vd)[b * p.vd_b + hk * p.vd_h];
+  }
   float slope = 0.f;
   if (FA3_ALIBI && p.alibi != 0)
     slope = ((const float*)p.alibi)[b * p.alibi_bs + h] * 1.4426950408889634f;
@@ -273,7 +311,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     if (cw == NC - 1) named_arrive(2, 256);  // consumer 0 takes the first turn
 #endif
 #if FA3_OVERLAP
-    u32 pf[BK / 16][4];
+    u32 pf[BK / KSTEP][4];
     {
       float sc[BK / 2];
       const int s0 = g0 % STAGES;
@@ -283,7 +321,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #endif
       fence_regs<BK / 2>(sc);
       wgmma_fence();
-      issue_qk(sc, sQw, sK + s0 * KV_BYTES);
+      issue_qk(sc, sQw, sK + s0 * K_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
       named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
@@ -312,9 +350,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       fence_regs<BK / 2>(sc);
       fence_regs<D / 2>(o);
       wgmma_fence();
-      issue_qk(sc, sQw, sK + s * KV_BYTES);
+      issue_qk(sc, sQw, sK + s * K_BYTES);
       wgmma_commit();
-      issue_pv(o, pf, sV + sp * KV_BYTES);
+      issue_pv(o, pf, sV + sp * V_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
       named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
@@ -342,7 +380,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #endif
       fence_regs<D / 2>(o);
       wgmma_fence();
-      issue_pv(o, pf, sV + sp * KV_BYTES);
+      issue_pv(o, pf, sV + sp * V_BYTES);
       wgmma_commit();
 #if FA3_PINGPONG
       named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
@@ -364,7 +402,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       mbar_wait(k_full + 8 * s, ph);
       fence_regs<BK / 2>(sc);
       wgmma_fence();
-      issue_qk(sc, sQw, sK + s * KV_BYTES);
+      issue_qk(sc, sQw, sK + s * K_BYTES);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
@@ -374,12 +412,12 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       float alpha[2];
       sm.step(sc, c, alpha);
       rescale_o<D / 8>(o, alpha);
-      u32 pf[BK / 16][4];
+      u32 pf[BK / KSTEP][4];
       to_pfrag(sc, pf);
       mbar_wait(v_full + 8 * s, ph);
       fence_regs<D / 2>(o);
       wgmma_fence();
-      issue_pv(o, pf, sV + s * KV_BYTES);
+      issue_pv(o, pf, sV + s * V_BYTES);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
@@ -395,6 +433,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   // not written (varlen: they belong to the next sequence).
   float inv[2], lse[2];
   sm.finish(c, inv, lse);
+  if constexpr (FP8) inv[0] *= v_descale, inv[1] *= v_descale;
   unsigned short* out = (unsigned short*)p.o;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -404,7 +443,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
           out + b * p.o_batch + (i64)(w.qs + row) * p.o_row + (i64)h * p.o_head + 2 * tq;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
-        *(u32*)(orow + 8 * j) = pack2<FA3_DT>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+        *(u32*)(orow + 8 * j) = pack2<FP8 ? 0 : FA3_DT>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
       if (tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)h * p.lse_h + w.qs + row] = lse[r];
     }
   }
@@ -472,8 +511,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const u32 sQ = base;
   const u32 sK = sQ + Q_BYTES;
-  const u32 sV = sK + STAGES * KV_BYTES;
-  const u32 bars = sV + STAGES * KV_BYTES;
+  const u32 sV = sK + STAGES * K_BYTES;
+  const u32 bars = sV + STAGES * V_BYTES;
   const u32 q_full = bars;
   const u32 k_full = bars + 8;
   const u32 v_full = k_full + 8 * STAGES;

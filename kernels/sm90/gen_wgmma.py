@@ -63,6 +63,32 @@ for dt, name in [(0, "bf16"), (1, "f16")]:
   static __device__ __forceinline__ void rs(float* d, const unsigned* a, unsigned long long b, int s) {{ wgmma_rs_{name}_n{N}(d, a, b, s); }}
 }};
 """)
+# FP8 (e4m3 x e4m3 -> f32), K = 32 per instruction. 8-bit operands must both be K-major
+# (no transpose immediates): ss takes A and B from K-major descriptors, rs takes A from
+# registers (4 x b32 per thread, each 4 e4m3: row g / g+8, k-cols 4t..4t+3 and 16+4t..16+4t+3)
+# and B K-major (B stored [N][K]: for O += P V that is V transposed).
+Ns_fp8 = [64, 96, 128, 192, 256]
+for N in Ns_fp8:
+    R = N // 2
+    regs = ", ".join(f"%{i}" for i in range(R))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(R))
+    out.append(f"""__device__ __forceinline__ void wgmma_ss_e4m3_n{N}(float* d, unsigned long long da, unsigned long long db, int scale_d) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R+2}, 0;\\n"
+    "wgmma.mma_async.sync.aligned.m64n{N}k32.f32.e4m3.e4m3 {{{regs}}}, %{R}, %{R+1}, p, 1, 1;\\n}}\\n"
+    : {outs}
+    : "l"(da), "l"(db), "r"(scale_d));
+}}
+__device__ __forceinline__ void wgmma_rs_e4m3_n{N}(float* d, const unsigned* a, unsigned long long db, int scale_d) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R+5}, 0;\\n"
+    "wgmma.mma_async.sync.aligned.m64n{N}k32.f32.e4m3.e4m3 {{{regs}}}, {{%{R}, %{R+1}, %{R+2}, %{R+3}}}, %{R+4}, p, 1, 1;\\n}}\\n"
+    : {outs}
+    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}}
+template <> struct Wgmma<{N}, 2> {{
+  static __device__ __forceinline__ void ss(float* d, unsigned long long a, unsigned long long b, int s) {{ wgmma_ss_e4m3_n{N}(d, a, b, s); }}
+  static __device__ __forceinline__ void rs(float* d, const unsigned* a, unsigned long long b, int s) {{ wgmma_rs_e4m3_n{N}(d, a, b, s); }}
+}};
+""")
 out.append("""
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }

@@ -22,6 +22,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod fp8;
 pub mod layout;
 pub mod math;
 pub mod options;

@@ -320,10 +320,31 @@ pub(super) fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Resul
         DType::F32 => return Err(Error::invalid(name, "f32", "bf16 or f16 (fa3)")),
     };
     let dims: [u64; 4] = [sh[3] as u64, sh[1] as u64, sh[2] as u64, sh[0] as u64];
-    let boxd: [u32; 4] = [64, box_rows as u32, 1, 1];
+    let addr = t.ptr() + t.offset() as u64 * esz;
+    encode_raw(
+        name,
+        addr,
+        dtype,
+        dims,
+        strides,
+        [64, box_rows as u32, 1, 1],
+    )
+}
+
+/// A 4-D tiled tensor map with 128-byte swizzle and zero fill out of bounds: `dims` innermost
+/// first, `strides` the byte strides of dims 1..3 (multiples of 16), `boxd` the box (its inner
+/// extent at most 128 bytes). Shared with the FP8 forward (`fa3_fp8`).
+pub(crate) fn encode_raw(
+    name: &str,
+    addr: u64,
+    dtype: sys::CUtensorMapDataType,
+    dims: [u64; 4],
+    strides: [u64; 3],
+    boxd: [u32; 4],
+) -> Result<[u64; 16]> {
+    let sh = dims;
     let estr: [u32; 4] = [1, 1, 1, 1];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    let addr = t.ptr() + t.offset() as u64 * esz;
     // SAFETY: all arrays live for the call and have the lengths the rank (4) implies; the map
     // is plain output memory of the right size and alignment.
     let r = unsafe {
@@ -355,37 +376,92 @@ pub(super) fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Resul
 /// Mirrors `struct Fa3Params` in kernels/sm90/fwd.cu (C layout, 64-byte aligned).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct Fa3Params {
-    q: [u64; 16],
-    k: [u64; 16],
-    v: [u64; 16],
-    o: u64,
-    lse: u64,
-    o_batch: i64,
-    o_row: i64,
-    o_head: i64,
-    sq: i32,
-    sk: i32,
-    heads_q: i32,
-    group: i32,
-    m_tiles: i32,
-    scale_log2: f32,
-    batch: i32,
-    pad1: i32,
-    cu_q: u64,
-    cu_k: u64,
-    alibi: u64,
-    lse_b: i64,
-    lse_h: i64,
-    wl: i32,
-    wr: i32,
-    sc_in: f32,
-    sc_out: f32,
-    alibi_bs: i32,
-    pad2: i32,
+pub(crate) struct Fa3Params {
+    pub(crate) q: [u64; 16],
+    pub(crate) k: [u64; 16],
+    pub(crate) v: [u64; 16],
+    pub(crate) o: u64,
+    pub(crate) lse: u64,
+    pub(crate) o_batch: i64,
+    pub(crate) o_row: i64,
+    pub(crate) o_head: i64,
+    pub(crate) sq: i32,
+    pub(crate) sk: i32,
+    pub(crate) heads_q: i32,
+    pub(crate) group: i32,
+    pub(crate) m_tiles: i32,
+    pub(crate) scale_log2: f32,
+    pub(crate) batch: i32,
+    pub(crate) pad1: i32,
+    pub(crate) cu_q: u64,
+    pub(crate) cu_k: u64,
+    pub(crate) alibi: u64,
+    pub(crate) lse_b: i64,
+    pub(crate) lse_h: i64,
+    pub(crate) wl: i32,
+    pub(crate) wr: i32,
+    pub(crate) sc_in: f32,
+    pub(crate) sc_out: f32,
+    pub(crate) alibi_bs: i32,
+    pub(crate) pad2: i32,
+    /// FP8 descales (f32 device pointers; unused, 0, for bf16/f16) and their (batch, head)
+    /// element strides (0 = per tensor).
+    pub(crate) qd: u64,
+    pub(crate) kd: u64,
+    pub(crate) vd: u64,
+    pub(crate) qd_b: i32,
+    pub(crate) qd_h: i32,
+    pub(crate) kd_b: i32,
+    pub(crate) kd_h: i32,
+    pub(crate) vd_b: i32,
+    pub(crate) vd_h: i32,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
 unsafe impl DeviceRepr for Fa3Params {}
+
+impl Fa3Params {
+    /// All fields zero (null maps and pointers), to be filled in by a launch.
+    pub(crate) fn zeroed() -> Fa3Params {
+        Fa3Params {
+            q: [0; 16],
+            k: [0; 16],
+            v: [0; 16],
+            o: 0,
+            lse: 0,
+            o_batch: 0,
+            o_row: 0,
+            o_head: 0,
+            sq: 0,
+            sk: 0,
+            heads_q: 0,
+            group: 0,
+            m_tiles: 0,
+            scale_log2: 0.0,
+            batch: 0,
+            pad1: 0,
+            cu_q: 0,
+            cu_k: 0,
+            alibi: 0,
+            lse_b: 0,
+            lse_h: 0,
+            wl: 0,
+            wr: 0,
+            sc_in: 0.0,
+            sc_out: 0.0,
+            alibi_bs: 0,
+            pad2: 0,
+            qd: 0,
+            kd: 0,
+            vd: 0,
+            qd_b: 0,
+            qd_h: 0,
+            kd_b: 0,
+            kd_h: 0,
+            vd_b: 0,
+            vd_h: 0,
+        }
+    }
+}
 
 /// FA3 forward: `(out, lse)`; `out` contiguous with q's shape, `lse` f32 `[batch, heads_q, sq]`.
 pub fn forward(
@@ -544,6 +620,7 @@ pub fn forward_into_with(
             _ => 0,
         },
         pad2: 0,
+        ..Fa3Params::zeroed()
     };
     if !var.persistent
         && (m_tiles > i32::MAX as usize || problem.heads_q > 65535 || problem.batch > 65535)

@@ -13,6 +13,7 @@ pub mod fa2;
 pub mod fa2_bwd;
 pub mod fa3;
 pub mod fa3_bwd;
+pub mod fa3_fp8;
 pub mod jit;
 pub mod loader;
 mod nvrtc;

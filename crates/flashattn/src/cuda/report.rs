@@ -4,7 +4,7 @@
 
 use super::cache::DiskCache;
 use super::jit::{self, KernelSpec, Resources};
-use super::{context, fa2, fa2_bwd, fa3, fa3_bwd, loader};
+use super::{context, fa2, fa2_bwd, fa3, fa3_bwd, fa3_fp8, loader};
 use crate::error::Result;
 use rayon::prelude::*;
 use std::fmt::Write as _;
@@ -124,6 +124,7 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     v.extend(fa2_bwd::all_variants(arch));
     if arch == "sm_90a" {
         v.extend(fa3::all_variants(arch));
+        v.extend(fa3_fp8::all_variants(arch));
         v.extend(fa3_bwd::all_variants(arch));
     }
     v

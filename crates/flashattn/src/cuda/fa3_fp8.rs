@@ -1,0 +1,506 @@
+//! Host side of the FP8 (e4m3) Hopper forward: `kernels/sm90/fwd.cu` with `FA3_DT=2`, plus the
+//! V pre-pass `kernels/sm90/fp8_vt.cu`.
+//!
+//! Inputs are [`Fp8Tensor`]s (`[batch, seqlen, heads, d]` e4m3 codes with per-tensor or
+//! per-(batch, head) descales, see [`crate::fp8`]); the output is bf16 `[batch, sq, heads_q, d]`
+//! and the LSE f32 `[batch, heads_q, sq]` of the *real* scores
+//! `scale · q_descale · k_descale · Q Kᵀ`.
+//!
+//! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. This
+//! is done by a **separate pre-pass kernel** (`fa3_fp8_vt`, one extra read and write of V),
+//! launched before the attention kernel on the same stream; it is not an in-kernel
+//! (producer-side) transpose.
+//!
+//! Envelope: sm 9.0; head dims 64, 128, 256; dense (no cu_seqlens); no mask or causal
+//! (bottom-right); GQA/MQA; any lengths; a positive finite scale. Sliding windows, softcap,
+//! ALiBi, dropout and varlen are **not** supported for FP8 and return
+//! [`Error::Unsupported`](crate::Error) naming the option.
+
+use super::context::{driver_err, Gpu};
+use super::fa3::{encode_raw, Fa3Params};
+use super::jit::KernelSpec;
+use super::tensor::{DeviceBuffer, DeviceTensor};
+use crate::error::{Error, Result};
+use crate::fp8::{Fp8Scaling, Fp8Tensor};
+use crate::options::AttnOptions;
+use crate::tensor::{DType, Tensor};
+use crate::ForwardOutput;
+use cudarc::driver::sys;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Head dims with a compiled FP8 variant.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Key tile (one Vᵀ row of 128 bytes is one 128-byte swizzle row).
+pub const BK: usize = 128;
+/// Query rows per CTA (two consumer warpgroups).
+pub const BQ: usize = 128;
+/// The V pre-pass.
+pub const VT_SOURCE: &str = "sm90/fp8_vt.cu";
+pub const VT_ENTRY: &str = "fa3_fp8_vt";
+const MAX_LEN: usize = 1 << 28;
+
+/// One compiled FP8 configuration of the sm90 forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Variant {
+    pub d: usize,
+    pub causal: bool,
+    pub stages: usize,
+}
+
+impl Fp8Variant {
+    /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N"` overrides
+    /// the ring depth (benchmarks) when it fits in shared memory.
+    pub fn new(d: usize, causal: bool) -> Fp8Variant {
+        let mut v = Fp8Variant {
+            d,
+            causal,
+            stages: if d <= 128 { 3 } else { 2 },
+        };
+        if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
+            for kv in s.split(',') {
+                if let Some(n) = kv.trim().strip_prefix("stages=") {
+                    if let Ok(n) = n.parse::<usize>() {
+                        let t = Fp8Variant { stages: n, ..v };
+                        if (1..=4).contains(&n) && t.smem_bytes() <= 227 * 1024 {
+                            v = t;
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Dynamic shared memory as the kernel lays it out: Q, then per stage a K tile (d padded
+    /// to 128 bytes) and a Vᵀ tile (d rows of BK bytes), barriers, 1 KiB alignment slack.
+    pub fn smem_bytes(&self) -> usize {
+        let dp = self.d.div_ceil(128) * 128;
+        BQ * dp + self.stages * (BK * dp + self.d * BK) + 8 * (2 + 4 * self.stages) + 1024
+    }
+
+    pub fn spec(&self) -> KernelSpec {
+        KernelSpec::new(super::fa3::SOURCE, super::fa3::ENTRY)
+            .define("FA3_D", self.d)
+            .define("FA3_BK", BK)
+            .define("FA3_STAGES", self.stages)
+            .define("FA3_DT", 2)
+            .define("FA3_CAUSAL", u32::from(self.causal))
+            .define("FA3_OVERLAP", 1)
+            .define("FA3_PINGPONG", 1)
+            .define("FA3_PERSISTENT", 0)
+            .define("FA3_NC", 2)
+            .define("FA3_WINDOW", 0)
+            .define("FA3_SOFTCAP", 0)
+            .define("FA3_ALIBI", 0)
+            .define("FA3_VARLEN", 0)
+    }
+}
+
+/// The V pre-pass kernel.
+pub fn vt_spec() -> KernelSpec {
+    KernelSpec::new(VT_SOURCE, VT_ENTRY)
+}
+
+/// Every shipped FP8 kernel for `arch` (compile-all): 3 head dims × {plain, causal} and the
+/// V pre-pass; none outside sm_90a.
+pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
+    if arch != "sm_90a" {
+        return vec![];
+    }
+    let mut v: Vec<KernelSpec> = HEAD_DIMS
+        .iter()
+        .flat_map(|&d| [false, true].map(|c| Fp8Variant::new(d, c).spec()))
+        .collect();
+    v.push(vt_spec());
+    v
+}
+
+/// An [`Fp8Tensor`] on the device: codes and descales.
+#[derive(Clone, Debug)]
+pub struct Fp8DeviceTensor {
+    data: DeviceBuffer,
+    descale: DeviceBuffer,
+    shape: [usize; 4],
+    per_head: bool,
+}
+
+impl Fp8DeviceTensor {
+    pub fn upload(gpu: &Gpu, t: &Fp8Tensor) -> Result<Fp8DeviceTensor> {
+        // An empty tensor still gets a 16-byte buffer so that pointers stay valid.
+        let data = if t.data().is_empty() {
+            DeviceBuffer::zeros(gpu, 16)?
+        } else {
+            DeviceBuffer::from_bytes(gpu, t.data())?
+        };
+        Ok(Fp8DeviceTensor {
+            data,
+            descale: DeviceBuffer::from_f32(gpu, t.descale())?,
+            shape: t.shape(),
+            per_head: t.scaling() == Fp8Scaling::PerHead,
+        })
+    }
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    /// (batch, head) element strides of the descale array (0, 0 per tensor).
+    fn descale_strides(&self) -> (i32, i32) {
+        if self.per_head {
+            (self.shape[2] as i32, 1)
+        } else {
+            (0, 0)
+        }
+    }
+}
+
+/// V transposed for the PV wgmma by the pre-pass: `[batch, heads_k, d, skp]` e4m3, skp = sk
+/// rounded up to 16, keys permuted within 16-key groups (see `kernels/sm90/fp8.cuh`).
+#[derive(Clone, Debug)]
+pub struct Fp8VTransposed {
+    data: DeviceBuffer,
+    descale: DeviceBuffer,
+    shape: [usize; 4],
+    per_head: bool,
+    skp: usize,
+}
+
+/// Shapes and options checked once: `(batch, sq, sk, heads_q, heads_k, d, scale)`.
+struct Dims {
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    scale: f32,
+}
+
+fn check(
+    gpu: &Gpu,
+    q: [usize; 4],
+    k: [usize; 4],
+    v: [usize; 4],
+    opts: &AttnOptions,
+) -> Result<Dims> {
+    let a = gpu.arch();
+    if !(a.major == 9 && a.minor == 0) {
+        return Err(Error::unsupported(
+            gpu.device_name(),
+            "dtype",
+            "e4m3",
+            "the FP8 forward needs sm 9.0 (Hopper, wgmma)",
+        ));
+    }
+    opts.validate()?;
+    let [b, sq, hq, d] = q;
+    let [bk, sk, hk, dk] = k;
+    if k != v {
+        return Err(Error::invalid(
+            "v",
+            format!("shape {v:?}"),
+            format!("k's shape {k:?}"),
+        ));
+    }
+    if bk != b || dk != d {
+        return Err(Error::invalid(
+            "k",
+            format!("shape {k:?}"),
+            format!("batch {b} and head dim {d} as q {q:?}"),
+        ));
+    }
+    if hk == 0 || hq % hk != 0 {
+        return Err(Error::invalid(
+            "heads",
+            format!("heads_q {hq}, heads_k {hk}"),
+            "heads_q a multiple of heads_k (> 0)",
+        ));
+    }
+    if !HEAD_DIMS.contains(&d) {
+        return Err(Error::unsupported(
+            gpu.device_name(),
+            "head_dim",
+            d,
+            "64, 128 or 256 for the FP8 forward",
+        ));
+    }
+    let unsupported = |what: &str| {
+        Err(Error::unsupported(
+            gpu.device_name(),
+            what,
+            "set",
+            "the FP8 forward takes no mask or causal only (no window, softcap, ALiBi, dropout, varlen)",
+        ))
+    };
+    match opts.effective_window() {
+        (None, None) | (None, Some(0)) if opts.causal || opts.window == (-1, -1) => {}
+        _ => return unsupported("window"),
+    }
+    if opts.softcap > 0.0 {
+        return unsupported("softcap");
+    }
+    if opts.alibi_slopes.is_some() {
+        return unsupported("alibi_slopes");
+    }
+    if opts.dropout_p > 0.0 {
+        return unsupported("dropout");
+    }
+    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !(scale > 0.0 && scale.is_finite()) {
+        return Err(Error::invalid(
+            "scale",
+            scale,
+            "a positive finite scale (FP8 forward)",
+        ));
+    }
+    if sq > MAX_LEN || sk > MAX_LEN || hq > 65535 || b > 65535 || b * hk > 65535 {
+        return Err(Error::invalid(
+            "shape",
+            format!("q {q:?}, k {k:?}"),
+            "lengths below 2^28, heads_q and batch·heads_k at most 65535",
+        ));
+    }
+    Ok(Dims {
+        b,
+        sq,
+        sk,
+        hq,
+        hk,
+        d,
+        scale,
+    })
+}
+
+/// The pre-pass: V → Vᵀ (permuted keys, zero padded to a multiple of 16 keys).
+pub fn transpose_v(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
+    let [b, sk, hk, d] = v.shape;
+    let skp = sk.div_ceil(16) * 16;
+    let bytes = (b * hk * d * skp).max(16);
+    let data = DeviceBuffer::uninit(gpu, bytes)?;
+    let out = Fp8VTransposed {
+        data,
+        descale: v.descale.clone(),
+        shape: v.shape,
+        per_head: v.per_head,
+        skp,
+    };
+    if b * hk * d * skp == 0 {
+        return Ok(out);
+    }
+    if b * hk > 65535 || skp.div_ceil(64) > i32::MAX as usize {
+        return Err(Error::invalid(
+            "v",
+            format!("shape {:?}", v.shape),
+            "batch·heads_k at most 65535",
+        ));
+    }
+    let f = gpu.kernel(&vt_spec())?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            skp.div_ceil(64) as u32,
+            d.div_ceil(64) as u32,
+            (b * hk) as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (src, dst) = (v.data.ptr(), out.data.ptr());
+    let (sk_i, skp_i, hk_i, d_i) = (sk as i32, skp as i32, hk as i32, d as i32);
+    let (v_row, v_batch) = ((hk * d) as i64, (sk * hk * d) as i64);
+    let stream = gpu.stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&src)
+        .arg(&dst)
+        .arg(&sk_i)
+        .arg(&skp_i)
+        .arg(&hk_i)
+        .arg(&d_i)
+        .arg(&v_row)
+        .arg(&v_batch);
+    // SAFETY: the arguments match `fa3_fp8_vt(const u8*, u8*, int, int, int, int, i64, i64)`;
+    // `src` holds b·sk·hk·d bytes (read only below sk), `dst` b·hk·d·skp bytes (written
+    // exactly), both alive until the stream is synchronized (buffers free stream-ordered).
+    unsafe { lb.launch(cfg) }.map_err(|e| driver_err("launching fa3_fp8_vt", e))?;
+    Ok(out)
+}
+
+/// The attention kernel on pre-transposed V, into caller-provided `out` (bf16, contiguous
+/// `[batch, sq, heads_q, d]`) and `lse` (f32, contiguous `[batch, heads_q, sq]`). Every element
+/// of both is written when there is at least one key.
+pub fn attention_into(
+    gpu: &Gpu,
+    q: &Fp8DeviceTensor,
+    k: &Fp8DeviceTensor,
+    vt: &Fp8VTransposed,
+    opts: &AttnOptions,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+) -> Result<()> {
+    let dm = check(gpu, q.shape, k.shape, vt.shape, opts)?;
+    let (b, sq, sk, hq, hk, d) = (dm.b, dm.sq, dm.sk, dm.hq, dm.hk, dm.d);
+    if out.dtype() != DType::BF16 || out.shape() != [b, sq, hq, d] || !out.is_contiguous() {
+        return Err(Error::invalid(
+            "out",
+            format!("{} {:?}", out.dtype(), out.shape()),
+            format!("contiguous bf16 {:?}", [b, sq, hq, d]),
+        ));
+    }
+    if lse.dtype() != DType::F32 || lse.shape() != [b, hq, sq] || !lse.is_contiguous() {
+        return Err(Error::invalid(
+            "lse",
+            format!("{} {:?}", lse.dtype(), lse.shape()),
+            format!("contiguous f32 {:?}", [b, hq, sq]),
+        ));
+    }
+    if b == 0 || sq == 0 || hq == 0 {
+        return Ok(());
+    }
+    if sk == 0 {
+        return Err(Error::invalid(
+            "k",
+            "no keys",
+            "at least one key (use forward)",
+        ));
+    }
+    let var = Fp8Variant::new(d, opts.causal);
+    let smem = var.smem_bytes();
+    let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
+    let m_tiles = sq.div_ceil(BQ);
+    let u8t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    let (qd, kd) = (q.descale_strides(), k.descale_strides());
+    let vd = if vt.per_head { (hk as i32, 1) } else { (0, 0) };
+    let (bq, bk, dd) = (BQ as u32, BK as u32, d as u64);
+    let params = Fa3Params {
+        q: encode_raw(
+            "q",
+            q.data.ptr(),
+            u8t,
+            [dd, sq as u64, hq as u64, b as u64],
+            [hq as u64 * dd, dd, (sq * hq) as u64 * dd],
+            [128, bq, 1, 1],
+        )?,
+        k: encode_raw(
+            "k",
+            k.data.ptr(),
+            u8t,
+            [dd, sk as u64, hk as u64, b as u64],
+            [hk as u64 * dd, dd, (sk * hk) as u64 * dd],
+            [128, bk, 1, 1],
+        )?,
+        v: encode_raw(
+            "v (transposed)",
+            vt.data.ptr(),
+            u8t,
+            [vt.skp as u64, dd, hk as u64, b as u64],
+            [vt.skp as u64, dd * vt.skp as u64, (hk * d * vt.skp) as u64],
+            [BK as u32, d as u32, 1, 1],
+        )?,
+        o: out.ptr() + out.offset() as u64 * 2,
+        lse: lse.ptr() + lse.offset() as u64 * 4,
+        o_batch: (sq * hq * d) as i64,
+        o_row: (hq * d) as i64,
+        o_head: d as i64,
+        sq: sq as i32,
+        sk: sk as i32,
+        heads_q: hq as i32,
+        group: (hq / hk) as i32,
+        m_tiles: m_tiles as i32,
+        scale_log2: dm.scale * std::f32::consts::LOG2_E,
+        batch: b as i32,
+        lse_b: (hq * sq) as i64,
+        lse_h: sq as i64,
+        qd: q.descale.ptr(),
+        kd: k.descale.ptr(),
+        vd: vt.descale.ptr(),
+        qd_b: qd.0,
+        qd_h: qd.1,
+        kd_b: kd.0,
+        kd_h: kd.1,
+        vd_b: vd.0,
+        vd_h: vd.1,
+        ..Fa3Params::zeroed()
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (m_tiles as u32, hq as u32, b as u32),
+        block_dim: (384, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let stream = gpu.stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&params);
+    // SAFETY: the kernel's single parameter is `Fa3Params` by value (layout mirrored in
+    // fa3.rs); the tensor maps address q, k and Vᵀ, whose buffers (and the descale arrays)
+    // outlive the launch on this stream; out/lse were checked to be contiguous with the
+    // shapes the kernel writes.
+    unsafe { lb.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd (fp8)", e))?;
+    Ok(())
+}
+
+/// FP8 forward on device tensors: `(out bf16 [batch, sq, heads_q, d], lse f32 [batch, heads_q,
+/// sq])`. Runs the V pre-pass, then the attention kernel.
+pub fn forward(
+    gpu: &Gpu,
+    q: &Fp8DeviceTensor,
+    k: &Fp8DeviceTensor,
+    v: &Fp8DeviceTensor,
+    opts: &AttnOptions,
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    let dm = check(gpu, q.shape, k.shape, v.shape, opts)?;
+    let out = DeviceTensor::alloc(gpu, DType::BF16, &[dm.b, dm.sq, dm.hq, dm.d])?;
+    let lse_shape = [dm.b, dm.hq, dm.sq];
+    if dm.sk == 0 {
+        let n: usize = lse_shape.iter().product();
+        let t = Tensor::from_f32(vec![f32::NEG_INFINITY; n], &lse_shape)?;
+        return Ok((out, DeviceTensor::upload(gpu, &t)?));
+    }
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &lse_shape)?;
+    if dm.b * dm.sq * dm.hq == 0 {
+        return Ok((out, lse));
+    }
+    let vt = transpose_v(gpu, v)?;
+    attention_into(gpu, q, k, &vt, opts, &out, &lse)?;
+    Ok((out, lse))
+}
+
+/// FP8 forward from host tensors on CUDA device `ordinal`: `out` bf16, `lse` f32.
+pub fn forward_host(
+    ordinal: usize,
+    q: &Fp8Tensor,
+    k: &Fp8Tensor,
+    v: &Fp8Tensor,
+    opts: &AttnOptions,
+) -> Result<ForwardOutput> {
+    let gpu = Gpu::get(ordinal)?;
+    let up = |t: &Fp8Tensor| Fp8DeviceTensor::upload(&gpu, t);
+    let (dq, dk, dv) = (up(q)?, up(k)?, up(v)?);
+    let (out, lse) = forward(&gpu, &dq, &dk, &dv, opts)?;
+    Ok(ForwardOutput {
+        out: out.download()?,
+        lse: lse.download()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_and_smem() {
+        assert!(all_variants("sm_80").is_empty());
+        let v = all_variants("sm_90a");
+        assert_eq!(v.len(), 7);
+        assert!(v.iter().any(|s| s.entry == VT_ENTRY));
+        for d in HEAD_DIMS {
+            let var = Fp8Variant::new(d, false);
+            assert!(
+                var.smem_bytes() <= 227 * 1024,
+                "d={d}: {}",
+                var.smem_bytes()
+            );
+            assert!(var.spec().label().contains("FA3_DT=2"));
+        }
+        // d = 256, 2 stages: Q 32 KiB + 2 × (K 32 KiB + Vᵀ 32 KiB) + barriers + slack.
+        assert_eq!(
+            Fp8Variant::new(256, true).smem_bytes(),
+            32768 + 2 * 65536 + 80 + 1024
+        );
+    }
+}
