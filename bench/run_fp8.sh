@@ -8,7 +8,8 @@
 #   2. FP8 correctness tests (vs the f64 reference on dequantised and unquantised inputs);
 #   3. bf16 FA3 regression tests (the kernel source is shared);
 #   4. the RMSE study (outlier features: bf16, FP8 per-tensor, per-head, + Hadamard);
-#   5. the FP8 benchmark (kernel alone, with the V pre-pass, our bf16 FA3) on SPEC §4 shapes,
+#   5. the FP8 benchmark (kernel alone, with the V pre-pass, with the in-kernel V transpose,
+#      our bf16 FA3) on SPEC §4 shapes,
 #      then SDPA FLASH/cuDNN bf16 anchors (bench/anchors.py) in the same command, and a probe of
 #      whether torch offers an FP8 SDPA path; prints one merged table last.
 set -uo pipefail
@@ -78,10 +79,10 @@ for r in anc["rows"]:
 print(open(sys.argv[3]).read().strip())
 print(f"device: {anc.get('device')} | torch {anc.get('torch')} cuDNN {anc.get('cudnn')}")
 f = lambda x: f"{x:7.1f}" if x else "      -"
-print(f"{'d':>4} {'causal':>6} {'seq':>6} {'fp8kern':>7} {'fp8+vt':>7} {'bf16':>7} {'FLASH':>7} {'cuDNN':>7} {'k/cuDNN':>7} {'k/bf16':>7}")
+print(f"{'d':>4} {'causal':>6} {'seq':>6} {'fp8kern':>7} {'fp8+vt':>7} {'fp8vtk':>7} {'bf16':>7} {'FLASH':>7} {'cuDNN':>7} {'k/cuDNN':>7} {'k/bf16':>7}")
 for r in rows:
     a = A.get((r["d"], r["seqlen"], bool(r["causal"])), {})
     c = a.get("sdpa_cudnn"); fl = a.get("sdpa_flash")
-    print(f"{r['d']:>4} {int(r['causal']):>6} {r['seqlen']:>6} {f(r['fp8_kernel'])} {f(r['fp8_with_vt'])} {f(r['bf16_fa3'])} {f(fl)} {f(c)} "
+    print(f"{r['d']:>4} {int(r['causal']):>6} {r['seqlen']:>6} {f(r['fp8_kernel'])} {f(r['fp8_with_vt'])} {f(r.get('fp8_vtk'))} {f(r['bf16_fa3'])} {f(fl)} {f(c)} "
           f"{(r['fp8_kernel']/c if c else 0):7.2f} {r['fp8_kernel']/r['bf16_fa3']:7.2f}{'' if r['finite'] else ' NONFINITE'}")
 PY

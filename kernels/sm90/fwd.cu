@@ -32,9 +32,12 @@
 // at its sequence's start row; key columns past the sequence's end are masked, query rows past
 // it are never written (the epilogue clamps to the sequence's sq).
 // FA3_DT=2 — FP8 (e4m3) inputs, bf16 output: QKᵀ and PV run as k32 e4m3 wgmma (QGMMA); 8-bit
-// operands must both be K-major, so V arrives transposed (Vᵀ [batch, heads_k, d, skp], keys
-// contiguous and permuted within 16-key groups, written by the separate pre-pass fp8_vt.cu; see
-// fp8.cuh) and P is converted to e4m3 in registers. Descales: c = scale·log2e·q_descale·k_descale
+// operands must both be K-major, so PV needs Vᵀ (keys contiguous, permuted within 16-key groups
+// as fp8.cuh describes) and P is converted to e4m3 in registers. FA3_VTK=0: Vᵀ [batch, heads_k, d,
+// skp] comes from the separate pre-pass fp8_vt.cu and is loaded by TMA. FA3_VTK=1: in-kernel
+// transpose — the producer loads V as stored (like K) into a 2-slot staging ring and the whole
+// producer warpgroup transposes it into the Vᵀ slot (32-bit shared loads, byte permutes, 32-bit
+// stores, both conflict-free on the 128B swizzle), then fences the async proxy and signals v_full. Descales: c = scale·log2e·q_descale·k_descale
 // (per tensor or per (batch, head): p.qd/p.kd/p.vd with element strides), O ·= v_descale at the
 // end. FP8 takes dense inputs, plain or causal, BK = 128 (a Vᵀ row is one 128-byte swizzle row).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
@@ -87,6 +90,9 @@
 #ifndef FA3_VARLEN
 #define FA3_VARLEN 0
 #endif
+#ifndef FA3_VTK
+#define FA3_VTK 0
+#endif
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
@@ -94,6 +100,7 @@ static_assert(!(FA3_WINDOW && FA3_CAUSAL), "causal is the window (unbounded, 0)"
 constexpr bool FP8 = FA3_DT == 2;
 static_assert(!FP8 || !(FA3_WINDOW || PRESCALE || FA3_VARLEN), "fp8: dense, plain or causal");
 static_assert(!FP8 || FA3_BK == 128, "fp8: one Vᵀ row is one 128-byte swizzle row");
+constexpr bool VTK = FP8 && FA3_VTK;  // in-kernel V transpose by the producer warpgroup
 
 constexpr int D = FA3_D;
 constexpr int BK = FA3_BK;
@@ -102,7 +109,7 @@ constexpr int BQ = 64 * NC;
 constexpr int NTHREADS = 128 * (NC + 1);
 static_assert(NC == 2 || NC == 3, "2 or 3 consumer warpgroups");
 // Register budgets after setmaxnreg (multiples of 8; total within 64K per SM).
-constexpr int PRODUCER_REGS = 24;
+constexpr int PRODUCER_REGS = 24;  // 128·24 + 256·240 = 64512 = 384 · 168 (launch)
 constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 constexpr int STAGES = FA3_STAGES;
 constexpr int ESZ = FP8 ? 1 : 2;           // bytes per input element
@@ -115,7 +122,9 @@ constexpr int K_BYTES = BK * DP * ESZ;     // one K stage
 constexpr int V_BYTES = FP8 ? D * BK : K_BYTES;  // one V stage (fp8: Vᵀ, D rows of BK bytes)
 constexpr int QCHUNK = BQ * 128;           // bytes of one 128-byte-wide chunk of Q
 constexpr int KCHUNK = BK * 128;
-constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + 8 * (2 + 4 * STAGES) + 1024;
+constexpr int R_BYTES = VTK ? 2 * K_BYTES : 0;  // staging ring of V as stored (FA3_VTK)
+constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + 8 * (2 + 4 * STAGES) +
+                           (VTK ? 16 : 0) + 1024;
 static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 256 && D <= 256, "tile shape");
 static_assert(!FP8 || D % 32 == 0, "fp8: whole k32 steps along d");
 static_assert(D % 64 == 0 || D % 64 == 32, "PV wgmma N: whole 64-column swizzle atoms (+ one half)");
@@ -176,6 +185,88 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
       for (int c = 0; c < NCH; ++c)
         tma_load_4d(sV + s * V_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
     }
+  }
+}
+
+// FA3_VTK: V tile as stored (src: BK key rows, NCH 128-byte chunks, 128B swizzle — K's layout)
+// -> Vᵀ slot (dst: D rows of BK = 128 bytes, 128B swizzle, keys permuted as fp8_key_of: position
+// 4t+i of a 16-key group holds key {2t, 2t+1, 2t+8, 2t+9}[i]). Lane (G = lane/4, t = lane%4)
+// gathers the 4 keys of its (group G, t) for 4 consecutive d (one 32-bit word of each key row)
+// and writes 4 words, one per d row; word q = (qb + G) mod QW makes the loads and the stores
+// hit 32 distinct banks. All 128 producer threads take part.
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ void transpose_v_tile(u32 src, u32 dst) {
+  constexpr int QW = (D < 128 ? D : 128) / 4;  // 32-bit words of a key row per chunk
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int G = lane >> 2, t = lane & 3;
+#pragma unroll 1
+  for (int i = warp; i < NCH * QW; i += 4) {
+    const int c = i / QW, q = (i % QW + G) % QW;
+    u32 wv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = 16 * G + 2 * t + (j & 1) + 8 * (j >> 1);
+      const u32 a = src + c * KCHUNK + row * 128 + ((((q >> 2) ^ (row & 7))) << 4) + (q & 3) * 4;
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(wv[j]) : "r"(a));
+    }
+    const u32 x = prmt(wv[0], wv[1], 0x5140), y = prmt(wv[0], wv[1], 0x7362);
+    const u32 u = prmt(wv[2], wv[3], 0x5140), v = prmt(wv[2], wv[3], 0x7362);
+    const u32 o[4] = {prmt(x, u, 0x5410), prmt(x, u, 0x7632), prmt(y, v, 0x5410), prmt(y, v, 0x7632)};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int n = c * 128 + 4 * q + r;
+      const u32 a = dst + n * 128 + ((G ^ (n & 7)) << 4) + 4 * t;
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(a), "r"(o[r]) : "memory");
+    }
+  }
+}
+
+// FA3_VTK producer: run by all 128 threads of warpgroup 0; thread 0 issues the TMA loads (Q, K,
+// and V as stored into staging slot g % 2, one tile ahead), everyone transposes.
+__device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sR,
+                                             u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
+                                             u32 v_empty, u32 q_empty, u32 r_full,
+                                             const WorkTile& w, int hk, int g0, int jq) {
+  const int m = w.m, h = w.h, b = w.tb, n_end = w.count();
+  const bool leader = threadIdx.x == 0;
+  auto load_raw = [&](int tile, int g) {
+    const int rs = g % 2;
+    mbar_expect_tx(r_full + 8 * rs, K_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+      tma_load_4d(sR + rs * K_BYTES + c * KCHUNK, &p.v, r_full + 8 * rs, c * CH, w.ks + tile * BK, hk, b);
+  };
+  if (leader) {
+    if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);
+    mbar_expect_tx(q_full, Q_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
+    if (n_end > 0) load_raw(w.n_hi - 1, g0);
+  }
+  for (int it = 0; it < n_end; ++it) {
+    const int tile = w.n_hi - 1 - it;
+    const int g = g0 + it;
+    const int s = g % STAGES;
+    const u32 par = ((g / STAGES) + 1) & 1;
+    if (leader) {
+      if (g >= STAGES) mbar_wait(k_empty + 8 * s, par);
+      mbar_expect_tx(k_full + 8 * s, K_BYTES);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, b);
+      // Staging slot (g+1) % 2 was last read in iteration it-1, which ended in a barrier.
+      if (it + 1 < n_end) load_raw(tile - 1, g + 1);
+    }
+    mbar_wait(r_full + 8 * (g % 2), (g / 2) & 1);
+    if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
+    transpose_v_tile(sR + (g % 2) * K_BYTES, sV + s * V_BYTES);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic writes -> wgmma
+    named_sync(1, 128);
+    if (leader) mbar_arrive(v_full + 8 * s);
   }
 }
 
@@ -512,13 +603,15 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 sQ = base;
   const u32 sK = sQ + Q_BYTES;
   const u32 sV = sK + STAGES * K_BYTES;
-  const u32 bars = sV + STAGES * V_BYTES;
+  const u32 sR = sV + STAGES * V_BYTES;  // FA3_VTK staging (R_BYTES, 0 otherwise)
+  const u32 bars = sR + R_BYTES;
   const u32 q_full = bars;
   const u32 k_full = bars + 8;
   const u32 v_full = k_full + 8 * STAGES;
   const u32 k_empty = v_full + 8 * STAGES;
   const u32 v_empty = k_empty + 8 * STAGES;
   const u32 q_empty = v_empty + 8 * STAGES;
+  const u32 r_full = q_empty + 8;  // 2 barriers (FA3_VTK)
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -528,6 +621,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       mbar_init(v_full + 8 * s, 1);
       mbar_init(k_empty + 8 * s, 4 * NC);  // one arrival per consumer warp
       mbar_init(v_empty + 8 * s, 4 * NC);
+    }
+    if (VTK) {
+      mbar_init(r_full, 1);
+      mbar_init(r_full + 8, 1);
     }
     mbar_fence_init();
   }
@@ -543,7 +640,22 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   int g0 = 0, jq = 0;  // ring position and Q-load count, identical in every role
   if (wg == 0) {
     reg_dealloc<PRODUCER_REGS>();
-    if (threadIdx.x == 0) {
+    if constexpr (VTK) {
+      if (threadIdx.x == 0) {
+        tma_prefetch_map(&p.q);
+        tma_prefetch_map(&p.k);
+        tma_prefetch_map(&p.v);
+      }
+      FA3_TILE_LOOP {
+        const WorkTile w = decode_tile(p, t);
+        if (w.count() > 0) {
+          producer_vtk(p, sQ, sK, sV, sR, q_full, k_full, v_full, k_empty, v_empty, q_empty, r_full,
+                       w, w.h / p.group, g0, jq);
+          g0 += w.count();
+          ++jq;
+        }
+      }
+    } else if (threadIdx.x == 0) {
       tma_prefetch_map(&p.q);
       tma_prefetch_map(&p.k);
       tma_prefetch_map(&p.v);

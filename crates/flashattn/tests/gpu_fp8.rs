@@ -119,12 +119,14 @@ struct Outcome {
     lse: f64,
 }
 
-/// Quantizes, runs `attention_into` into NaN-poisoned out/lse, compares.
+/// Quantizes, runs `attention_into` (V pre-pass) or, with `vtk`, `attention_into_raw_v`
+/// (in-kernel V transpose) into NaN-poisoned out/lse, compares.
 fn run_fp8(
     gpu: &Gpu,
     qkv: (&Tensor, &Tensor, &Tensor),
     scaling: Fp8Scaling,
     causal: bool,
+    vtk: bool,
 ) -> Outcome {
     let (q, k, v) = qkv;
     let fq = Fp8Tensor::quantize(q, scaling).unwrap();
@@ -138,8 +140,12 @@ fn run_fp8(
     out.fill_poison().unwrap();
     lse.fill_poison().unwrap();
     let opts = AttnOptions::new().causal(causal);
-    let r = fa3_fp8::transpose_v(gpu, &dv)
-        .and_then(|vt| fa3_fp8::attention_into(gpu, &dq, &dk, &vt, &opts, &out, &lse));
+    let r = if vtk {
+        fa3_fp8::attention_into_raw_v(gpu, &dq, &dk, &dv, &opts, &out, &lse)
+    } else {
+        fa3_fp8::transpose_v(gpu, &dv)
+            .and_then(|vt| fa3_fp8::attention_into(gpu, &dq, &dk, &vt, &opts, &out, &lse))
+    };
     if let Err(e) = r {
         eprintln!("fp8 launch failed: {e}");
         return Outcome {
@@ -201,23 +207,26 @@ fn fp8_matches_reference() {
                 let q = rand_heads([b, sq, hq, d], seed);
                 let k = rand_heads([b, sk, hk, d], seed + 1);
                 let v = rand_heads([b, sk, hk, d], seed + 2);
-                let o = run_fp8(&gpu, (&q, &k, &v), scaling, causal);
-                n += 1;
-                let tol = 2.0 * o.err_model + 1e-2;
-                let ok = o.err_deq <= tol && o.lse <= 1e-3 && o.err_raw <= 0.15;
-                let line = format!(
-                    "fp8 d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk} {scaling:?}: \
+                for vtk in [false, true] {
+                    let o = run_fp8(&gpu, (&q, &k, &v), scaling, causal, vtk);
+                    n += 1;
+                    let tol = 2.0 * o.err_model + 1e-2;
+                    let ok = o.err_deq <= tol && o.lse <= 1e-3 && o.err_raw <= 0.15;
+                    let line = format!(
+                    "fp8 {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk} {scaling:?}: \
                      err vs dequantised ref {:.2e} (tol {tol:.2e}, P-quant model {:.2e}), \
                      vs unquantised {:.2e}, lse {:.2e} {}",
+                    if vtk { "in-kernel-vt" } else { "prepass-vt" },
                     o.err_deq,
                     o.err_model,
                     o.err_raw,
                     o.lse,
                     if ok { "ok" } else { "FAIL" }
                 );
-                eprintln!("{line}");
-                if !ok {
-                    fails.push(line);
+                    eprintln!("{line}");
+                    if !ok {
+                        fails.push(line);
+                    }
                 }
             }
         }
@@ -290,7 +299,7 @@ fn fp8_variants_compile_without_spills() {
     let dir = std::env::var("FP8_CUBIN_DIR").ok();
     let mut bad = Vec::new();
     let specs = fa3_fp8::all_variants("sm_90a");
-    assert_eq!(specs.len(), 7);
+    assert_eq!(specs.len(), 13);
     for spec in specs {
         let c = jit::compile(&spec, "sm_90a").expect("fp8 variant compiles");
         let r = &c.resources;
@@ -480,8 +489,18 @@ fn fp8_bench() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     println!(
-        "{:>4} {:>6} {:>6} {:>3} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "d", "causal", "seq", "b", "heads", "fp8 kern", "fp8+vt", "bf16 fa3", "vt ms", "kern ms"
+        "{:>4} {:>6} {:>6} {:>3} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "d",
+        "causal",
+        "seq",
+        "b",
+        "heads",
+        "fp8 kern",
+        "fp8+vt",
+        "fp8 vtk",
+        "bf16 fa3",
+        "vt ms",
+        "kern ms"
     );
     let mut json = Vec::new();
     for d in [64usize, 128, 256] {
@@ -530,6 +549,9 @@ fn fp8_bench() {
                     let vt2 = fa3_fp8::transpose_v(&gpu, &dv).unwrap();
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse).unwrap()
                 });
+                let v_ms = time_ms(&gpu, 30, || {
+                    fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
+                });
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
                 // FP8_BENCH_TUNES_<d>="stages=2;stages=4": extra kernel-only rows per setting.
                 if let Ok(tunes) = std::env::var(format!("FP8_BENCH_TUNES_{d}")) {
@@ -554,7 +576,7 @@ fn fp8_bench() {
                     .iter()
                     .all(|x| x.is_finite());
                 println!(
-                    "{:>4} {:>6} {:>6} {:>3} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.4} {:>9.4}{}",
+                    "{:>4} {:>6} {:>6} {:>3} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.4} {:>9.4}{}",
                     d,
                     causal as u8,
                     s,
@@ -562,15 +584,17 @@ fn fp8_bench() {
                     h,
                     tf(k_ms),
                     tf(f_ms),
+                    tf(v_ms),
                     tf(b_ms),
                     vt_ms,
                     k_ms,
                     if finite { "" } else { " NONFINITE" }
                 );
                 json.push(format!(
-                    "{{\"d\":{d},\"seqlen\":{s},\"causal\":{causal},\"fp8_kernel\":{:.2},\"fp8_with_vt\":{:.2},\"bf16_fa3\":{:.2},\"vt_ms\":{vt_ms:.5},\"finite\":{finite}}}",
+                    "{{\"d\":{d},\"seqlen\":{s},\"causal\":{causal},\"fp8_kernel\":{:.2},\"fp8_with_vt\":{:.2},\"fp8_vtk\":{:.2},\"bf16_fa3\":{:.2},\"vt_ms\":{vt_ms:.5},\"finite\":{finite}}}",
                     tf(k_ms),
                     tf(f_ms),
+                    tf(v_ms),
                     tf(b_ms)
                 ));
             }

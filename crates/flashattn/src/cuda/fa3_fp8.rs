@@ -6,10 +6,11 @@
 //! and the LSE f32 `[batch, heads_q, sq]` of the *real* scores
 //! `scale · q_descale · k_descale · Q Kᵀ`.
 //!
-//! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. This
-//! is done by a **separate pre-pass kernel** (`fa3_fp8_vt`, one extra read and write of V),
-//! launched before the attention kernel on the same stream; it is not an in-kernel
-//! (producer-side) transpose.
+//! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. Two
+//! ways, chosen by [`in_kernel_transpose`]: a **separate pre-pass kernel** (`fa3_fp8_vt`, one
+//! extra read and write of V, launched before the attention kernel on the same stream; the
+//! default), or the **in-kernel transpose** (`FA3_VTK=1`: the producer warpgroup TMA-loads V as
+//! stored and transposes it in shared memory; [`attention_into_raw_v`]).
 //!
 //! Envelope: sm 9.0; head dims 64, 128, 256; dense (no cu_seqlens); no mask or causal
 //! (bottom-right); GQA/MQA; any lengths; a positive finite scale. Sliding windows, softcap,
@@ -39,22 +40,42 @@ pub const VT_SOURCE: &str = "sm90/fp8_vt.cu";
 pub const VT_ENTRY: &str = "fa3_fp8_vt";
 const MAX_LEN: usize = 1 << 28;
 
+/// Whether [`forward`] transposes V inside the attention kernel (`FA3_VTK=1`) instead of the
+/// pre-pass: `FLASHATTN_FP8_VT=kernel` or `prepass` overrides the default ([`DEFAULT_VTK`]).
+pub fn in_kernel_transpose() -> bool {
+    match std::env::var("FLASHATTN_FP8_VT").as_deref() {
+        Ok("kernel") => true,
+        Ok("prepass") => false,
+        _ => DEFAULT_VTK,
+    }
+}
+/// The shipped choice for [`in_kernel_transpose`].
+pub const DEFAULT_VTK: bool = false;
+
 /// One compiled FP8 configuration of the sm90 forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fp8Variant {
     pub d: usize,
     pub causal: bool,
     pub stages: usize,
+    /// In-kernel V transpose (`FA3_VTK=1`) instead of the pre-pass layout.
+    pub vtk: bool,
 }
 
 impl Fp8Variant {
     /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N"` overrides
     /// the ring depth (benchmarks) when it fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
+        Self::with_vt(d, causal, false)
+    }
+
+    /// [`new`](Self::new) for either V path (`vtk`: in-kernel transpose).
+    pub fn with_vt(d: usize, causal: bool, vtk: bool) -> Fp8Variant {
         let mut v = Fp8Variant {
             d,
             causal,
             stages: if d <= 128 { 3 } else { 2 },
+            vtk,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for kv in s.split(',') {
@@ -72,10 +93,12 @@ impl Fp8Variant {
     }
 
     /// Dynamic shared memory as the kernel lays it out: Q, then per stage a K tile (d padded
-    /// to 128 bytes) and a Vᵀ tile (d rows of BK bytes), barriers, 1 KiB alignment slack.
+    /// to 128 bytes) and a Vᵀ tile (d rows of BK bytes), with `vtk` two staging tiles of V as
+    /// stored (K's layout) and their 2 barriers, barriers, 1 KiB alignment slack.
     pub fn smem_bytes(&self) -> usize {
         let dp = self.d.div_ceil(128) * 128;
-        BQ * dp + self.stages * (BK * dp + self.d * BK) + 8 * (2 + 4 * self.stages) + 1024
+        let staging = if self.vtk { 2 * BK * dp + 16 } else { 0 };
+        BQ * dp + self.stages * (BK * dp + self.d * BK) + staging + 8 * (2 + 4 * self.stages) + 1024
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -93,6 +116,7 @@ impl Fp8Variant {
             .define("FA3_SOFTCAP", 0)
             .define("FA3_ALIBI", 0)
             .define("FA3_VARLEN", 0)
+            .define("FA3_VTK", u32::from(self.vtk))
     }
 }
 
@@ -101,15 +125,18 @@ pub fn vt_spec() -> KernelSpec {
     KernelSpec::new(VT_SOURCE, VT_ENTRY)
 }
 
-/// Every shipped FP8 kernel for `arch` (compile-all): 3 head dims × {plain, causal} and the
-/// V pre-pass; none outside sm_90a.
+/// Every shipped FP8 kernel for `arch` (compile-all): 3 head dims × {plain, causal} × {V
+/// pre-pass layout, in-kernel transpose} and the V pre-pass; none outside sm_90a.
 pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     if arch != "sm_90a" {
         return vec![];
     }
     let mut v: Vec<KernelSpec> = HEAD_DIMS
         .iter()
-        .flat_map(|&d| [false, true].map(|c| Fp8Variant::new(d, c).spec()))
+        .flat_map(|&d| {
+            [(false, false), (true, false), (false, true), (true, true)]
+                .map(|(c, vtk)| Fp8Variant::with_vt(d, c, vtk).spec())
+        })
         .collect();
     v.push(vt_spec());
     v
@@ -334,7 +361,42 @@ pub fn attention_into(
     out: &DeviceTensor,
     lse: &DeviceTensor,
 ) -> Result<()> {
-    let dm = check(gpu, q.shape, k.shape, vt.shape, opts)?;
+    launch(gpu, q, k, VSource::Transposed(vt), opts, out, lse)
+}
+
+/// [`attention_into`] with V as stored: the attention kernel transposes it in shared memory
+/// (`FA3_VTK=1`, no pre-pass).
+pub fn attention_into_raw_v(
+    gpu: &Gpu,
+    q: &Fp8DeviceTensor,
+    k: &Fp8DeviceTensor,
+    v: &Fp8DeviceTensor,
+    opts: &AttnOptions,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+) -> Result<()> {
+    launch(gpu, q, k, VSource::Raw(v), opts, out, lse)
+}
+
+enum VSource<'a> {
+    Transposed(&'a Fp8VTransposed),
+    Raw(&'a Fp8DeviceTensor),
+}
+
+fn launch(
+    gpu: &Gpu,
+    q: &Fp8DeviceTensor,
+    k: &Fp8DeviceTensor,
+    vs: VSource<'_>,
+    opts: &AttnOptions,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+) -> Result<()> {
+    let (v_shape, v_per_head, v_descale) = match &vs {
+        VSource::Transposed(t) => (t.shape, t.per_head, &t.descale),
+        VSource::Raw(t) => (t.shape, t.per_head, &t.descale),
+    };
+    let dm = check(gpu, q.shape, k.shape, v_shape, opts)?;
     let (b, sq, sk, hq, hk, d) = (dm.b, dm.sq, dm.sk, dm.hq, dm.hk, dm.d);
     if out.dtype() != DType::BF16 || out.shape() != [b, sq, hq, d] || !out.is_contiguous() {
         return Err(Error::invalid(
@@ -360,13 +422,13 @@ pub fn attention_into(
             "at least one key (use forward)",
         ));
     }
-    let var = Fp8Variant::new(d, opts.causal);
+    let var = Fp8Variant::with_vt(d, opts.causal, matches!(vs, VSource::Raw(_)));
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let m_tiles = sq.div_ceil(BQ);
     let u8t = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8;
     let (qd, kd) = (q.descale_strides(), k.descale_strides());
-    let vd = if vt.per_head { (hk as i32, 1) } else { (0, 0) };
+    let vd = if v_per_head { (hk as i32, 1) } else { (0, 0) };
     let (bq, bk, dd) = (BQ as u32, BK as u32, d as u64);
     let params = Fa3Params {
         q: encode_raw(
@@ -385,14 +447,25 @@ pub fn attention_into(
             [hk as u64 * dd, dd, (sk * hk) as u64 * dd],
             [128, bk, 1, 1],
         )?,
-        v: encode_raw(
-            "v (transposed)",
-            vt.data.ptr(),
-            u8t,
-            [vt.skp as u64, dd, hk as u64, b as u64],
-            [vt.skp as u64, dd * vt.skp as u64, (hk * d * vt.skp) as u64],
-            [BK as u32, d as u32, 1, 1],
-        )?,
+        v: match &vs {
+            VSource::Transposed(vt) => encode_raw(
+                "v (transposed)",
+                vt.data.ptr(),
+                u8t,
+                [vt.skp as u64, dd, hk as u64, b as u64],
+                [vt.skp as u64, dd * vt.skp as u64, (hk * d * vt.skp) as u64],
+                [BK as u32, d as u32, 1, 1],
+            )?,
+            // As stored, loaded like K into the staging ring.
+            VSource::Raw(v) => encode_raw(
+                "v",
+                v.data.ptr(),
+                u8t,
+                [dd, sk as u64, hk as u64, b as u64],
+                [hk as u64 * dd, dd, (sk * hk) as u64 * dd],
+                [128, bk, 1, 1],
+            )?,
+        },
         o: out.ptr() + out.offset() as u64 * 2,
         lse: lse.ptr() + lse.offset() as u64 * 4,
         o_batch: (sq * hq * d) as i64,
@@ -409,7 +482,7 @@ pub fn attention_into(
         lse_h: sq as i64,
         qd: q.descale.ptr(),
         kd: k.descale.ptr(),
-        vd: vt.descale.ptr(),
+        vd: v_descale.ptr(),
         qd_b: qd.0,
         qd_h: qd.1,
         kd_b: kd.0,
@@ -435,7 +508,8 @@ pub fn attention_into(
 }
 
 /// FP8 forward on device tensors: `(out bf16 [batch, sq, heads_q, d], lse f32 [batch, heads_q,
-/// sq])`. Runs the V pre-pass, then the attention kernel.
+/// sq])`. Runs the V pre-pass, then the attention kernel, or the attention kernel with the
+/// in-kernel transpose ([`in_kernel_transpose`]).
 pub fn forward(
     gpu: &Gpu,
     q: &Fp8DeviceTensor,
@@ -455,8 +529,12 @@ pub fn forward(
     if dm.b * dm.sq * dm.hq == 0 {
         return Ok((out, lse));
     }
-    let vt = transpose_v(gpu, v)?;
-    attention_into(gpu, q, k, &vt, opts, &out, &lse)?;
+    if in_kernel_transpose() {
+        attention_into_raw_v(gpu, q, k, v, opts, &out, &lse)?;
+    } else {
+        let vt = transpose_v(gpu, v)?;
+        attention_into(gpu, q, k, &vt, opts, &out, &lse)?;
+    }
     Ok((out, lse))
 }
 
@@ -486,7 +564,7 @@ mod tests {
     fn variants_and_smem() {
         assert!(all_variants("sm_80").is_empty());
         let v = all_variants("sm_90a");
-        assert_eq!(v.len(), 7);
+        assert_eq!(v.len(), 13);
         assert!(v.iter().any(|s| s.entry == VT_ENTRY));
         for d in HEAD_DIMS {
             let var = Fp8Variant::new(d, false);
@@ -502,5 +580,10 @@ mod tests {
             Fp8Variant::new(256, true).smem_bytes(),
             32768 + 2 * 65536 + 80 + 1024
         );
+        // In-kernel transpose: + two 32 KiB staging tiles and their barriers; still fits.
+        let vk = Fp8Variant::with_vt(256, true, true);
+        assert_eq!(vk.smem_bytes(), 32768 + 2 * 65536 + 65536 + 16 + 80 + 1024);
+        assert!(vk.smem_bytes() <= 227 * 1024);
+        assert!(vk.spec().label().contains("FA3_VTK=1"));
     }
 }
