@@ -52,28 +52,37 @@
 
 constexpr int D = FB_D;
 constexpr int BQ = FB_BQ;
-constexpr int BK = 128;                  // two consumer warpgroups of 64 keys
+// d = 256: dK and dV of 64 keys x 256 do not fit one warpgroup's registers, so the roles split:
+// one 64-key block per CTA, warpgroup 0 computes Sᵀ and Pᵀ, warpgroup 1 dPᵀ and dSᵀ (Pᵀ and dSᵀ
+// meet in shared memory), and each warpgroup owns one head-dim half of dK, dV and dQ.
+constexpr bool SPLIT_ROLES = D == 256;
+constexpr int BK = SPLIT_ROLES ? 64 : 128;  // keys per CTA (two warpgroups of 64 otherwise)
 constexpr int STAGES = FB_STAGES;
 constexpr int NTHREADS = 384;
 constexpr int NCH = D / 64;              // 64-column (128 B) swizzle chunks along d
 constexpr int QCHUNK = BQ * 128;         // bytes of one d-chunk of a Q or dO tile
 constexpr int KCHUNK = BK * 128;         // ... of the K or V block
-constexpr int DSCHUNK = BK * 128;        // one 64-query chunk of dSᵀ ([key][query])
+constexpr int DSCHUNK = BK * 128;        // one 64-query chunk of dSᵀ or Pᵀ ([key][query])
 constexpr int Q_BYTES = BQ * D * 2;
 constexpr int K_BYTES = BK * D * 2;
 constexpr int DS_BYTES = BK * BQ * 2;
-// dQ split between the two consumer warpgroups: by head-dim halves (BQ = 64) or query halves.
+constexpr int P_BYTES = SPLIT_ROLES ? DS_BYTES : 0;  // Pᵀ in shared memory (split roles only)
+// dQ split between the two consumer warpgroups: by head-dim halves (BQ = 64) or query halves;
+// with split roles in DQ_PARTS passes of DQ_N / DQ_PARTS columns (registers).
 constexpr bool DQ_SPLIT_N = BQ == 64;
 constexpr int DQ_N = DQ_SPLIT_N ? D / 2 : D;
+constexpr int DQ_PARTS = SPLIT_ROLES ? 2 : 1;
+constexpr int DKV_N = SPLIT_ROLES ? D / 2 : D;  // dK, dV columns per warpgroup
 constexpr bool P_FROM_FRAG = BQ == 128;  // see the dS step
 constexpr int PRODUCER_REGS = 24;
 constexpr int CONSUMER_REGS = 240;
-static_assert(D % 64 == 0 && D <= 128, "head dim: whole 128-byte chunks, registers for dK, dV");
+static_assert(D == 64 || D == 128 || D == 256, "head dim");
 static_assert(BQ == 64 || BQ == 128, "query tile");
 static_assert(!DQ_SPLIT_N || D % 128 == 0, "dQ split by head-dim halves needs whole chunks");
+static_assert(!SPLIT_ROLES || BQ == 64, "split roles: 64-query tiles");
 
-constexpr int SMEM_BYTES = 2 * K_BYTES + STAGES * 2 * Q_BYTES + 2 * DS_BYTES + STAGES * 2 * BQ * 4 +
-                           8 * (1 + 3 * STAGES) + 1024;
+constexpr int SMEM_BYTES = 2 * K_BYTES + STAGES * 2 * Q_BYTES + 2 * (DS_BYTES + P_BYTES) +
+                           STAGES * 2 * BQ * 4 + 8 * (1 + 3 * STAGES) + 1024;
 
 #define FB_NEG_INF (__int_as_float(0xff800000))
 #define FB_POS_INF (__int_as_float(0x7f800000))
@@ -188,29 +197,38 @@ __device__ __forceinline__ void producer(const Fa3BwdParams& p, const Seq& s, in
   }
 }
 
-// acc (m64 x BQ) = X_w · Yᵀ for this warpgroup's 64 rows of X (K or V block) and the Q or dO
-// tile Y, both K-major. Issue only.
-__device__ __forceinline__ void issue_xyt(float* acc, u32 sXw, u32 sY) {
+// acc (m64 x BQ) = X · Yᵀ for 64 rows of X (K or V block, from sX) and the Q or dO tile Y,
+// both K-major. Issue only.
+__device__ __forceinline__ void issue_xyt(float* acc, u32 sX, u32 sY) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int c = kk / 4, w = (kk % 4) * 32;
-    Wgmma<BQ, FB_DT>::ss(acc, make_desc(sXw + c * KCHUNK + w, 16, 1024),
+    Wgmma<BQ, FB_DT>::ss(acc, make_desc(sX + c * KCHUNK + w, 16, 1024),
                          make_desc(sY + c * QCHUNK + w, 16, 1024), kk > 0);
   }
 }
-// acc (m64 x D) += A (registers, m64 x BQ) · Y (BQ x D, Q or dO tile, MN-major). Issue only.
+// acc (m64 x DKV_N) += A · Y (BQ x DKV_N columns of the Q or dO tile from sY, MN-major): A from
+// registers, or (split roles) A = Pᵀ or dSᵀ from shared memory ([key][query], K-major). Issue only.
 __device__ __forceinline__ void issue_ry(float* acc, const u32 (*a)[4], u32 sY) {
 #pragma unroll
-  for (int kk = 0; kk < BQ / 16; ++kk) Wgmma<D, FB_DT>::rs(acc, a[kk], make_desc(sY + kk * 2048, QCHUNK, 1024), 1);
+  for (int kk = 0; kk < BQ / 16; ++kk)
+    Wgmma<DKV_N, FB_DT>::rs(acc, a[kk], make_desc(sY + kk * 2048, QCHUNK, 1024), 1);
 }
-// dQ part of warpgroup w = dS (BQ x BK, from dSᵀ in shared memory) · K (BK x D). Issue only.
-__device__ __forceinline__ void issue_dq(float* acc, u32 sdS, u32 sK, int w) {
+__device__ __forceinline__ void issue_sy(float* acc, u32 sA, u32 sY) {
+#pragma unroll
+  for (int kk = 0; kk < BQ / 16; ++kk)
+    Wgmma<DKV_N, FB_DT>::ss_tb(acc, make_desc(sA + (kk / 4) * DSCHUNK + (kk % 4) * 32, 16, 1024),
+                               make_desc(sY + kk * 2048, QCHUNK, 1024), 1);
+}
+// Part `part` of warpgroup w's dQ = dS (BQ x BK, from dSᵀ in shared memory) · K (BK x D).
+__device__ __forceinline__ void issue_dq(float* acc, u32 sdS, u32 sK, int w, int part) {
+  constexpr int N = DQ_N / DQ_PARTS;
   const u32 a0 = DQ_SPLIT_N ? sdS : sdS + w * DSCHUNK;
-  const u32 b0 = DQ_SPLIT_N ? sK + w * KCHUNK : sK;
+  const u32 b0 = sK + ((DQ_SPLIT_N ? w * DQ_N : 0) + part * N) / 64 * KCHUNK;
 #pragma unroll
   for (int kk = 0; kk < BK / 16; ++kk)
-    Wgmma<DQ_N, FB_DT>::ss_tt(acc, make_desc(a0 + kk * 2048, DSCHUNK, 1024),
-                              make_desc(b0 + kk * 2048, KCHUNK, 1024), kk > 0);
+    Wgmma<N, FB_DT>::ss_tt(acc, make_desc(a0 + kk * 2048, DSCHUNK, 1024),
+                           make_desc(b0 + kk * 2048, KCHUNK, 1024), kk > 0);
 }
 
 // Accumulator (rows g, g+8; columns 8j + 2t + {0,1}) → A fragments of k16 slices.
@@ -223,7 +241,6 @@ __device__ __forceinline__ void to_afrag(const float* x, u32 (*a)[4]) {
     a[kk][3] = pack2<FB_DT>(x[8 * kk + 6], x[8 * kk + 7]);
   }
 }
-
 // One b32 of two 16-bit values → two f32 (`lo` from the low half).
 template <int DT> __device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi);
 template <> __device__ __forceinline__ void unpack2<0>(u32 v, float& lo, float& hi) {
@@ -235,76 +252,165 @@ template <> __device__ __forceinline__ void unpack2<1>(u32 v, float& lo, float& 
       : "=f"(lo), "=f"(hi)
       : "r"(v));
 }
+// Address of this thread's pair (key row kl, query columns 8j + 2t, +1) in a [key][query] tile:
+// rows of 128 B per 64-query chunk, 16-byte units XOR-swizzled by (kl & 7) (the 128B pattern
+// the wgmma descriptors expect).
+__device__ __forceinline__ u32 kq_addr(u32 buf, int kl, int j, int tq) {
+  return buf + (j / 8) * DSCHUNK + kl * 128 + (((j % 8) ^ (kl & 7)) << 4) + 4 * tq;
+}
+// A fragments ↔ shared memory; fragment slot (j / 2, (j % 2)·2 + r) holds rows kl + 8r, pair j.
+__device__ __forceinline__ void store_frag(const u32 (*a)[4], u32 buf, int kl, int tq) {
+#pragma unroll
+  for (int j = 0; j < BQ / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(kq_addr(buf, kl + 8 * r, j, tq)), "r"(a[j / 2][(j % 2) * 2 + r])
+                   : "memory");
+}
+__device__ __forceinline__ void load_frag(u32 (*a)[4], u32 buf, int kl, int tq) {
+#pragma unroll
+  for (int j = 0; j < BQ / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j / 2][(j % 2) * 2 + r]) : "r"(kq_addr(buf, kl + 8 * r, j, tq)) : "memory");
+}
+
+// Pᵀ = 2^(c·Sᵀ − log2e·LSE) in place, for rows key0, key0 + 8 of the block and query tile m;
+// masked entries (keys past sk, outside the window) are 0. `wrow` is the block-local first key
+// of this warpgroup's 64 rows (for the tile-level mask test).
+__device__ __forceinline__ void p_tile(float* x, const float* lse2, const Fa3BwdParams& p,
+                                       const Seq& s, int n, int m, int wrow, int key0, int tq) {
+#if FB_MASK
+  const int diag = s.sk - s.sq;  // key position of query row 0
+  const bool need_mask = (n + 1) * BK > s.sk || n * BK + wrow + 63 > m * BQ + diag + p.wr ||
+                         n * BK + wrow < m * BQ + BQ - 1 + diag - p.wl;
+#else
+  const bool need_mask = (n + 1) * BK > s.sk;
+#endif
+#pragma unroll
+  for (int j = 0; j < BQ / 8; ++j) {
+    const float2 l = *(const float2*)(lse2 + 8 * j + 2 * tq);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = x[4 * j + 2 * r + e] * p.scale_log2 - (e ? l.y : l.x);
+        if (need_mask) {
+          const int key = key0 + 8 * r, row = m * BQ + 8 * j + 2 * tq + e;
+          bool vis = key < s.sk;
+#if FB_MASK
+          vis = vis && key <= row + diag + p.wr && key >= row + diag - p.wl;
+#endif
+          if (!vis) v = FB_NEG_INF;
+        }
+        x[4 * j + 2 * r + e] = fast_exp2(v);
+      }
+  }
+}
+
+// dSᵀ = scale · Pᵀ ∘ (dPᵀ − D) in place of dPᵀ; Pᵀ from f32 `pf` or, if null, from the
+// 16-bit fragments `pa` (with 128-query tiles the f32 copy does not fit the register budget
+// next to dPᵀ; dS is rounded to 16 bits right after either way).
+__device__ __forceinline__ void ds_tile(float* dp, const float* pf, const u32 (*pa)[4],
+                                        const float* dsum, float scale, int tq) {
+#pragma unroll
+  for (int j = 0; j < BQ / 8; ++j) {
+    const float2 dd = *(const float2*)(dsum + 8 * j + 2 * tq);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float p0, p1;
+      if (pf) {
+        p0 = pf[4 * j + 2 * r];
+        p1 = pf[4 * j + 2 * r + 1];
+      } else {
+        unpack2<FB_DT>(pa[j / 2][(j % 2) * 2 + r], p0, p1);
+      }
+      dp[4 * j + 2 * r] = scale * p0 * (dp[4 * j + 2 * r] - dd.x);
+      dp[4 * j + 2 * r + 1] = scale * p1 * (dp[4 * j + 2 * r + 1] - dd.y);
+    }
+  }
+}
 
 __device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(a), "f"(b) : "memory");
 }
+// Adds an m64 x N accumulator (rows qr0 + {0, 8} of the tile; columns col0 + 8j + 2t) into
+// dq_accum; rows past the sequence's sq are skipped (varlen: they belong to the next one).
+template <int N>
+__device__ __forceinline__ void dq_red(const float* dq, const Fa3BwdParams& p, const Seq& s,
+                                       int hh, int qr0, int col0, int tq) {
+  float* dq_accum = (float*)p.dq_accum;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = qr0 + 8 * r;
+    if (row < s.sq) {
+      float* dst = dq_accum + ((i64)(s.qrow0 + row) * p.heads_q + hh) * D + col0 + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j) red_add_v2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+    }
+  }
+}
+// dK (scale already in dS) and dV, columns col0 .. col0 + DKV_N, for key rows key0, key0 + 8.
+__device__ __forceinline__ void write_dkdv(const float* dk, const float* dv, const Fa3BwdParams& p,
+                                           const Seq& s, int hk, int key0, int col0, int tq) {
+  unsigned short* dk_out = (unsigned short*)p.dk;
+  unsigned short* dv_out = (unsigned short*)p.dv;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key < s.sk) {
+      const i64 off = ((i64)(s.krow0 + key) * p.heads_k + hk) * D + col0 + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < DKV_N / 8; ++j) {
+        *(u32*)(dk_out + off + 8 * j) = pack2<FB_DT>(dk[4 * j + 2 * r], dk[4 * j + 2 * r + 1]);
+        *(u32*)(dv_out + off + 8 * j) = pack2<FB_DT>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+      }
+    }
+  }
+}
 
+// Shared-memory buffers and barriers of the consumers.
+struct Smem {
+  u32 sK, sV, sQ, sdO, sdS, sP;
+  const float *sLse, *sDsum;
+  u32 kv_full, q_full, do_full, empty;
+};
+
+// d = 64, 128: each warpgroup owns 64 keys and all of dK, dV for them.
 __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, int n, int hk,
-                                         int n_iter, int nm, int m_lo, int w, u32 sK, u32 sV,
-                                         u32 sQ, u32 sdO, u32 sdS, const float* sLse,
-                                         const float* sDsum, u32 kv_full, u32 q_full,
-                                         u32 do_full, u32 empty) {
+                                         int n_iter, int nm, int m_lo, int w, const Smem& sm) {
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int key_l = 64 * w + 16 * warp + g;  // block-local key row of accumulator row g
   const int key0 = n * BK + key_l;           // its key index in the sequence
   float dv[D / 2], dk[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
-  const u32 sKw = sK + 64 * w * 128, sVw = sV + 64 * w * 128;
-  float* dq_accum = (float*)p.dq_accum;
+  const u32 sKw = sm.sK + 64 * w * 128, sVw = sm.sV + 64 * w * 128;
 
-  if (n_iter > 0) mbar_wait(kv_full, 0);
+  if (n_iter > 0) mbar_wait(sm.kv_full, 0);
   for (int it = 0; it < n_iter; ++it) {
     int hh, m;
     step_of(it, nm, n, m_lo, hk * p.group, hh, m);
     const int st = it % STAGES;
     const u32 ph = (it / STAGES) & 1;
-    const u32 sQs = sQ + st * Q_BYTES, sdOs = sdO + st * Q_BYTES;
-    const u32 sdSb = sdS + (it & 1) * DS_BYTES;
+    const u32 sQs = sm.sQ + st * Q_BYTES, sdOs = sm.sdO + st * Q_BYTES;
+    const u32 sdSb = sm.sdS + (it & 1) * DS_BYTES;
     float sc[BQ / 2], dp[BQ / 2];
     u32 pa[BQ / 16][4], da[BQ / 16][4];
 
-    mbar_wait(q_full + 8 * st, ph);
+    mbar_wait(sm.q_full + 8 * st, ph);
     fence_regs<BQ / 2>(sc);
     wgmma_fence();
     issue_xyt(sc, sKw, sQs);
     wgmma_commit();
-    mbar_wait(do_full + 8 * st, ph);
+    mbar_wait(sm.do_full + 8 * st, ph);
     fence_regs<BQ / 2>(dp);
     issue_xyt(dp, sVw, sdOs);
     wgmma_commit();
     wgmma_wait<1>();
     fence_regs<BQ / 2>(sc);
 
-    // Pᵀ = 2^(c·Sᵀ − log2e·LSE); masked entries (keys past sk, outside the window) are 0.
-    const float* lse2 = sLse + st * BQ;
-#if FB_MASK
-    const int diag = s.sk - s.sq;  // key position of query row 0
-    const bool need_mask = (n + 1) * BK > s.sk || n * BK + 64 * w + 63 > m * BQ + diag + p.wr ||
-                           n * BK + 64 * w < m * BQ + BQ - 1 + diag - p.wl;
-#else
-    const bool need_mask = (n + 1) * BK > s.sk;
-#endif
-#pragma unroll
-    for (int j = 0; j < BQ / 8; ++j) {
-      const float2 l = *(const float2*)(lse2 + 8 * j + 2 * tq);
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = sc[4 * j + 2 * r + e] * p.scale_log2 - (e ? l.y : l.x);
-          if (need_mask) {
-            const int key = key0 + 8 * r, row = m * BQ + 8 * j + 2 * tq + e;
-            bool vis = key < s.sk;
-#if FB_MASK
-            vis = vis && key <= row + diag + p.wr && key >= row + diag - p.wl;
-#endif
-            if (!vis) x = FB_NEG_INF;
-          }
-          sc[4 * j + 2 * r + e] = fast_exp2(x);
-        }
-    }
+    p_tile(sc, sm.sLse + st * BQ, p, s, n, m, 64 * w, key0, tq);
     to_afrag(sc, pa);
     fence_regs<D / 2>(dv);
     wgmma_fence();
@@ -313,38 +419,9 @@ __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, in
     wgmma_wait<1>();
     fence_regs<BQ / 2>(dp);
 
-    // dSᵀ = scale · Pᵀ ∘ (dPᵀ − D); to registers (A fragments) and to shared memory. With
-    // 128-query tiles Pᵀ is read back from its 16-bit fragments (the f32 copy would not fit in
-    // the register budget next to dPᵀ); dS is rounded to 16 bits right after either way.
-    const float* dsum = sDsum + st * BQ;
-#pragma unroll
-    for (int j = 0; j < BQ / 8; ++j) {
-      const float2 dd = *(const float2*)(dsum + 8 * j + 2 * tq);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float p0, p1;
-        if constexpr (P_FROM_FRAG) {
-          unpack2<FB_DT>(pa[j / 2][(j % 2) * 2 + r], p0, p1);
-        } else {
-          p0 = sc[4 * j + 2 * r];
-          p1 = sc[4 * j + 2 * r + 1];
-        }
-        dp[4 * j + 2 * r] = p.scale * p0 * (dp[4 * j + 2 * r] - dd.x);
-        dp[4 * j + 2 * r + 1] = p.scale * p1 * (dp[4 * j + 2 * r + 1] - dd.y);
-      }
-    }
+    ds_tile(dp, P_FROM_FRAG ? nullptr : sc, pa, sm.sDsum + st * BQ, p.scale, tq);
     to_afrag(dp, da);
-    // [key][query] rows of 128 B per 64-query chunk, 16-byte units XOR-swizzled by (key & 7)
-    // (the 128B pattern the wgmma descriptors expect).
-#pragma unroll
-    for (int j = 0; j < BQ / 8; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int kl = key_l + 8 * r;
-        const u32 addr = sdSb + (j / 8) * DSCHUNK + kl * 128 + ((((j % 8) ^ (kl & 7))) << 4) + 4 * tq;
-        const u32 v = da[j / 2][(j % 2) * 2 + r];
-        asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
-      }
+    store_frag(da, sdSb, key_l, tq);
     fence_regs<D / 2>(dk);
     wgmma_fence();
     issue_ry(dk, da, sQs);  // dK += dSᵀ Q
@@ -355,44 +432,95 @@ __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, in
     float dq[DQ_N / 2];
     fence_regs<DQ_N / 2>(dq);
     wgmma_fence();
-    issue_dq(dq, sdSb, sK, w);
+    issue_dq(dq, sdSb, sm.sK, w, 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs<DQ_N / 2>(dq);
     fence_regs<D / 2>(dv);
     fence_regs<D / 2>(dk);
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty + 8 * st);  // Q, dO, LSE, D of this stage are consumed
+    if (lane == 0) mbar_arrive(sm.empty + 8 * st);  // Q, dO, LSE, D of this stage are consumed
+    dq_red<DQ_N>(dq, p, s, hh, m * BQ + (DQ_SPLIT_N ? 0 : 64 * w) + 16 * warp + g,
+                 DQ_SPLIT_N ? w * DQ_N : 0, tq);
+  }
+  write_dkdv(dk, dv, p, s, hk, key0, 0, tq);
+}
 
-    // dQ rows of this thread: g and g+8 of its warp's 16 (+ 64·w when split by query halves).
-    const int col0 = DQ_SPLIT_N ? w * (D / 2) : 0;
-    const int qr0 = m * BQ + (DQ_SPLIT_N ? 0 : 64 * w) + 16 * warp + g;
+// d = 256 (split roles): warpgroup 0 computes Sᵀ → Pᵀ, warpgroup 1 dPᵀ → dSᵀ, both of the whole
+// 64-key block; Pᵀ and dSᵀ go through shared memory, and warpgroup w accumulates columns
+// [w·D/2, (w+1)·D/2) of dV = Pᵀ dO, dK = dSᵀ Q and dQ = dS K (SS wgmma).
+__device__ __forceinline__ void consumer_split(const Fa3BwdParams& p, const Seq& s, int n, int hk,
+                                               int n_iter, int nm, int m_lo, int w, const Smem& sm) {
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+  const int key_l = 16 * warp + g;
+  const int key0 = n * BK + key_l;
+  constexpr int HALF = D / 2 / 64;  // d-chunks per warpgroup half
+  float dv[DKV_N / 2], dk[DKV_N / 2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = qr0 + 8 * r;
-      if (row < s.sq) {
-        float* dst = dq_accum + ((i64)(s.qrow0 + row) * p.heads_q + hh) * D + col0 + 2 * tq;
+  for (int i = 0; i < DKV_N / 2; ++i) dv[i] = dk[i] = 0.f;
+
+  if (n_iter > 0) mbar_wait(sm.kv_full, 0);
+  for (int it = 0; it < n_iter; ++it) {
+    int hh, m;
+    step_of(it, nm, n, m_lo, hk * p.group, hh, m);
+    const int st = it % STAGES;
+    const u32 ph = (it / STAGES) & 1;
+    const u32 sQs = sm.sQ + st * Q_BYTES, sdOs = sm.sdO + st * Q_BYTES;
+    const u32 sdSb = sm.sdS + (it & 1) * DS_BYTES, sPb = sm.sP + (it & 1) * P_BYTES;
+    float x[BQ / 2];
+    u32 f[BQ / 16][4];
+
+    mbar_wait(sm.q_full + 8 * st, ph);
+    mbar_wait(sm.do_full + 8 * st, ph);
+    fence_regs<BQ / 2>(x);
+    wgmma_fence();
+    // Sᵀ = K Qᵀ (warpgroup 0) or dPᵀ = V dOᵀ (1); operands selected, not branched, so that the
+    // wgmma stays on a warpgroup-uniform path (ptxas serialises wgmma in divergent code).
+    issue_xyt(x, w == 0 ? sm.sK : sm.sV, w == 0 ? sQs : sdOs);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<BQ / 2>(x);
+    if (w == 0) {
+      p_tile(x, sm.sLse + st * BQ, p, s, n, m, 0, key0, tq);
+      to_afrag(x, f);
+      store_frag(f, sPb, key_l, tq);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    named_sync(1, 256);  // Pᵀ is in shared memory
+    if (w == 1) {
+      load_frag(f, sPb, key_l, tq);
+      ds_tile(x, nullptr, f, sm.sDsum + st * BQ, p.scale, tq);
+      to_afrag(x, f);
+      store_frag(f, sdSb, key_l, tq);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    fence_regs<DKV_N / 2>(dv);
+    wgmma_fence();
+    issue_sy(dv, sPb, sdOs + w * HALF * QCHUNK);  // dV half += Pᵀ dO
+    wgmma_commit();
+    named_sync(1, 256);  // dSᵀ is in shared memory
+    fence_regs<DKV_N / 2>(dk);
+    issue_sy(dk, sdSb, sQs + w * HALF * QCHUNK);  // dK half += dSᵀ Q
+    wgmma_commit();
 #pragma unroll
-        for (int j = 0; j < DQ_N / 8; ++j) red_add_v2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+    for (int part = 0; part < DQ_PARTS; ++part) {
+      float dq[DQ_N / DQ_PARTS / 2];
+      fence_regs<DQ_N / DQ_PARTS / 2>(dq);
+      wgmma_fence();
+      issue_dq(dq, sdSb, sm.sK, w, part);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs<DQ_N / DQ_PARTS / 2>(dq);
+      if (part == DQ_PARTS - 1) {
+        fence_regs<DKV_N / 2>(dv);
+        fence_regs<DKV_N / 2>(dk);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(sm.empty + 8 * st);
       }
+      dq_red<DQ_N / DQ_PARTS>(dq, p, s, hh, m * BQ + 16 * warp + g, w * DQ_N + part * (DQ_N / DQ_PARTS), tq);
     }
   }
-
-  // dK (scale already in dS) and dV for the keys of this sequence.
-  unsigned short* dk_out = (unsigned short*)p.dk;
-  unsigned short* dv_out = (unsigned short*)p.dv;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 8 * r;
-    if (key < s.sk) {
-      const i64 off = ((i64)(s.krow0 + key) * p.heads_k + hk) * D + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *(u32*)(dk_out + off + 8 * j) = pack2<FB_DT>(dk[4 * j + 2 * r], dk[4 * j + 2 * r + 1]);
-        *(u32*)(dv_out + off + 8 * j) = pack2<FB_DT>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-      }
-    }
-  }
+  write_dkdv(dk, dv, p, s, hk, key0, w * DKV_N, tq);
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_bwd_main(const __grid_constant__ Fa3BwdParams p) {
@@ -406,23 +534,30 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_bwd_main(const __g
 
   const u32 raw = smem_u32(smem_raw);
   const u32 base = (raw + 1023u) & ~1023u;
-  const u32 sK = base, sV = sK + K_BYTES;
-  const u32 sQ = sV + K_BYTES;                 // STAGES tiles
-  const u32 sdO = sQ + STAGES * Q_BYTES;       // STAGES tiles
-  const u32 sdS = sdO + STAGES * Q_BYTES;      // 2 buffers
-  const u32 sF = sdS + 2 * DS_BYTES;           // LSE, D: STAGES x BQ f32 each
+  Smem sm;
+  sm.sK = base;
+  sm.sV = sm.sK + K_BYTES;
+  sm.sQ = sm.sV + K_BYTES;                    // STAGES tiles
+  sm.sdO = sm.sQ + STAGES * Q_BYTES;          // STAGES tiles
+  sm.sdS = sm.sdO + STAGES * Q_BYTES;         // 2 buffers
+  sm.sP = sm.sdS + 2 * DS_BYTES;              // 2 buffers (split roles)
+  const u32 sF = sm.sP + 2 * P_BYTES;         // LSE, D: STAGES x BQ f32 each
   float* sLse = (float*)(smem_raw + (sF - raw));
   float* sDsum = sLse + STAGES * BQ;
+  sm.sLse = sLse;
+  sm.sDsum = sDsum;
   const u32 bars = sF + STAGES * 2 * BQ * 4;
-  const u32 kv_full = bars, q_full = bars + 8, do_full = q_full + 8 * STAGES,
-            empty = do_full + 8 * STAGES;
+  sm.kv_full = bars;
+  sm.q_full = bars + 8;
+  sm.do_full = sm.q_full + 8 * STAGES;
+  sm.empty = sm.do_full + 8 * STAGES;
 
   if (threadIdx.x == 0) {
-    mbar_init(kv_full, 1);
+    mbar_init(sm.kv_full, 1);
     for (int i = 0; i < STAGES; ++i) {
-      mbar_init(q_full + 8 * i, 32);   // the producer warp's lanes (lane 0 with the TMA bytes)
-      mbar_init(do_full + 8 * i, 32);
-      mbar_init(empty + 8 * i, 8);     // one arrival per consumer warp
+      mbar_init(sm.q_full + 8 * i, 32);   // the producer warp's lanes (lane 0 with the TMA bytes)
+      mbar_init(sm.do_full + 8 * i, 32);
+      mbar_init(sm.empty + 8 * i, 8);     // one arrival per consumer warp
     }
     mbar_fence_init();
   }
@@ -438,13 +573,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_bwd_main(const __g
         tma_prefetch_map(&p.v);
         tma_prefetch_map(&p.dout);
       }
-      producer(p, s, n, hk, n_iter, nm, m_lo, sK, sV, sQ, sdO, sLse, sDsum, kv_full, q_full,
-               do_full, empty);
+      producer(p, s, n, hk, n_iter, nm, m_lo, sm.sK, sm.sV, sm.sQ, sm.sdO, sLse, sDsum,
+               sm.kv_full, sm.q_full, sm.do_full, sm.empty);
     }
   } else {
     reg_alloc<CONSUMER_REGS>();
-    consumer(p, s, n, hk, n_iter, nm, m_lo, wg - 1, sK, sV, sQ, sdO, sdS, sLse, sDsum, kv_full,
-             q_full, do_full, empty);
+    if constexpr (SPLIT_ROLES) consumer_split(p, s, n, hk, n_iter, nm, m_lo, wg - 1, sm);
+    else consumer(p, s, n, hk, n_iter, nm, m_lo, wg - 1, sm);
   }
 }
 

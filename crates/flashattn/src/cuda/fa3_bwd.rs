@@ -3,10 +3,11 @@
 //! It replaces only the main kernel of the backward: `fa2_bwd_pre` (D = rowsum(dO ∘ O), dQ
 //! accumulator zeroed) runs before it and `fa2_bwd_convert` (dq = dtype(dq_accum)) after it,
 //! exactly as around the FA2 main kernel (see [`super::fa2_bwd`], which dispatches). One CTA per
-//! (128-key block, key head, batch): a TMA producer warp, two wgmma consumer warpgroups of 64
-//! keys each (the kernel's header comment has the math and the pipeline).
+//! (key block, key head, batch): a TMA producer warp and two wgmma consumer warpgroups, of 64
+//! keys each (d = 64, 128: 128-key blocks) or splitting the work of one 64-key block by role
+//! and head-dim half (d = 256); the kernel's header comment has the math and the pipeline.
 //!
-//! [`supports`] is its exact envelope: sm 9.0, bf16/f16, head dim 64 or 128, dense or varlen,
+//! [`supports`] is its exact envelope: sm 9.0, bf16/f16, head dim 64, 128 or 256, dense or varlen,
 //! no mask, causal or any sliding window, GQA/MQA; not softcap, ALiBi, dropout or the
 //! deterministic mode (those run the FA2 main kernel).
 
@@ -22,10 +23,8 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 pub const SOURCE: &str = "sm90/bwd.cu";
 pub const ENTRY: &str = "fa3_bwd_main";
-/// Head dims the kernel is compiled for (dK and dV of 64 keys x d stay in registers).
-pub const HEAD_DIMS: [usize; 2] = [64, 128];
-/// Keys per CTA (two consumer warpgroups of 64).
-const BK: usize = 128;
+/// Head dims the kernel is compiled for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 const STAGES: usize = 2;
 
 /// One compiled configuration.
@@ -58,12 +57,24 @@ impl Variant {
         }
     }
 
-    /// Dynamic shared memory as the kernel lays it out (1 KiB alignment slack included).
+    /// Keys per CTA: two consumer warpgroups of 64, or one 64-key block shared by role at
+    /// d = 256.
+    pub fn bk(&self) -> usize {
+        if self.d == 256 {
+            64
+        } else {
+            128
+        }
+    }
+
+    /// Dynamic shared memory as the kernel lays it out (1 KiB alignment slack included): K, V,
+    /// the Q/dO ring, double-buffered dSᵀ (and Pᵀ at d = 256), LSE/D, barriers.
     pub fn smem_bytes(&self) -> usize {
-        let (d, bq) = (self.d, self.bq());
-        2 * BK * d * 2
+        let (d, bq, bk) = (self.d, self.bq(), self.bk());
+        let tiles_t = if d == 256 { 2 } else { 1 };
+        2 * bk * d * 2
             + STAGES * 2 * bq * d * 2
-            + 2 * BK * bq * 2
+            + tiles_t * 2 * bk * bq * 2
             + STAGES * 2 * bq * 4
             + 8 * (1 + 3 * STAGES)
             + 1024
@@ -192,10 +203,11 @@ pub(super) fn launch_main(
     let unb = (sq + sk + 1) as i32;
     let clampw = |w: Option<usize>| w.map_or(unb, |x| x.min(unb as usize) as i32);
     let dense_len = |shape: &[usize]| if problem.varlen { 0 } else { shape[1] as i32 };
+    let bk = var.bk();
     let params = Fa3BwdParams {
         q: encode_map(q, "q", var.bq())?,
-        k: encode_map(k, "k", BK)?,
-        v: encode_map(v, "v", BK)?,
+        k: encode_map(k, "k", bk)?,
+        v: encode_map(v, "v", bk)?,
         dout: encode_map(dout, "dout", var.bq())?,
         lse: lse.ptr() + lse.offset() as u64 * 4,
         dsum: ws.dsum,
@@ -225,7 +237,7 @@ pub(super) fn launch_main(
         scale_log2: problem.scale * std::f32::consts::LOG2_E,
         scale: problem.scale,
     };
-    let n_kb = sk.div_ceil(BK);
+    let n_kb = sk.div_ceil(bk);
     if n_kb == 0 {
         return Ok(());
     }
