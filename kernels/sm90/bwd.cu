@@ -67,11 +67,9 @@ constexpr int Q_BYTES = BQ * D * 2;
 constexpr int K_BYTES = BK * D * 2;
 constexpr int DS_BYTES = BK * BQ * 2;
 constexpr int P_BYTES = SPLIT_ROLES ? DS_BYTES : 0;  // Pᵀ in shared memory (split roles only)
-// dQ split between the two consumer warpgroups: by head-dim halves (BQ = 64) or query halves;
-// with split roles in DQ_PARTS passes of DQ_N / DQ_PARTS columns (registers).
+// dQ split between the two consumer warpgroups: by head-dim halves (BQ = 64) or query halves.
 constexpr bool DQ_SPLIT_N = BQ == 64;
 constexpr int DQ_N = DQ_SPLIT_N ? D / 2 : D;
-constexpr int DQ_PARTS = SPLIT_ROLES ? 2 : 1;
 constexpr int DKV_N = SPLIT_ROLES ? D / 2 : D;  // dK, dV columns per warpgroup
 constexpr bool P_FROM_FRAG = BQ == 128;  // see the dS step
 constexpr int PRODUCER_REGS = 24;
@@ -220,14 +218,13 @@ __device__ __forceinline__ void issue_sy(float* acc, u32 sA, u32 sY) {
     Wgmma<DKV_N, FB_DT>::ss_tb(acc, make_desc(sA + (kk / 4) * DSCHUNK + (kk % 4) * 32, 16, 1024),
                                make_desc(sY + kk * 2048, QCHUNK, 1024), 1);
 }
-// Part `part` of warpgroup w's dQ = dS (BQ x BK, from dSᵀ in shared memory) · K (BK x D).
-__device__ __forceinline__ void issue_dq(float* acc, u32 sdS, u32 sK, int w, int part) {
-  constexpr int N = DQ_N / DQ_PARTS;
+// Warpgroup w's part of dQ = dS (BQ x BK, from dSᵀ in shared memory) · K (BK x D).
+__device__ __forceinline__ void issue_dq(float* acc, u32 sdS, u32 sK, int w) {
   const u32 a0 = DQ_SPLIT_N ? sdS : sdS + w * DSCHUNK;
-  const u32 b0 = sK + ((DQ_SPLIT_N ? w * DQ_N : 0) + part * N) / 64 * KCHUNK;
+  const u32 b0 = sK + (DQ_SPLIT_N ? w * DQ_N / 64 : 0) * KCHUNK;
 #pragma unroll
   for (int kk = 0; kk < BK / 16; ++kk)
-    Wgmma<N, FB_DT>::ss_tt(acc, make_desc(a0 + kk * 2048, DSCHUNK, 1024),
+    Wgmma<DQ_N, FB_DT>::ss_tt(acc, make_desc(a0 + kk * 2048, DSCHUNK, 1024),
                            make_desc(b0 + kk * 2048, KCHUNK, 1024), kk > 0);
 }
 
@@ -432,14 +429,15 @@ __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, in
     float dq[DQ_N / 2];
     fence_regs<DQ_N / 2>(dq);
     wgmma_fence();
-    issue_dq(dq, sdSb, sm.sK, w, 0);
+    issue_dq(dq, sdSb, sm.sK, w);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs<DQ_N / 2>(dq);
     fence_regs<D / 2>(dv);
     fence_regs<D / 2>(dk);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.empty + 8 * st);  // Q, dO, LSE, D of this stage are consumed
+    // Every consumer thread arrives (not one per warp): its own reads of the stage's LSE/D
+    // are then ordered before the producer's next writes by the barrier alone.
+    mbar_arrive(sm.empty + 8 * st);  // Q, dO, LSE, D of this stage are consumed
     dq_red<DQ_N>(dq, p, s, hh, m * BQ + (DQ_SPLIT_N ? 0 : 64 * w) + 16 * warp + g,
                  DQ_SPLIT_N ? w * DQ_N : 0, tq);
   }
@@ -502,23 +500,17 @@ __device__ __forceinline__ void consumer_split(const Fa3BwdParams& p, const Seq&
     fence_regs<DKV_N / 2>(dk);
     issue_sy(dk, sdSb, sQs + w * HALF * QCHUNK);  // dK half += dSᵀ Q
     wgmma_commit();
-#pragma unroll
-    for (int part = 0; part < DQ_PARTS; ++part) {
-      float dq[DQ_N / DQ_PARTS / 2];
-      fence_regs<DQ_N / DQ_PARTS / 2>(dq);
-      wgmma_fence();
-      issue_dq(dq, sdSb, sm.sK, w, part);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs<DQ_N / DQ_PARTS / 2>(dq);
-      if (part == DQ_PARTS - 1) {
-        fence_regs<DKV_N / 2>(dv);
-        fence_regs<DKV_N / 2>(dk);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(sm.empty + 8 * st);
-      }
-      dq_red<DQ_N / DQ_PARTS>(dq, p, s, hh, m * BQ + 16 * warp + g, w * DQ_N + part * (DQ_N / DQ_PARTS), tq);
-    }
+    float dq[DQ_N / 2];
+    fence_regs<DQ_N / 2>(dq);
+    wgmma_fence();
+    issue_dq(dq, sdSb, sm.sK, w);  // dQ half = dS K
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<DQ_N / 2>(dq);
+    fence_regs<DKV_N / 2>(dv);
+    fence_regs<DKV_N / 2>(dk);
+    mbar_arrive(sm.empty + 8 * st);
+    dq_red<DQ_N>(dq, p, s, hh, m * BQ + 16 * warp + g, w * DQ_N, tq);
   }
   write_dkdv(dk, dv, p, s, hk, key0, w * DKV_N, tq);
 }
@@ -557,7 +549,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_bwd_main(const __g
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(sm.q_full + 8 * i, 32);   // the producer warp's lanes (lane 0 with the TMA bytes)
       mbar_init(sm.do_full + 8 * i, 32);
-      mbar_init(sm.empty + 8 * i, 8);     // one arrival per consumer warp
+      mbar_init(sm.empty + 8 * i, 256);   // every consumer thread
     }
     mbar_fence_init();
   }

@@ -528,6 +528,19 @@ fn bwd_sanitizer_case() {
     for det in [false, true] {
         check_case(&case, det);
     }
+    // The Hopper kernel's split-roles mode (d = 256) and its masked tiles.
+    let case = Case::dense(
+        DType::BF16,
+        1,
+        70,
+        130,
+        2,
+        1,
+        256,
+        AttnOptions::new().causal(true),
+        23,
+    );
+    check_case(&case, false);
 }
 
 #[test]
