@@ -373,6 +373,22 @@ struct Smem {
   u32 kv_full, q_full, do_full, empty;
 };
 
+// Walk position `it` of a consumer: the (query head, query tile) it works on, its ring stage
+// and parity, and the addresses of that stage's Q, dO and of the dSᵀ / Pᵀ buffers.
+struct Step {
+  int hh, m, st;
+  u32 ph, sQs, sdOs, sdSb, sPb;
+  __device__ __forceinline__ Step(const Smem& sm, int it, int nm, int n, int m_lo, int h0) {
+    step_of(it, nm, n, m_lo, h0, hh, m);
+    st = it % STAGES;
+    ph = (it / STAGES) & 1;
+    sQs = sm.sQ + st * Q_BYTES;
+    sdOs = sm.sdO + st * Q_BYTES;
+    sdSb = sm.sdS + (it & 1) * DS_BYTES;
+    sPb = sm.sP + (it & 1) * P_BYTES;
+  }
+};
+
 // d = 64, 128: each warpgroup owns 64 keys and all of dK, dV for them.
 __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, int n, int hk,
                                          int n_iter, int nm, int m_lo, int w, const Smem& sm) {
@@ -386,12 +402,9 @@ __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, in
 
   if (n_iter > 0) mbar_wait(sm.kv_full, 0);
   for (int it = 0; it < n_iter; ++it) {
-    int hh, m;
-    step_of(it, nm, n, m_lo, hk * p.group, hh, m);
-    const int st = it % STAGES;
-    const u32 ph = (it / STAGES) & 1;
-    const u32 sQs = sm.sQ + st * Q_BYTES, sdOs = sm.sdO + st * Q_BYTES;
-    const u32 sdSb = sm.sdS + (it & 1) * DS_BYTES;
+    const Step k(sm, it, nm, n, m_lo, hk * p.group);
+    const int hh = k.hh, m = k.m, st = k.st;
+    const u32 ph = k.ph, sQs = k.sQs, sdOs = k.sdOs, sdSb = k.sdSb;
     float sc[BQ / 2], dp[BQ / 2];
     u32 pa[BQ / 16][4], da[BQ / 16][4];
 
@@ -459,12 +472,9 @@ __device__ __forceinline__ void consumer_split(const Fa3BwdParams& p, const Seq&
 
   if (n_iter > 0) mbar_wait(sm.kv_full, 0);
   for (int it = 0; it < n_iter; ++it) {
-    int hh, m;
-    step_of(it, nm, n, m_lo, hk * p.group, hh, m);
-    const int st = it % STAGES;
-    const u32 ph = (it / STAGES) & 1;
-    const u32 sQs = sm.sQ + st * Q_BYTES, sdOs = sm.sdO + st * Q_BYTES;
-    const u32 sdSb = sm.sdS + (it & 1) * DS_BYTES, sPb = sm.sP + (it & 1) * P_BYTES;
+    const Step k(sm, it, nm, n, m_lo, hk * p.group);
+    const int hh = k.hh, m = k.m, st = k.st;
+    const u32 ph = k.ph, sQs = k.sQs, sdOs = k.sdOs, sdSb = k.sdSb, sPb = k.sPb;
     float x[BQ / 2];
     u32 f[BQ / 16][4];
 
