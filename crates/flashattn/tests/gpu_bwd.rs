@@ -21,18 +21,7 @@ use flashattn::cuda::jit;
 use flashattn::cuda::{fa2_bwd, fa3_bwd};
 use flashattn::cuda::{loader, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Device, Error, Problem, Qkv, Tensor};
-use std::sync::Arc;
 use std::time::Instant;
-
-fn gpu_or_skip() -> Option<Arc<Gpu>> {
-    match Gpu::get(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            eprintln!("skipping (no usable GPU): {e}");
-            None
-        }
-    }
-}
 
 fn bwd_tol(dtype: DType) -> f64 {
     match dtype {
@@ -245,7 +234,9 @@ fn bwd_variants_compile() {
 
 #[test]
 fn bwd_random_cases_vs_reference_and_cpu() {
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let Some(_gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let n: usize = std::env::var("FLASHATTN_BWD_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -274,7 +265,9 @@ fn bwd_random_cases_vs_reference_and_cpu() {
 
 #[test]
 fn bwd_edge_cases() {
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let Some(_gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let mut cases = Vec::new();
     let s = |x: u64| x * 7919;
     for (i, &d) in [32usize, 64, 96, 128, 192, 256].iter().enumerate() {
@@ -385,7 +378,9 @@ fn bwd_edge_cases() {
 /// both main kernels; on sm 9.0 the test fails if the Hopper one does not take them.
 #[test]
 fn bwd_hopper_cases() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let hopper = gpu.arch().major == 9 && gpu.arch().minor == 0;
     if !hopper {
         eprintln!(
@@ -501,7 +496,9 @@ fn bwd_hopper_cases() {
 /// A small case for compute-sanitizer (memcheck / racecheck).
 #[test]
 fn bwd_sanitizer_case() {
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let Some(_gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let case = Case::dense(
         DType::BF16,
         1,
@@ -545,7 +542,9 @@ fn bwd_sanitizer_case() {
 
 #[test]
 fn bwd_deterministic_bit_identical() {
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let Some(_gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let cases = [
         Case::dense(
             DType::BF16,
@@ -688,7 +687,9 @@ fn train(device: Device, steps: usize, dtype: DType) -> Vec<f64> {
 
 #[test]
 fn bwd_training_loss_curve_matches_cpu() {
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let Some(_gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let steps = 300;
     let dtype = DType::F16;
     let cpu = train(Device::Cpu, steps, dtype);
@@ -727,7 +728,9 @@ fn bwd_bench() {
         eprintln!("skipped: bwd_bench times the backward sweep; set FLASHATTN_BENCH=1 to run it");
         return;
     }
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = gpu_or_skip("GPU backward test") else {
+        return;
+    };
     let dims: Vec<usize> = std::env::var("BENCH_DIMS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())

@@ -8,33 +8,9 @@
 
 mod common;
 
-use common::{lse_err, rand_tensor, ref_forward, rel_err, Rng};
+use common::{hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng};
 use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Problem, Qkv, Tensor};
-use std::sync::Arc;
-
-fn hopper_or_skip() -> Option<Arc<Gpu>> {
-    match Gpu::get(0) {
-        Err(e) => {
-            eprintln!("skipping fa3 GPU test: {e}");
-            None
-        }
-        Ok(g) => {
-            let a = g.arch();
-            if a.major == 9 && a.minor == 0 {
-                Some(g)
-            } else {
-                eprintln!(
-                    "skipping fa3 GPU test: {} is sm {}.{}, not 9.0",
-                    g.name(),
-                    a.major,
-                    a.minor
-                );
-                None
-            }
-        }
-    }
-}
 
 fn tol(dtype: DType) -> f64 {
     match dtype {
@@ -103,7 +79,9 @@ fn launch_and_compare(
 
 #[test]
 fn fa3_matches_reference() {
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
     // FA3_TEST_TUNES="bk=176;persist=1" repeats the sweep under each FLASHATTN_FA3_TUNE.
     let tunes: Vec<String> = std::env::var("FA3_TEST_TUNES")
         .unwrap_or_default()
@@ -266,7 +244,9 @@ fn run_feat(gpu: &Gpu, c: &FeatCase, rng: &mut Rng) -> (f64, f64) {
 /// Sliding windows, softcap, ALiBi and varlen (and their mixes) against the f64 reference.
 #[test]
 fn fa3_features_match_reference() {
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
     let tunes: Vec<String> = std::env::var("FA3_TEST_TUNES")
         .unwrap_or_default()
         .split(';')
@@ -386,7 +366,9 @@ fn fa3_features_match_reference() {
 /// `fa3::forward` (allocating) on varlen with no keys at all, and with ALiBi through options.
 #[test]
 fn fa3_forward_edge_cases() {
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
     let q = rand_tensor(DType::BF16, &[10, 2, 64], 3);
     let k = rand_tensor(DType::BF16, &[0, 2, 64], 4);
     let (cq, ck) = (vec![0, 4, 10], vec![0, 0, 0]);
@@ -425,7 +407,9 @@ fn fa3_forward_edge_cases() {
 
 #[test]
 fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
     let q = rand_tensor(DType::BF16, &[1, 64, 2, 128], 1);
     let opts = AttnOptions::new().causal(true);
     let p = Problem::new(&Qkv::dense(&q, &q, &q), &opts).unwrap();
@@ -533,7 +517,9 @@ fn fa3_bench() {
         eprintln!("skipping fa3_bench (set FA3_BENCH=1)");
         return;
     }
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
     let seqs: Vec<usize> = std::env::var("FA3_BENCH_SEQ")
         .unwrap_or_else(|_| "512,2048,8192,16384".into())
         .split(',')

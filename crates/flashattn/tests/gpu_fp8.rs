@@ -10,35 +10,11 @@
 
 mod common;
 
-use common::{lse_err, rand_tensor, ref_forward, rel_err, Rng};
+use common::{hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng};
 use flashattn::cuda::fa3_fp8::{self, Fp8DeviceTensor};
 use flashattn::cuda::{fa3, jit, DeviceTensor, Gpu};
 use flashattn::fp8::{e4m3_from_f32, e4m3_to_f32, incoherent_qk, Fp8Scaling, Fp8Tensor};
 use flashattn::{AttnOptions, DType, Problem, Qkv, Tensor};
-use std::sync::Arc;
-
-fn hopper_or_skip() -> Option<Arc<Gpu>> {
-    match Gpu::get(0) {
-        Err(e) => {
-            eprintln!("skipping fp8 GPU test: {e}");
-            None
-        }
-        Ok(g) => {
-            let a = g.arch();
-            if a.major == 9 && a.minor == 0 {
-                Some(g)
-            } else {
-                eprintln!(
-                    "skipping fp8 GPU test: {} is sm {}.{}, not 9.0",
-                    g.name(),
-                    a.major,
-                    a.minor
-                );
-                None
-            }
-        }
-    }
-}
 
 /// f32 tensor `[b, s, h, d]`, values in [-1, 1] times a per-head magnitude (so per-head
 /// descales differ), never zero.
@@ -173,7 +149,9 @@ fn run_fp8(
 
 #[test]
 fn fp8_matches_reference() {
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fp8 GPU test") else {
+        return;
+    };
     let mut rng = Rng::new(0xf8);
     let mut fails = Vec::new();
     let mut n = 0;
@@ -239,7 +217,7 @@ fn fp8_matches_reference() {
 fn fp8_forward_api_and_errors() {
     let q = rand_heads([1, 40, 2, 64], 1);
     let fq = Fp8Tensor::quantize(&q, Fp8Scaling::PerTensor).unwrap();
-    let Some(gpu) = hopper_or_skip() else {
+    let Some(gpu) = hopper_or_skip("fp8 GPU test") else {
         // Without a usable GPU the host API still answers with an error, not a panic.
         if Gpu::get(0).is_err() {
             assert!(fa3_fp8::forward_host(0, &fq, &fq, &fq, &AttnOptions::new()).is_err());
@@ -340,7 +318,9 @@ fn fp8_variants_compile_without_spills() {
 /// against the float64 reference on the unquantised inputs.
 #[test]
 fn fp8_rmse_study() {
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fp8 GPU test") else {
+        return;
+    };
     let (b, s, h, d) = (1usize, 1024usize, 4usize, 128usize);
     let mut rng = Rng::new(77);
     let gauss = |rng: &mut Rng| {
@@ -482,7 +462,9 @@ fn fp8_bench() {
         eprintln!("skipping fp8_bench (set FP8_BENCH=1)");
         return;
     }
-    let Some(gpu) = hopper_or_skip() else { return };
+    let Some(gpu) = hopper_or_skip("fp8 GPU test") else {
+        return;
+    };
     let seqs: Vec<usize> = std::env::var("FP8_BENCH_SEQ")
         .unwrap_or_else(|_| "1024,2048,4096,8192,16384".into())
         .split(',')

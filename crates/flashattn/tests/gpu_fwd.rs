@@ -4,22 +4,10 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use flashattn::cuda::fa2::{self, Features, Variant};
 use flashattn::cuda::{DeviceTensor, Gpu};
 use flashattn::{forward, AlibiSlopes, AttnOptions, DType, Device, Problem};
-
-fn gpu() -> Option<Arc<Gpu>> {
-    match Gpu::get(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            eprintln!("skipping GPU test: {e}");
-            None
-        }
-    }
-}
 
 /// SPEC tolerances for the GPU: relative Frobenius error vs f64 on the same rounded inputs.
 fn gpu_tol(dtype: DType) -> f64 {
@@ -79,7 +67,9 @@ fn check(g: &Gpu, c: &Case) -> (f64, f64) {
 
 #[test]
 fn random_cases() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_or_skip("GPU test") else {
+        return;
+    };
     let mut rng = Rng::new(0xC2F0);
     let cfg = CaseConfig::gpu();
     let mut worst = [0.0f64; 2];
@@ -100,7 +90,9 @@ fn random_cases() {
 
 #[test]
 fn every_head_dim_dtype_and_feature_group() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_or_skip("GPU test") else {
+        return;
+    };
     let mut seed = 1;
     for d in fa2::HEAD_DIMS {
         for dtype in [DType::F16, DType::BF16] {
@@ -126,7 +118,9 @@ fn every_head_dim_dtype_and_feature_group() {
 
 #[test]
 fn empty_rows_and_zero_length_sequences() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_or_skip("GPU test") else {
+        return;
+    };
     // Causal with sq > sk: the first sq - sk rows see nothing (out 0, lse -inf).
     let c = Case::dense(
         DType::BF16,
@@ -175,7 +169,9 @@ fn empty_rows_and_zero_length_sequences() {
 
 #[test]
 fn gqa_mqa_long_and_public_api() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_or_skip("GPU test") else {
+        return;
+    };
     // MQA, GQA, sq != sk both ways, long enough for many K/V tiles.
     for (hq, hk, sq, sk) in [(8, 1, 1000, 1300), (6, 2, 1537, 900), (4, 4, 2048, 2048)] {
         for opts in [AttnOptions::new(), AttnOptions::new().causal(true)] {
@@ -203,7 +199,9 @@ fn gqa_mqa_long_and_public_api() {
 
 #[test]
 fn dropout_matches_cpu_mask() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_or_skip("GPU test") else {
+        return;
+    };
     for (p, seed, offset) in [(0.1f32, 1u64, 0u64), (0.5, 0xDEAD_BEEF_1234, 1 << 40 | 77)] {
         let opts = AttnOptions::new().dropout(p, seed).dropout_offset(offset);
         let c = Case::dense(DType::F16, 2, 190, 301, 4, 4, 64, opts, seed ^ 5);
@@ -233,7 +231,9 @@ fn variant_specs_are_distinct() {
 /// (memcheck, racecheck) runs: `gpu_fwd sanitizer_small`.
 #[test]
 fn sanitizer_small() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_or_skip("GPU test") else {
+        return;
+    };
     let full = AttnOptions::new()
         .window(30, 0)
         .softcap(5.0)

@@ -7,12 +7,48 @@
 //!   re-derived here from the SPEC text (not `Mask::key_range`) so a bug there is caught; the
 //!   dropout mask is `flashattn::math::Dropout::keeps`, which *is* the definition.
 //! - [`rel_err`], [`lse_err`], [`tol`]: comparisons.
+//! - [`gpu_or_skip`], [`hopper_or_skip`] (feature `cuda`): the device for a GPU test, or `None`
+//!   after printing why the test skips.
 //! - [`Rng`] (splitmix64) and a random-case generator ([`CaseConfig`], [`random_case`],
 //!   [`Case`]) reusable by CPU and GPU tests.
 #![allow(dead_code)]
 
 use flashattn::math::Dropout;
 use flashattn::{AlibiSlopes, AttnOptions, DType, Qkv, Tensor};
+
+// ---------------------------------------------------------------------------------------------
+// GPU tests: skip (with the reason printed) where there is no usable device
+// ---------------------------------------------------------------------------------------------
+
+/// GPU 0, or `None` after printing why `what` skips (no driver, no device, no NVRTC).
+#[cfg(feature = "cuda")]
+pub fn gpu_or_skip(what: &str) -> Option<std::sync::Arc<flashattn::cuda::Gpu>> {
+    match flashattn::cuda::Gpu::get(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("skipping {what} (no usable GPU): {e}");
+            None
+        }
+    }
+}
+
+/// GPU 0 if it is sm 9.0 (the Hopper kernels), or `None` after printing why `what` skips.
+#[cfg(feature = "cuda")]
+pub fn hopper_or_skip(what: &str) -> Option<std::sync::Arc<flashattn::cuda::Gpu>> {
+    let g = gpu_or_skip(what)?;
+    let a = g.arch();
+    if a.major == 9 && a.minor == 0 {
+        Some(g)
+    } else {
+        eprintln!(
+            "skipping {what}: {} is sm {}.{}, not 9.0",
+            g.name(),
+            a.major,
+            a.minor
+        );
+        None
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // RNG
