@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng};
+use common::{
+    hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng,
+};
 use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Problem, Qkv, Tensor};
 
@@ -445,39 +447,13 @@ fn fa3_variants_compile_without_spills() {
         eprintln!("skipping: {e}");
         return;
     }
-    let dir = std::env::var("FA3_CUBIN_DIR").ok();
-    let mut bad = Vec::new();
-    for spec in fa3::all_variants("sm_90a") {
-        let c = jit::compile(&spec, "sm_90a").expect("fa3 variant compiles");
-        let r = &c.resources;
-        eprintln!(
-            "{}: {} regs, spill {}/{}, stack {}",
-            spec.label(),
-            r.registers,
-            r.spill_stores,
-            r.spill_loads,
-            r.stack_bytes
-        );
-        if std::env::var("FA3_PRINT_LOG").is_ok_and(|f| spec.label().contains(&f)) {
-            eprintln!("options: {:?}\n{}", jit::options(&spec, "sm_90a"), c.log);
-        }
-        if r.spills()
-            || r.stack_bytes > 0
-            || c.log.contains("C7508")
-            || c.log.contains("serialized")
-        {
-            bad.push(format!("{}: {:?}\n{}", spec.label(), r, c.log));
-        }
-        if let Some(d) = &dir {
-            let name: String = spec
-                .label()
-                .chars()
-                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
-                .collect();
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::write(format!("{d}/{name}.cubin"), &c.cubin).unwrap();
+    let specs = fa3::all_variants("sm_90a");
+    if let Ok(f) = std::env::var("FA3_PRINT_LOG") {
+        for spec in specs.iter().filter(|s| s.label().contains(&f)) {
+            eprintln!("options: {:?}", jit::options(spec, "sm_90a"));
         }
     }
+    let bad = hopper_compile_audit(&specs, std::env::var("FA3_CUBIN_DIR").ok().as_deref());
     assert!(fa3::all_variants("sm_80").is_empty());
     assert!(
         bad.is_empty(),

@@ -10,9 +10,11 @@
 
 mod common;
 
-use common::{hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng};
+use common::{
+    hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng,
+};
 use flashattn::cuda::fa3_fp8::{self, Fp8DeviceTensor};
-use flashattn::cuda::{fa3, jit, DeviceTensor, Gpu};
+use flashattn::cuda::{fa3, DeviceTensor, Gpu};
 use flashattn::fp8::{e4m3_from_f32, e4m3_to_f32, incoherent_qk, Fp8Scaling, Fp8Tensor};
 use flashattn::{AttnOptions, DType, Problem, Qkv, Tensor};
 
@@ -274,38 +276,9 @@ fn fp8_variants_compile_without_spills() {
         eprintln!("skipping: {e}");
         return;
     }
-    let dir = std::env::var("FP8_CUBIN_DIR").ok();
-    let mut bad = Vec::new();
     let specs = fa3_fp8::all_variants("sm_90a");
     assert_eq!(specs.len(), 13);
-    for spec in specs {
-        let c = jit::compile(&spec, "sm_90a").expect("fp8 variant compiles");
-        let r = &c.resources;
-        eprintln!(
-            "{}: {} regs, spill {}/{}, stack {}",
-            spec.label(),
-            r.registers,
-            r.spill_stores,
-            r.spill_loads,
-            r.stack_bytes
-        );
-        if r.spills()
-            || r.stack_bytes > 0
-            || c.log.contains("C7508")
-            || c.log.contains("serialized")
-        {
-            bad.push(format!("{}: {:?}\n{}", spec.label(), r, c.log));
-        }
-        if let Some(d) = &dir {
-            let name: String = spec
-                .label()
-                .chars()
-                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
-                .collect();
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::write(format!("{d}/{name}.cubin"), &c.cubin).unwrap();
-        }
-    }
+    let bad = hopper_compile_audit(&specs, std::env::var("FP8_CUBIN_DIR").ok().as_deref());
     assert!(fa3_fp8::all_variants("sm_80").is_empty());
     assert!(
         bad.is_empty(),

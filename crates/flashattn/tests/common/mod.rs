@@ -32,6 +32,47 @@ pub fn gpu_or_skip(what: &str) -> Option<std::sync::Arc<flashattn::cuda::Gpu>> {
     }
 }
 
+/// Compiles each spec for sm_90a through NVRTC (no GPU needed) and audits the ptxas report:
+/// returns one line per variant with spills, a stack frame, an ignored `setmaxnreg` (C7508) or
+/// serialised wgmma. Writes every cubin to `cubin_dir` when given (for `cuobjdump -sass`).
+#[cfg(feature = "cuda")]
+pub fn hopper_compile_audit(
+    specs: &[flashattn::cuda::KernelSpec],
+    cubin_dir: Option<&str>,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    for spec in specs {
+        let c = flashattn::cuda::jit::compile(spec, "sm_90a")
+            .unwrap_or_else(|e| panic!("{} compiles: {e}", spec.label()));
+        let r = &c.resources;
+        eprintln!(
+            "{}: {} regs, spill {}/{}, stack {}",
+            spec.label(),
+            r.registers,
+            r.spill_stores,
+            r.spill_loads,
+            r.stack_bytes
+        );
+        if r.spills()
+            || r.stack_bytes > 0
+            || c.log.contains("C7508")
+            || c.log.contains("serialized")
+        {
+            bad.push(format!("{}: {:?}\n{}", spec.label(), r, c.log));
+        }
+        if let Some(d) = cubin_dir {
+            let name: String = spec
+                .label()
+                .chars()
+                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
+                .collect();
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(format!("{d}/{name}.cubin"), &c.cubin).unwrap();
+        }
+    }
+    bad
+}
+
 /// GPU 0 if it is sm 9.0 (the Hopper kernels), or `None` after printing why `what` skips.
 #[cfg(feature = "cuda")]
 pub fn hopper_or_skip(what: &str) -> Option<std::sync::Arc<flashattn::cuda::Gpu>> {
