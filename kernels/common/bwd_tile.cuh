@@ -100,15 +100,3 @@ FA_DEVICE void red_add_f32x2(float* addr, float a, float b) {
   atomicAdd(addr + 1, b);
 #endif
 }
-
-// Four adjacent f32 adds into global memory (16-byte aligned; sm_90+ vector reduction).
-FA_DEVICE void red_add_f32x4(float* addr, float a, float b, float c, float d) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "f"(a), "f"(b), "f"(c),
-               "f"(d)
-               : "memory");
-#else
-  red_add_f32x2(addr, a, b);
-  red_add_f32x2(addr + 2, c, d);
-#endif
-}

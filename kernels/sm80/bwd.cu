@@ -75,11 +75,6 @@
 #ifndef FA_DET
 #define FA_DET 0
 #endif
-// FA_RED4 = 1: dQ atomics as red.global.add.v4.f32 (sm_90+) after a lane-pair shuffle. Off by
-// default: measured slower than .v2 on the H100 (bench/RESULTS.md, 2026-11-26); opt-in.
-#ifndef FA_RED4
-#define FA_RED4 0
-#endif
 
 #define FA_LOG2E 1.4426950408889634f
 
@@ -372,30 +367,6 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
         zero_acc(acc);
         const int nc0 = wc_n * NT_C * 8 + ch * CQ * 8;
         gemm_nn<kBF16, true, MT_C, CQ, kBC, kWBR, kWD>(acc, sdS, wc_m * MT_C * 16, sK, nc0, lane);
-#if FA_RED4
-        // Lanes t and t^1 swap halves so that each owns 4 adjacent columns of one row:
-        // even t: row g, columns 2t..2t+3; odd t: row g+8, columns 2t-2..2t+1.
-        const bool odd = t & 1;
-#pragma unroll
-        for (int mt = 0; mt < MT_C; ++mt) {
-          const int i = m0 + wc_m * MT_C * 16 + mt * 16 + g + (odd ? 8 : 0);
-          float* dst = p.dq_accum + ((i64)(si.qrow0 + i) * p.heads_q + h) * kD + nc0 + 4 * (t >> 1);
-#pragma unroll
-          for (int nt = 0; nt < CQ; ++nt) {
-            const float s0 = odd ? acc[mt][nt][0] : acc[mt][nt][2];
-            const float s1 = odd ? acc[mt][nt][1] : acc[mt][nt][3];
-            const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
-            const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-            float v0, v1, v2, v3;
-            if (odd) {
-              v0 = r0; v1 = r1; v2 = acc[mt][nt][2]; v3 = acc[mt][nt][3];
-            } else {
-              v0 = acc[mt][nt][0]; v1 = acc[mt][nt][1]; v2 = r0; v3 = r1;
-            }
-            if (i < si.sq) red_add_f32x4(dst + nt * 8, v0, v1, v2, v3);
-          }
-        }
-#else
 #pragma unroll
         for (int mt = 0; mt < MT_C; ++mt)
 #pragma unroll
@@ -408,7 +379,6 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
                 red_add_f32x2(dst + nt * 8, acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
             }
           }
-#endif
       }
     }
     if (kStages == 1) {

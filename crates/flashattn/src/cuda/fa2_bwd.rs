@@ -142,12 +142,8 @@ fn tiled_spec(
     f: Features,
     det: bool,
 ) -> KernelSpec {
-    let mut spec = base_spec(entry, d, bf16);
-    // Tuning only: FLASHATTN_BWD_RED4=1 selects .v4 dQ atomics (default .v2, measured faster).
-    if let Ok(v) = std::env::var("FLASHATTN_BWD_RED4") {
-        spec = spec.define("FA_RED4", (v == "1") as u8);
-    }
-    spec.define("FA_BC", t.bc)
+    base_spec(entry, d, bf16)
+        .define("FA_BC", t.bc)
         .define("FA_BR", t.br)
         .define("FA_NW", t.nw)
         .define("FA_WM_A", t.wm_a)
