@@ -9,7 +9,8 @@
 mod common;
 
 use common::{
-    hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng,
+    event_median_ms, hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward,
+    rel_err, Rng,
 };
 use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Problem, Qkv, Tensor};
@@ -462,30 +463,6 @@ fn fa3_variants_compile_without_spills() {
     );
 }
 
-fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
-    let stream = gpu.stream();
-    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    // Warm up for at least 250 ms of GPU work so clocks reach their sustained state (a cold
-    // first variant otherwise reads several % fast).
-    let t0 = std::time::Instant::now();
-    while t0.elapsed().as_millis() < 250 {
-        for _ in 0..5 {
-            f();
-        }
-        gpu.synchronize().unwrap();
-    }
-    let mut ts = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let a = stream.record_event(flags).unwrap();
-        f();
-        let b = stream.record_event(flags).unwrap();
-        b.synchronize().unwrap();
-        ts.push(a.elapsed_ms(&b).unwrap() as f64);
-    }
-    ts.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    ts[ts.len() / 2]
-}
-
 /// SPEC §4 sweep (bf16, 16k tokens, hidden 2048) plus the tuning knobs at d = 128.
 #[test]
 fn fa3_bench() {
@@ -533,7 +510,7 @@ fn fa3_bench() {
                 let lse = DeviceTensor::alloc(&gpu, DType::F32, &p.lse_shape()).unwrap();
                 for t in &tunes_for(d) {
                     std::env::set_var("FLASHATTN_FA3_TUNE", t);
-                    let ms = time_ms(&gpu, 30, || {
+                    let ms = event_median_ms(&gpu, 30, 1, || {
                         fa3::forward_into(&gpu, &p, &dq, &dk, &dv, &out, &lse).unwrap()
                     });
                     let tf = p.forward_flops() / (ms * 1e-3) / 1e12;

@@ -11,7 +11,8 @@
 mod common;
 
 use common::{
-    hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward, rel_err, Rng,
+    event_median_ms, hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward,
+    rel_err, Rng,
 };
 use flashattn::cuda::fa3_fp8::{self, Fp8DeviceTensor};
 use flashattn::cuda::{fa3, DeviceTensor, Gpu};
@@ -387,34 +388,6 @@ fn fp8_rmse_study() {
     }
 }
 
-/// Median ms of one call of `f`, timed as `BATCH` back-to-back calls between two events: the
-/// host work of each launch (checks, kernel lookup, tensor-map encoding) then overlaps the
-/// previous kernel instead of sitting between the events as idle GPU time.
-fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
-    const BATCH: usize = 8;
-    let stream = gpu.stream();
-    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let t0 = std::time::Instant::now();
-    while t0.elapsed().as_millis() < 250 {
-        for _ in 0..5 {
-            f();
-        }
-        gpu.synchronize().unwrap();
-    }
-    let mut ts = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let a = stream.record_event(flags).unwrap();
-        for _ in 0..BATCH {
-            f();
-        }
-        let b = stream.record_event(flags).unwrap();
-        b.synchronize().unwrap();
-        ts.push(a.elapsed_ms(&b).unwrap() as f64 / BATCH as f64);
-    }
-    ts.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    ts[ts.len() / 2]
-}
-
 /// Random e4m3 codes of moderate magnitude (|x| in [2^-3, 2^1]), never NaN.
 fn rand_codes(n: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng::new(seed);
@@ -480,7 +453,7 @@ fn fp8_bench() {
                 DeviceTensor::upload(&gpu, &bk).unwrap(),
                 DeviceTensor::upload(&gpu, &bv).unwrap(),
             );
-            let vt_ms = time_ms(&gpu, 30, || {
+            let vt_ms = event_median_ms(&gpu, 30, 8, || {
                 fa3_fp8::transpose_v(&gpu, &dv).unwrap();
             });
             for causal in [false, true] {
@@ -494,17 +467,17 @@ fn fp8_bench() {
                 let p = Problem::new(&Qkv::dense(&bq, &bk, &bv), &opts).unwrap();
                 let bout = DeviceTensor::alloc(&gpu, DType::BF16, &p.q_shape).unwrap();
                 let blse = DeviceTensor::alloc(&gpu, DType::F32, &p.lse_shape()).unwrap();
-                let b_ms = time_ms(&gpu, 30, || {
+                let b_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3::forward_into(&gpu, &p, &gq, &gk, &gv, &bout, &blse).unwrap()
                 });
-                let k_ms = time_ms(&gpu, 30, || {
+                let k_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                 });
-                let f_ms = time_ms(&gpu, 30, || {
+                let f_ms = event_median_ms(&gpu, 30, 8, || {
                     let vt2 = fa3_fp8::transpose_v(&gpu, &dv).unwrap();
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse).unwrap()
                 });
-                let v_ms = time_ms(&gpu, 30, || {
+                let v_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
                 });
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
@@ -512,7 +485,7 @@ fn fp8_bench() {
                 if let Ok(tunes) = std::env::var(format!("FP8_BENCH_TUNES_{d}")) {
                     for t in tunes.split(';').filter(|t| !t.is_empty()) {
                         std::env::set_var("FLASHATTN_FP8_TUNE", t);
-                        let ms = time_ms(&gpu, 20, || {
+                        let ms = event_median_ms(&gpu, 20, 8, || {
                             fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                         });
                         println!(

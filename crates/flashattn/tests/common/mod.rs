@@ -32,6 +32,39 @@ pub fn gpu_or_skip(what: &str) -> Option<std::sync::Arc<flashattn::cuda::Gpu>> {
     }
 }
 
+/// Median milliseconds of one call of `f` on GPU 0's stream, by CUDA events around `batch`
+/// back-to-back calls (batch > 1 overlaps each launch's host work with the previous kernel), after
+/// at least 250 ms of warm-up so that clocks reach their sustained state.
+#[cfg(feature = "cuda")]
+pub fn event_median_ms(
+    gpu: &flashattn::cuda::Gpu,
+    reps: usize,
+    batch: usize,
+    mut f: impl FnMut(),
+) -> f64 {
+    let stream = gpu.stream();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_millis() < 250 {
+        for _ in 0..5 {
+            f();
+        }
+        gpu.synchronize().unwrap();
+    }
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a = stream.record_event(flags).unwrap();
+        for _ in 0..batch {
+            f();
+        }
+        let b = stream.record_event(flags).unwrap();
+        b.synchronize().unwrap();
+        ts.push(a.elapsed_ms(&b).unwrap() as f64 / batch as f64);
+    }
+    ts.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    ts[ts.len() / 2]
+}
+
 /// Compiles each spec for sm_90a through NVRTC (no GPU needed) and audits the ptxas report:
 /// returns one line per variant with spills, a stack frame, an ignored `setmaxnreg` (C7508) or
 /// serialised wgmma. Writes every cubin to `cubin_dir` when given (for `cuobjdump -sass`).
