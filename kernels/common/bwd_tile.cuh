@@ -10,6 +10,7 @@
 #include "common/types.cuh"
 #include "common/mma.cuh"
 #include "common/smem.cuh"
+#include "common/red.cuh"
 
 template <bool BF16>
 FA_DEVICE float half_to_f32(u16 x) {
@@ -91,12 +92,3 @@ FA_DEVICE void gemm_nn(float (&acc)[MT][NT][4], u32 sA, int m0, u32 sB, int n0, 
   }
 }
 
-// Two adjacent f32 adds into global memory (no return value).
-FA_DEVICE void red_add_f32x2(float* addr, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
-#else
-  atomicAdd(addr, a);
-  atomicAdd(addr + 1, b);
-#endif
-}

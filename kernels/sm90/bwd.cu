@@ -30,6 +30,7 @@
 #include "sm90/mbarrier.cuh"
 #include "sm90/tma.cuh"
 #include "sm90/wgmma.cuh"
+#include "common/red.cuh"
 
 #ifndef FB_D
 #define FB_D 128
@@ -328,9 +329,6 @@ __device__ __forceinline__ void ds_tile(float* dp, const float* pf, const u32 (*
   }
 }
 
-__device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(a), "f"(b) : "memory");
-}
 // Adds an m64 x N accumulator (rows qr0 + {0, 8} of the tile; columns col0 + 8j + 2t) into
 // dq_accum; rows past the sequence's sq are skipped (varlen: they belong to the next one).
 template <int N>
@@ -343,7 +341,7 @@ __device__ __forceinline__ void dq_red(const float* dq, const Fa3BwdParams& p, c
     if (row < s.sq) {
       float* dst = dq_accum + ((i64)(s.qrow0 + row) * p.heads_q + hh) * D + col0 + 2 * tq;
 #pragma unroll
-      for (int j = 0; j < N / 8; ++j) red_add_v2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      for (int j = 0; j < N / 8; ++j) red_add_f32x2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
     }
   }
 }

@@ -465,10 +465,11 @@ pub fn backward_into(
     } else {
         ((problem.heads_q * sq) as i64, sq as i64)
     };
-    // Grid (key blocks, heads, batch) with the Q-tile walk rotated per key block: CTAs resident
-    // together share one head's Q/dO/dQ in L2 (+3..+51% over (heads, batch, blocks) on the H100,
-    // bench/RESULTS.md). The kernel still reads both choices from `flags`.
-    let (kfirst, rotate) = (true, true);
+    // The kernels take the grid (key blocks, heads, batch) with the Q-tile walk rotated per key
+    // block (flags bits 0 and 1): CTAs resident together share one head's Q/dO/dQ in L2
+    // (+3..+51% over (heads, batch, blocks) on the H100, bench/RESULTS.md). The other orders
+    // are no longer launched; the kernel source still reads both bits.
+    const FLAGS_KFIRST_ROTATE: i32 = 0b11;
     let mut p = BwdParams {
         q: q.ptr(),
         k: k.ptr(),
@@ -518,7 +519,7 @@ pub fn backward_into(
         scale: problem.scale,
         softcap: problem.softcap,
         drop_scale: 1.0,
-        flags: kfirst as i32 | (rotate as i32) << 1,
+        flags: FLAGS_KFIRST_ROTATE,
         ..Default::default()
     };
     if let Some(dr) = &problem.dropout {
@@ -557,19 +558,6 @@ pub fn backward_into(
     // starts first within each head. (The A/B against (heads_k, batch, kv blocks) and against
     // no rotation is in bench/RESULTS.md; those orders are no longer selectable here.)
     let n_kb = problem.max_sk.div_ceil(t.bc);
-    let grid_main = if kfirst {
-        (
-            n_kb as u32,
-            grid_limit(problem.heads_k, "key heads")?,
-            grid_limit(problem.batch, "batch")?,
-        )
-    } else {
-        (
-            problem.heads_k as u32,
-            grid_limit(problem.batch, "batch")?,
-            grid_limit(n_kb, "key blocks")?,
-        )
-    };
     if sm90 {
         let ws = fa3_bwd::Workspace {
             dsum: dsum.ptr(),
@@ -580,6 +568,11 @@ pub fn backward_into(
         fa3_bwd::launch_main(gpu, problem, q, k, v, dout, lse, dk, dv, &ws)?;
     } else if n_kb > 0 {
         let spec = tiled_spec("fa2_bwd_main", d, bf16, &t, st_main, feats, det);
+        let grid_main = (
+            n_kb as u32,
+            grid_limit(problem.heads_k, "key heads")?,
+            grid_limit(problem.batch, "batch")?,
+        );
         launch(
             gpu,
             &spec,
@@ -595,19 +588,11 @@ pub fn backward_into(
         let st = stages_for(|s| smem_dq(d, &t, s), limit).ok_or_else(no_fit)?;
         let spec = tiled_spec("fa2_bwd_dq", d, bf16, &t, st, feats, true);
         let n_qb = problem.max_sq.div_ceil(t.br);
-        let grid = if kfirst {
-            (
-                n_qb as u32,
-                grid_limit(problem.heads_q, "query heads")?,
-                grid_limit(problem.batch, "batch")?,
-            )
-        } else {
-            (
-                problem.heads_q as u32,
-                grid_limit(problem.batch, "batch")?,
-                grid_limit(n_qb, "query blocks")?,
-            )
-        };
+        let grid = (
+            n_qb as u32,
+            grid_limit(problem.heads_q, "query heads")?,
+            grid_limit(problem.batch, "batch")?,
+        );
         if n_qb > 0 {
             launch(gpu, &spec, grid, (t.nw * 32) as u32, smem_dq(d, &t, st), &p)?;
         }

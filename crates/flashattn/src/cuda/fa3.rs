@@ -216,8 +216,17 @@ fn needs_full(problem: &Problem, alibi: bool) -> bool {
     !(problem.mask.is_none() || is_causal(problem)) || problem.softcap > 0.0 || alibi
 }
 
-/// Longest sequence (either side) the kernel takes: window arithmetic stays inside i32.
-const MAX_LEN: usize = 1 << 28;
+/// Longest sequence (either side) the sm90 kernels take: window arithmetic stays inside i32.
+pub(super) const MAX_LEN: usize = 1 << 28;
+
+/// Window bounds `(left, right)` for the sm90 kernels: unbounded sides become
+/// `max_sq + max_sk + 1` (no key is that far away), so that `i + sk − sq ± w` stays inside i32
+/// for lengths ≤ [`MAX_LEN`].
+pub(super) fn window_bounds(problem: &Problem) -> (i32, i32) {
+    let unb = (problem.max_sq + problem.max_sk + 1) as i32;
+    let clamp = |w: Option<usize>| w.map_or(unb, |x| x.min(unb as usize) as i32);
+    (clamp(problem.mask.left), clamp(problem.mask.right))
+}
 
 /// Whether FA3 handles `problem` on `gpu` exactly (anything else must go to FA2): the kernel's
 /// whole envelope, ALiBi included (window/softcap/ALiBi and varlen passed `gpu_fa3` on an H100,
@@ -555,9 +564,7 @@ pub fn forward_into_with(
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let m_tiles = sq.div_ceil(var.bq());
     let ost = bshd(out).1;
-    // Window bounds clamped so that i + sk − sq ± w stays inside i32 (lengths ≤ MAX_LEN).
-    let unb = (problem.max_sq + problem.max_sk + 1) as i32;
-    let clampw = |w: Option<usize>| w.map_or(unb, |x| x.min(unb as usize) as i32);
+    let (wl, wr) = window_bounds(problem);
     let mut cu = None;
     if problem.varlen {
         let mut cq: Vec<i32> = problem.seqs.iter().map(|s| s.q_start as i32).collect();
@@ -603,8 +610,8 @@ pub fn forward_into_with(
         } else {
             sq as i64
         },
-        wl: clampw(problem.mask.left),
-        wr: clampw(problem.mask.right),
+        wl,
+        wr,
         sc_in: if problem.softcap > 0.0 {
             problem.scale / problem.softcap
         } else {

@@ -12,7 +12,7 @@
 //! deterministic mode (those run the FA2 main kernel).
 
 use super::context::{driver_err, Gpu};
-use super::fa3::encode_map;
+use super::fa3::{encode_map, window_bounds, MAX_LEN};
 use super::jit::KernelSpec;
 use super::tensor::DeviceTensor;
 use crate::error::{Error, Result};
@@ -117,9 +117,6 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     v
 }
 
-/// Longest sequence (either side) the kernel takes: window arithmetic stays inside i32.
-const MAX_LEN: usize = 1 << 28;
-
 /// Whether the Hopper main kernel computes this backward exactly (else the FA2 one runs).
 pub fn supports(gpu: &Gpu, problem: &Problem, opts: &AttnOptions) -> bool {
     let arch = gpu.arch();
@@ -200,8 +197,7 @@ pub(super) fn launch_main(
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let (sq, sk) = (problem.max_sq, problem.max_sk);
-    let unb = (sq + sk + 1) as i32;
-    let clampw = |w: Option<usize>| w.map_or(unb, |x| x.min(unb as usize) as i32);
+    let (wl, wr) = window_bounds(problem);
     let dense_len = |shape: &[usize]| if problem.varlen { 0 } else { shape[1] as i32 };
     let bk = var.bk();
     let params = Fa3BwdParams {
@@ -232,8 +228,8 @@ pub(super) fn launch_main(
         heads_k: problem.heads_k as i32,
         group: problem.group() as i32,
         batch: problem.batch as i32,
-        wl: clampw(problem.mask.left),
-        wr: clampw(problem.mask.right),
+        wl,
+        wr,
         scale_log2: problem.scale * std::f32::consts::LOG2_E,
         scale: problem.scale,
     };

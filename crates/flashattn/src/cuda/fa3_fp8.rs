@@ -18,7 +18,7 @@
 //! [`Error::Unsupported`](crate::Error) naming the option.
 
 use super::context::{driver_err, Gpu};
-use super::fa3::{encode_raw, Fa3Params};
+use super::fa3::{encode_raw, Fa3Params, MAX_LEN};
 use super::jit::KernelSpec;
 use super::tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{Error, Result};
@@ -38,7 +38,6 @@ pub const BQ: usize = 128;
 /// The V pre-pass.
 pub const VT_SOURCE: &str = "sm90/fp8_vt.cu";
 pub const VT_ENTRY: &str = "fa3_fp8_vt";
-const MAX_LEN: usize = 1 << 28;
 
 /// Whether [`forward`] transposes V inside the attention kernel (`FA3_VTK=1`) instead of the
 /// pre-pass: `FLASHATTN_FP8_VT=kernel` or `prepass` overrides the default ([`DEFAULT_VTK`]).
