@@ -41,44 +41,31 @@ impl CpuElem for f32 {
         0.0
     }
 }
-impl CpuElem for f16 {
-    #[inline]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        // half's slice conversion is vectorised (F16C where available).
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
-    }
-    fn slice(s: &Storage) -> &[Self] {
-        match s {
-            Storage::F16(v) => v,
-            _ => &[],
+// f16 and bf16: half's slice conversion is vectorised (F16C where available).
+macro_rules! half_cpu_elem {
+    ($t:ty, $variant:ident) => {
+        impl CpuElem for $t {
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+            }
+            fn slice(s: &Storage) -> &[Self] {
+                match s {
+                    Storage::$variant(v) => v,
+                    _ => &[],
+                }
+            }
+            fn storage(v: Vec<Self>) -> Storage {
+                Storage::$variant(v)
+            }
+            fn zero() -> Self {
+                <$t>::ZERO
+            }
         }
-    }
-    fn storage(v: Vec<Self>) -> Storage {
-        Storage::F16(v)
-    }
-    fn zero() -> Self {
-        f16::ZERO
-    }
+    };
 }
-impl CpuElem for bf16 {
-    #[inline]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        // half's slice conversion is vectorised (F16C where available).
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
-    }
-    fn slice(s: &Storage) -> &[Self] {
-        match s {
-            Storage::BF16(v) => v,
-            _ => &[],
-        }
-    }
-    fn storage(v: Vec<Self>) -> Storage {
-        Storage::BF16(v)
-    }
-    fn zero() -> Self {
-        bf16::ZERO
-    }
-}
+half_cpu_elem!(f16, F16);
+half_cpu_elem!(bf16, BF16);
 
 /// A row-major f32 matrix view into a slice: element `(r, c)` is `data[off + r*rs + c*cs]`.
 #[derive(Clone, Copy)]
