@@ -28,6 +28,11 @@ enum Entry {
     Raw(Dtype, Vec<usize>, Vec<u8>),
 }
 
+/// A random tensor entry (`Tensor::random`: reproducible, never zero).
+fn rand_entry(dtype: DType, shape: &[usize], seed: u64) -> Entry {
+    Entry::T(Tensor::random(dtype, shape, seed))
+}
+
 fn bytes_of(t: &Tensor) -> (Dtype, Vec<u8>) {
     match t.contiguous().storage() {
         Storage::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
@@ -155,12 +160,12 @@ fn assert_fails_untouched(dir: &Path, args_without_output: &[&str], needle: &str
 fn dense_input(dir: &Path, dtype: DType, with_dout: bool) -> PathBuf {
     let input = dir.join("in.safetensors");
     let mut e = vec![
-        ("q", Entry::T(Tensor::random(dtype, &[2, 33, 4, 16], 1))),
-        ("k", Entry::T(Tensor::random(dtype, &[2, 40, 2, 16], 2))),
-        ("v", Entry::T(Tensor::random(dtype, &[2, 40, 2, 16], 3))),
+        ("q", rand_entry(dtype, &[2, 33, 4, 16], 1)),
+        ("k", rand_entry(dtype, &[2, 40, 2, 16], 2)),
+        ("v", rand_entry(dtype, &[2, 40, 2, 16], 3)),
     ];
     if with_dout {
-        e.push(("dout", Entry::T(Tensor::random(dtype, &[2, 33, 4, 16], 4))));
+        e.push(("dout", rand_entry(dtype, &[2, 33, 4, 16], 4)));
     }
     write_st(&input, e);
     input
@@ -397,8 +402,8 @@ fn error_missing_tensor() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 1, 8], 1))),
-            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 1, 8], 2))),
+            ("q", rand_entry(DType::F32, &[1, 4, 1, 8], 1)),
+            ("k", rand_entry(DType::F32, &[1, 4, 1, 8], 2)),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "`v`");
@@ -414,23 +419,23 @@ fn error_bad_shapes() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 3, 8], 1))),
-            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 2))),
-            ("v", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 3))),
+            ("q", rand_entry(DType::F32, &[1, 4, 3, 8], 1)),
+            ("k", rand_entry(DType::F32, &[1, 4, 2, 8], 2)),
+            ("v", rand_entry(DType::F32, &[1, 4, 2, 8], 3)),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "heads");
     write_st(
         &input,
         vec![
-            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 1))),
-            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 2))),
-            ("v", Entry::T(Tensor::random(DType::F32, &[1, 5, 2, 8], 3))),
+            ("q", rand_entry(DType::F32, &[1, 4, 2, 8], 1)),
+            ("k", rand_entry(DType::F32, &[1, 4, 2, 8], 2)),
+            ("v", rand_entry(DType::F32, &[1, 5, 2, 8], 3)),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "`v`");
     // Bad cu_seqlens, and only one of the pair.
-    let qv = || Entry::T(Tensor::random(DType::F32, &[6, 2, 8], 1));
+    let qv = || rand_entry(DType::F32, &[6, 2, 8], 1);
     write_st(
         &input,
         vec![
@@ -456,9 +461,9 @@ fn error_bad_shapes() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 1))),
-            ("k", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 2))),
-            ("v", Entry::T(Tensor::random(DType::F32, &[1, 4, 2, 8], 3))),
+            ("q", rand_entry(DType::F32, &[1, 4, 2, 8], 1)),
+            ("k", rand_entry(DType::F32, &[1, 4, 2, 8], 2)),
+            ("v", rand_entry(DType::F32, &[1, 4, 2, 8], 3)),
             ("alibi_slopes", Entry::F32(vec![0.1; 3], vec![3])),
         ],
     );
@@ -484,11 +489,8 @@ fn error_bad_shapes() {
             ("k", k),
             ("v", v),
             ("dout", dout),
-            (
-                "out",
-                Entry::T(Tensor::random(DType::F32, &[2, 33, 4, 16], 8)),
-            ),
-            ("lse", Entry::T(Tensor::random(DType::F32, &[2, 33, 4], 9))),
+            ("out", rand_entry(DType::F32, &[2, 33, 4, 16], 8)),
+            ("lse", rand_entry(DType::F32, &[2, 33, 4], 9)),
         ],
     );
     assert_fails_untouched(&dir, &["backward", "--input", p(&bad)], "`lse`");
@@ -545,8 +547,8 @@ fn error_wrong_dtype() {
         &input,
         vec![
             ("q", Entry::Raw(Dtype::F64, vec![1, 2, 1, 4], vec![0u8; 64])),
-            ("k", Entry::T(Tensor::random(DType::F32, &[1, 2, 1, 4], 2))),
-            ("v", Entry::T(Tensor::random(DType::F32, &[1, 2, 1, 4], 3))),
+            ("k", rand_entry(DType::F32, &[1, 2, 1, 4], 2)),
+            ("v", rand_entry(DType::F32, &[1, 2, 1, 4], 3)),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "`q`");
@@ -554,14 +556,14 @@ fn error_wrong_dtype() {
     write_st(
         &input,
         vec![
-            ("q", Entry::T(Tensor::random(DType::F32, &[1, 2, 1, 4], 1))),
-            ("k", Entry::T(Tensor::random(DType::BF16, &[1, 2, 1, 4], 2))),
-            ("v", Entry::T(Tensor::random(DType::BF16, &[1, 2, 1, 4], 3))),
+            ("q", rand_entry(DType::F32, &[1, 2, 1, 4], 1)),
+            ("k", rand_entry(DType::BF16, &[1, 2, 1, 4], 2)),
+            ("v", rand_entry(DType::BF16, &[1, 2, 1, 4], 3)),
         ],
     );
     assert_fails_untouched(&dir, &["forward", "--input", p(&input)], "dtype");
     // cu_seqlens as f32.
-    let qv = || Entry::T(Tensor::random(DType::F32, &[6, 2, 8], 1));
+    let qv = || rand_entry(DType::F32, &[6, 2, 8], 1);
     write_st(
         &input,
         vec![
