@@ -359,6 +359,24 @@ __device__ __forceinline__ void to_pfrag(const float* sc, u32 (*pf)[4]) {
   }
 }
 
+// Ping-pong turns (FA3_PINGPONG): consumer cw waits for its turn on named barrier 2 + cw and,
+// once its GEMMs are issued, hands the turn to the next consumer (round robin).
+__device__ __forceinline__ void turn_take(int cw) {
+#if FA3_PINGPONG
+  named_sync(2 + cw, 256);
+#endif
+}
+__device__ __forceinline__ void turn_pass(int cw) {
+#if FA3_PINGPONG
+  named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
+#endif
+}
+// This warp is done with a ring slot (or Q): one arrival per consumer warp.
+__device__ __forceinline__ void warp_release(u32 bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
                                          u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
                                          u32 q_empty, const WorkTile& w, int cw, int g0, int jq) {
@@ -407,20 +425,15 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       float sc[BK / 2];
       const int s0 = g0 % STAGES;
       mbar_wait(k_full + 8 * s0, (g0 / STAGES) & 1);
-#if FA3_PINGPONG
-      named_sync(2 + cw, 256);
-#endif
+      turn_take(cw);
       fence_regs<BK / 2>(sc);
       wgmma_fence();
       issue_qk(sc, sQw, sK + s0 * K_BYTES);
       wgmma_commit();
-#if FA3_PINGPONG
-      named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
-#endif
+      turn_pass(cw);
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(k_empty + 8 * s0);
+      warp_release(k_empty + 8 * s0, lane);
       const int tile = w.n_hi - 1;
       transform(sc, tile);
       float alpha[2];
@@ -435,9 +448,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       float sc[BK / 2];
       mbar_wait(k_full + 8 * s, ph);
       mbar_wait(v_full + 8 * sp, php);
-#if FA3_PINGPONG
-      named_sync(2 + cw, 256);
-#endif
+      turn_take(cw);
       fence_regs<BK / 2>(sc);
       fence_regs<D / 2>(o);
       wgmma_fence();
@@ -445,20 +456,16 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wgmma_commit();
       issue_pv(o, pf, sV + sp * V_BYTES);
       wgmma_commit();
-#if FA3_PINGPONG
-      named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
-#endif
+      turn_pass(cw);
       wgmma_wait<1>();
       fence_regs<BK / 2>(sc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(k_empty + 8 * s);
+      warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       float alpha[2];
       sm.step(sc, c, alpha);
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(v_empty + 8 * sp);
+      warp_release(v_empty + 8 * sp, lane);
       rescale_o<D / 8>(o, alpha);
       to_pfrag(sc, pf);
     }
@@ -466,20 +473,15 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       const int sp = (g0 + n_end - 1) % STAGES;
       const u32 php = ((g0 + n_end - 1) / STAGES) & 1;
       mbar_wait(v_full + 8 * sp, php);
-#if FA3_PINGPONG
-      named_sync(2 + cw, 256);
-#endif
+      turn_take(cw);
       fence_regs<D / 2>(o);
       wgmma_fence();
       issue_pv(o, pf, sV + sp * V_BYTES);
       wgmma_commit();
-#if FA3_PINGPONG
-      named_arrive(NC == 2 ? 3 - cw : 2 + (cw + 1 == NC ? 0 : cw + 1), 256);
-#endif
+      turn_pass(cw);
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(v_empty + 8 * sp);
+      warp_release(v_empty + 8 * sp, lane);
     }
 #if FA3_PINGPONG
     if (cw == 0) named_sync(2, 256);  // balance the last consumer's opening arrive
@@ -497,8 +499,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(k_empty + 8 * s);
+      warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       float alpha[2];
       sm.step(sc, c, alpha);
@@ -512,12 +513,10 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(v_empty + 8 * s);
+      warp_release(v_empty + 8 * s, lane);
     }
 #endif
-    __syncwarp();
-    if (lane == 0) mbar_arrive(q_empty);  // Q may be overwritten (persistent CTAs)
+    warp_release(q_empty, lane);  // Q may be overwritten (persistent CTAs)
   }
 
   // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are
