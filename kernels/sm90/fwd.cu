@@ -40,9 +40,23 @@
 // stores, both conflict-free on the 128B swizzle), then fences the async proxy and signals v_full. Descales: c = scale·log2e·q_descale·k_descale
 // (per tensor or per (batch, head): p.qd/p.kd/p.vd with element strides), O ·= v_descale at the
 // end. FP8 takes dense inputs, plain or causal, BK = 128 (a Vᵀ row is one 128-byte swizzle row).
+// FA3_OTMA=1 — the epilogue stages each consumer's normalised 64 × D tile of O in shared memory
+// (stmatrix, 128B swizzle: 64-column boxes of 64 rows × 128 bytes) and one thread stores it with
+// TMA through p.om (16-bit O; FP8 writes bf16), instead of 4-byte per-thread global stores that
+// touch 8 rows × 16 bytes per warp instruction. Where it is staged (FA3_OBUF): 0 — the warpgroup's
+// own 64-row slice of Q (16-bit; Q is dead after its last QKᵀ; a persistent CTA then releases Q
+// (q_empty) only once the store has read the slice), 1 — a buffer of its own after the rings, 2 —
+// the FA3_VTK staging ring (one tile per CTA: idle once the last v_full has completed). Where TMA
+// may not write the whole box, the warpgroup copies the staged rows out itself (row-checked,
+// 128 contiguous bytes per warp store): varlen warpgroup tiles that reach past their sequence's
+// end (the map is [d, total, heads, 1], so TMA clips only at the packed total and would
+// overwrite the next sequence's first rows), and outputs whose layout TMA cannot address
+// (p.o_tma = 0). Tiles without keys write their zeros directly (Q is not theirs to stage in: a
+// persistent producer may already be loading the next tile's Q).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
-// FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC. Entry point: fa3_fwd (without
+// FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
+// smem_bytes(), checked against this layout). Entry point: fa3_fwd (without
 // FA3_PERSISTENT one CTA per query tile: grid (m_tiles, heads_q, batch), longest-first for causal).
 #include "sm90/util.cuh"
 #include "sm90/mbarrier.cuh"
@@ -93,6 +107,12 @@
 #ifndef FA3_VTK
 #define FA3_VTK 0
 #endif
+#ifndef FA3_OTMA
+#define FA3_OTMA 0
+#endif
+#ifndef FA3_OBUF
+#define FA3_OBUF 0
+#endif
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
@@ -123,14 +143,33 @@ constexpr int V_BYTES = FP8 ? D * BK : K_BYTES;  // one V stage (fp8: Vᵀ, D ro
 constexpr int QCHUNK = BQ * 128;           // bytes of one 128-byte-wide chunk of Q
 constexpr int KCHUNK = BK * 128;
 constexpr int R_BYTES = VTK ? 2 * K_BYTES : 0;  // staging ring of V as stored (FA3_VTK)
-constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + 8 * (2 + 4 * STAGES) +
-                           (VTK ? 16 : 0) + 1024;
+// O staging (FA3_OTMA): chunk c (64 columns) of consumer cw's tile is one TMA box of 64 rows ×
+// 128 bytes at o_base + (c·NC + cw)·OBOX, which in the Q buffer is exactly cw's slice of Q chunk c.
+constexpr int ODT = FP8 ? 0 : FA3_DT;      // O's element type (pack2): FP8 writes bf16
+constexpr int OBOX = 64 * 128;
+constexpr int ONCH = (D + 63) / 64;        // 64-column chunks of O
+constexpr int O_BYTES = NC * ONCH * OBOX;
+constexpr bool Q_HOLDS_O = FA3_OTMA && FA3_OBUF == 0;
+constexpr bool OWN_O = FA3_OTMA && FA3_OBUF == 1;
+constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
+constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
+                           8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + 1024;
+static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 2, "O staging: Q slice, own buffer, VTK ring");
+static_assert((Q_BYTES + STAGES * (K_BYTES + V_BYTES)) % 1024 == 0 && R_BYTES % 1024 == 0,
+              "every staging base keeps the 1024-byte alignment of the 128B swizzle");
+static_assert(!Q_HOLDS_O || (!FP8 && O_BYTES == Q_BYTES), "a 16-bit Q slice holds its O tile");
+static_assert(!(FA3_OTMA && FA3_OBUF == 2) || (VTK && !FA3_PERSISTENT && O_BYTES <= R_BYTES),
+              "the V staging ring is idle at the epilogue only with one tile per CTA");
+#ifdef FA3_SMEM
+static_assert(SMEM_BYTES == FA3_SMEM, "the host's smem_bytes() disagrees with this layout");
+#endif
 static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 256 && D <= 256, "tile shape");
 static_assert(!FP8 || D % 32 == 0, "fp8: whole k32 steps along d");
 static_assert(D % 64 == 0 || D % 64 == 32, "PV wgmma N: whole 64-column swizzle atoms (+ one half)");
 
 struct __align__(64) Fa3Params {
   TmaMap q, k, v;
+  TmaMap om;  // O [d, rows, heads, batch], 64 × 64 boxes (FA3_OTMA; valid when o_tma)
   u64 o;      // out, same dtype as q, element strides below
   u64 lse;    // f32 [batch, heads_q, sq]
   i64 o_batch, o_row, o_head;
@@ -146,7 +185,9 @@ struct __align__(64) Fa3Params {
   int alibi_bs, pad2;   // slopes' batch stride (0 for [heads_q])
   u64 qd, kd, vd;       // FP8 descales (f32), element [b * x_b + h * x_h]; strides 0 = per tensor
   int qd_b, qd_h, kd_b, kd_h, vd_b, vd_h;
+  int o_tma, pad3;      // 1: om addresses out (FA3_OTMA); 0: out's layout is not TMA-addressable
 };
+static_assert(sizeof(Fa3Params) == 4 * 128 + 192, "mirrored by Fa3Params in fa3.rs");
 
 // Which (query tile, head, batch) work item t is, its sequence, and its key-tile range
 // [n_lo, n_hi) (visited from n_hi − 1 down to n_lo).
@@ -264,7 +305,7 @@ __device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK,
     mbar_wait(r_full + 8 * (g % 2), (g / 2) & 1);
     if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
     transpose_v_tile(sR + (g % 2) * K_BYTES, sV + s * V_BYTES);
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic writes -> wgmma
+    fence_async_shared();  // generic writes -> wgmma
     named_sync(1, 128);
     if (leader) mbar_arrive(v_full + 8 * s);
   }
@@ -377,9 +418,96 @@ __device__ __forceinline__ void warp_release(u32 bar, int lane) {
   if (lane == 0) mbar_arrive(bar);
 }
 
-__device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
-                                         u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
-                                         u32 q_empty, const WorkTile& w, int cw, int g0, int jq) {
+// Normalised O of this thread as packed 16-bit pairs: ob[2j + r] = columns 8j + 2·tq, +1 of
+// row row0 + 8r (the n8-block j of the accumulator).
+__device__ __forceinline__ void pack_o(const float* o, const float* inv, u32* ob) {
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) ob[2 * j + r] = pack2<ODT>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+}
+
+// Per-thread epilogue: each thread writes its pairs of rows row0 and row0 + 8 (those below the
+// sequence's sq) straight to global memory.
+__device__ __forceinline__ void store_o_direct(const Fa3Params& p, const u32* ob, const WorkTile& w,
+                                               int row0, int tq) {
+  unsigned short* out = (unsigned short*)p.o;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row < w.sq) {
+      unsigned short* orow =
+          out + w.b * p.o_batch + (i64)(w.qs + row) * p.o_row + (i64)w.h * p.o_head + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) *(u32*)(orow + 8 * j) = ob[2 * j + r];
+    }
+  }
+}
+
+// FA3_OTMA, step 1: consumer cw's normalised 64 × D tile goes to the staging chunks at o_base
+// (see OBOX) by stmatrix — lane l addresses row l%8 (+8) of the 8×8 blocks (j, j+1) × (rows
+// g, g+8); 16-byte unit u of row r sits at unit u ^ (r & 7) as the 128B swizzle wants, so each
+// 8-row matrix hits 8 distinct bank quads — then the async-proxy fence and a warpgroup barrier
+// (id 2 + NC + cw; 2..1+NC are the ping-pong turns, 1 the VTK producer's).
+__device__ __forceinline__ void stage_o(const u32* ob, u32 o_base, int cw) {
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+  const int bar = 2 + NC + cw;
+  // The slice must be free: every warp's last QKᵀ has read Q (Q_HOLDS_O), every warp's copy
+  // (copy_o_rows) of the previous tile is done, and a persistent CTA's previous TMA store from
+  // its own buffer has read it (that wait was deferred to here).
+  if (OWN_O && FA3_PERSISTENT && t == 0) bulk_wait_read<0>();
+  named_sync(bar, 128);
+  const int mi = lane >> 3, rr = lane & 7;
+  const int row = warp * 16 + rr + 8 * (mi & 1);
+#pragma unroll
+  for (int j = 0; j < D / 8; j += 2) {
+    const int jl = j + (mi >> 1);  // the 8-column block this lane addresses
+    const u32 a = o_base + ((jl >> 3) * NC + cw) * OBOX + row * 128 + (((jl & 7) ^ rr) << 4);
+    stmatrix_x4(a, ob[2 * j], ob[2 * j + 1], ob[2 * j + 2], ob[2 * j + 3]);
+  }
+  fence_async_shared();
+  named_sync(bar, 128);
+}
+
+// FA3_OTMA, step 2: thread 0 of the warpgroup stores the staged tile (first row wrow) with one
+// TMA store per chunk. Rows past a dense sq, and d = 96's pad columns, lie outside the map and
+// are not written.
+__device__ __forceinline__ void tma_store_o(const Fa3Params& p, u32 o_base, const WorkTile& w, int cw,
+                                            int wrow) {
+  if (threadIdx.x % 128 != 0) return;
+#pragma unroll
+  for (int c = 0; c < ONCH; ++c) tma_store_4d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, w.qs + wrow, w.h, w.tb);
+  bulk_commit();
+  // A persistent CTA's own buffer is next written one tile later: wait there instead.
+  if (!(OWN_O && FA3_PERSISTENT)) bulk_wait_read<0>();
+}
+
+// FA3_OTMA, step 2 where TMA may not write the whole tile (see the header): the warpgroup
+// copies rows wrow.. below sq out of the staging chunks, one row chunk per warp instruction —
+// lane l reads 32-bit word l of the (swizzled) 128-byte row, 32 distinct banks, and writes
+// columns 2l, 2l+1: 128 contiguous bytes per warp.
+__device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, const WorkTile& w, int cw,
+                                            int wrow) {
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+  unsigned short* out = (unsigned short*)p.o + w.b * p.o_batch + (i64)w.h * p.o_head + 2 * lane;
+  const int rows = min(64, w.sq - wrow);
+#pragma unroll
+  for (int c = 0; c < ONCH; ++c) {
+    if (64 * c + 2 * lane >= D) continue;  // d = 96: the second chunk's pad columns
+#pragma unroll 1
+    for (int r = warp; r < rows; r += 4) {
+      const u32 a = o_base + (c * NC + cw) * OBOX + r * 128 + ((((lane >> 2) ^ (r & 7))) << 4) + 4 * (lane & 3);
+      u32 v;
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+      *(u32*)(out + (i64)(w.qs + wrow + r) * p.o_row + 64 * c) = v;
+    }
+  }
+}
+
+__device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sO,
+                                         u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
+                                         u32 v_empty, u32 q_empty, const WorkTile& w, int cw,
+                                         int g0, int jq) {
   const int m = w.m, h = w.h, b = w.b, n_end = w.count();
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
@@ -516,7 +644,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(v_empty + 8 * s, lane);
     }
 #endif
-    warp_release(q_empty, lane);  // Q may be overwritten (persistent CTAs)
+    // Q may be overwritten (persistent CTAs); when it stages O, only after the epilogue.
+    if (!Q_HOLDS_O) warp_release(q_empty, lane);
   }
 
   // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are
@@ -524,19 +653,37 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   float inv[2], lse[2];
   sm.finish(c, inv, lse);
   if constexpr (FP8) inv[0] *= v_descale, inv[1] *= v_descale;
-  unsigned short* out = (unsigned short*)p.o;
+#if FA3_OTMA
+  if (n_end == 0) {
+    // No keys: O = 0, written directly (Q is not this tile's to stage in, see the header).
+    const u32 zero[D / 4] = {};
+    store_o_direct(p, zero, w, row0, tq);
+  } else {
+    const u32 o_base = Q_HOLDS_O ? sQ : sO;
+    const int wrow = m * BQ + cw * 64;
+    u32 ob[D / 4];
+    pack_o(o, inv, ob);
+    stage_o(ob, o_base, cw);
+    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > sq))
+      tma_store_o(p, o_base, w, cw, wrow);
+    else
+      copy_o_rows(p, o_base, w, cw, wrow);
+  }
+#else
+  {
+    u32 ob[D / 4];
+    pack_o(o, inv, ob);
+    store_o_direct(p, ob, w, row0, tq);
+  }
+#endif
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
-    if (row < sq) {
-      unsigned short* orow =
-          out + b * p.o_batch + (i64)(w.qs + row) * p.o_row + (i64)h * p.o_head + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *(u32*)(orow + 8 * j) = pack2<FP8 ? 0 : FA3_DT>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
-      if (tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)h * p.lse_h + w.qs + row] = lse[r];
-    }
+    if (row < sq && tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)h * p.lse_h + w.qs + row] = lse[r];
   }
+  // Q holds O: thread 0 waited for its TMA store to read the slice (tma_store_o) before its
+  // warp's arrival; the other warps' arrivals cannot complete the phase without it.
+  if (Q_HOLDS_O && n_end > 0) warp_release(q_empty, lane);
 }
 
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
@@ -603,7 +750,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 sK = sQ + Q_BYTES;
   const u32 sV = sK + STAGES * K_BYTES;
   const u32 sR = sV + STAGES * V_BYTES;  // FA3_VTK staging (R_BYTES, 0 otherwise)
-  const u32 bars = sR + R_BYTES;
+  const u32 sO = sR + R_BYTES;           // O staging of its own (OWN_BYTES), else Q or the ring
+  const u32 bars = sO + OWN_BYTES;
   const u32 q_full = bars;
   const u32 k_full = bars + 8;
   const u32 v_full = k_full + 8 * STAGES;
@@ -644,6 +792,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
         tma_prefetch_map(&p.q);
         tma_prefetch_map(&p.k);
         tma_prefetch_map(&p.v);
+        if (FA3_OTMA && p.o_tma) tma_prefetch_map(&p.om);
       }
       FA3_TILE_LOOP {
         const WorkTile w = decode_tile(p, t);
@@ -658,6 +807,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       tma_prefetch_map(&p.q);
       tma_prefetch_map(&p.k);
       tma_prefetch_map(&p.v);
+      if (FA3_OTMA && p.o_tma) tma_prefetch_map(&p.om);
       FA3_TILE_LOOP {
         const WorkTile w = decode_tile(p, t);
         if (w.count() > 0) {
@@ -672,12 +822,15 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     reg_alloc<CONSUMER_REGS>();
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
-      consumer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w, wg - 1, g0, jq);
+      consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full, k_full, v_full, k_empty, v_empty,
+               q_empty, w, wg - 1, g0, jq);
       if (w.count() > 0) {
         g0 += w.count();
         ++jq;
       }
     }
+    // Shared memory must outlive the reads of a deferred O store (OWN_O, persistent).
+    if (FA3_OTMA && threadIdx.x % 128 == 0) bulk_wait_read<0>();
   }
 #undef FA3_TILE_LOOP
 }

@@ -1,5 +1,6 @@
 // util.cuh — self-contained basics for the sm_90a kernels (no CUDA headers): integer types,
-// shared-space addresses, bf16/f16 packing, fast exp2/log2, named barriers, register budgets.
+// shared-space addresses, bf16/f16 packing, stmatrix, fast exp2/log2, named barriers, register
+// budgets.
 #pragma once
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -19,6 +20,14 @@ template <> __device__ __forceinline__ u32 pack2<1>(float lo, float hi) {
   u32 r;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
+}
+// Four 8×8 16-bit matrices to shared memory: lanes 8i..8i+7 give the row addresses (16 bytes
+// each) of matrix i, and r_i is each lane's pair of matrix i in the mma accumulator layout
+// (row lane/4, columns 2·(lane%4), +1).
+__device__ __forceinline__ void stmatrix_x4(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
 }
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

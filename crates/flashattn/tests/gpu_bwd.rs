@@ -494,6 +494,86 @@ fn bwd_hopper_cases() {
 }
 
 /// A small case for compute-sanitizer (memcheck / racecheck).
+/// Several waves of CTAs (more key blocks than two per SM), GQA, key blocks without visible
+/// queries (zero dK/dV), varlen key blocks past a sequence's end: through both main kernels,
+/// against f64 and the CPU. (Written for a persistent variant of the Hopper kernel whose CTAs
+/// walk several blocks each — kept on branch exp/bwd-persistent, see bench/RESULTS.md.)
+#[test]
+fn bwd_hopper_many_blocks() {
+    let Some(gpu) = hopper_or_skip("Hopper backward many-blocks test") else {
+        return;
+    };
+    let causal = || AttnOptions::new().causal(true);
+    let mut rng = Rng::new(71);
+    let ragged: Vec<(usize, usize)> = (0..40)
+        .map(|i| {
+            if i % 9 == 4 {
+                (0, rng.range(1, 301))
+            } else {
+                (rng.range(0, 420), rng.range(1, 421))
+            }
+        })
+        .collect();
+    let cases = [
+        // (key block, case): 8 x 8 x 5 = 320 blocks of 128 keys.
+        (
+            128,
+            Case::dense(DType::BF16, 8, 640, 640, 8, 8, 64, causal(), 61),
+        ),
+        // GQA 2:1, 12 x 4 x 6 = 288 blocks; sq < sk (every key block sees some query).
+        (
+            128,
+            Case::dense(DType::F16, 12, 500, 700, 8, 4, 128, causal(), 62),
+        ),
+        // d = 256 (64-key blocks): 8 x 4 x 10 = 320; the window leaves the first blocks
+        // of each head without visible queries (zero dK/dV).
+        (
+            64,
+            Case::dense(
+                DType::BF16,
+                8,
+                400,
+                600,
+                4,
+                4,
+                256,
+                AttnOptions::new().window(60, 0),
+                63,
+            ),
+        ),
+        // Varlen, 40 sequences incl. empty query sides: 4 x 2 x 40 = 320 blocks, many past a
+        // sequence's end.
+        (
+            128,
+            Case::varlen(DType::BF16, &ragged, 4, 2, 128, causal(), 64),
+        ),
+    ];
+    let sms = gpu.sm_count() as usize;
+    for (ci, (bk, case)) in cases.iter().enumerate() {
+        let sp = &case.spec;
+        let max_sk = sp.seqlens.iter().map(|s| s.1).max().unwrap_or(0);
+        let items = max_sk.div_ceil(*bk) * sp.heads_k * sp.batch;
+        assert!(
+            items > 2 * sms,
+            "case {ci}: {items} key blocks are not several waves on {sms} SMs"
+        );
+        assert!(families(case, false).contains(&Family::Fa3));
+        for fam in [Family::Fa2, Family::Fa3] {
+            let e = check_case_with(case, false, fam);
+            eprintln!(
+                "many-blocks {ci} ({items} blocks) {fam:?} vs f64 {:.2e}/{:.2e}/{:.2e} vs cpu {:.2e}/{:.2e}/{:.2e}: {}",
+                e.vs_ref[0],
+                e.vs_ref[1],
+                e.vs_ref[2],
+                e.vs_cpu[0],
+                e.vs_cpu[1],
+                e.vs_cpu[2],
+                sp.describe()
+            );
+        }
+    }
+}
+
 #[test]
 fn bwd_sanitizer_case() {
     let Some(_gpu) = gpu_or_skip("GPU backward test") else {
@@ -538,6 +618,22 @@ fn bwd_sanitizer_case() {
         23,
     );
     check_case(&case, false);
+    // Several waves of CTAs on the Hopper kernel, both of its modes (d = 128 and split-roles
+    // d = 256), with the masked tiles.
+    for (d, sk, seed) in [(128, 150, 24), (256, 130, 25)] {
+        let case = Case::dense(
+            DType::BF16,
+            70,
+            150,
+            sk,
+            2,
+            2,
+            d,
+            AttnOptions::new().causal(true),
+            seed,
+        );
+        check_case(&case, false);
+    }
 }
 
 #[test]

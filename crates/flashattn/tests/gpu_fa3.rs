@@ -1,6 +1,7 @@
 //! FA3 (sm_90a) forward against the float64 reference (dense, causal; and sliding windows,
-//! softcap, ALiBi and varlen with empty sequences), the SASS check hook, and a CUDA-event
-//! benchmark. Skips with a printed reason without a GPU or on a GPU that is not sm 9.0.
+//! softcap, ALiBi and varlen with empty sequences), the TMA-store epilogue into padded output
+//! views, the SASS check hook, and a CUDA-event benchmark. Skips with a printed reason without a
+//! GPU or on a GPU that is not sm 9.0.
 //!
 //! Env: `FA3_CUBIN_DIR=dir` writes every shipped variant's cubin there (for `cuobjdump -sass`);
 //! `FA3_BENCH=1` runs the SPEC §4 sweep (`FA3_BENCH_SEQ=512,4096` to pick lengths).
@@ -438,6 +439,227 @@ fn fa3_dispatch_auto_uses_fa3_only_when_supported() {
     let e = rel_err(&got, &want);
     eprintln!("dispatch Family::Fa3: rel_err {e:.2e}");
     assert!(e <= tol(DType::BF16));
+}
+
+/// Where `out` lives for [`run_into_view`]: a view (`shape`, `strides`, `offset` in elements)
+/// of a poisoned buffer of `buf_elems` elements.
+struct OutView {
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+    buf_elems: usize,
+}
+
+impl OutView {
+    /// Row-major `[.., rows, heads, d]` with `pad` extra elements per head, `extra_rows` spare
+    /// rows after each batch entry's (dense) or after the packed total (varlen), starting at
+    /// element `offset`.
+    fn padded(shape: &[usize], pad: usize, extra_rows: usize, offset: usize) -> OutView {
+        let n = shape.len();
+        let (rows, heads, d) = (shape[n - 3], shape[n - 2], shape[n - 1]);
+        let hs = d + pad;
+        let rs = heads * hs;
+        let mut strides = vec![rs, hs, 1];
+        let mut elems = (rows + extra_rows) * rs;
+        if n == 4 {
+            strides.insert(0, elems);
+            elems *= shape[0];
+        }
+        OutView {
+            shape: shape.to_vec(),
+            strides,
+            offset,
+            buf_elems: offset + elems,
+        }
+    }
+
+    /// Buffer elements the view covers.
+    fn covered(&self) -> Vec<bool> {
+        let mut inside = vec![false; self.buf_elems];
+        let mut idx = vec![0usize; self.shape.len()];
+        if self.shape.contains(&0) {
+            return inside;
+        }
+        loop {
+            let at: usize = idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum();
+            inside[self.offset + at] = true;
+            // Odometer over the shape, last dim fastest.
+            let mut k = self.shape.len();
+            loop {
+                if k == 0 {
+                    return inside;
+                }
+                k -= 1;
+                idx[k] += 1;
+                if idx[k] < self.shape[k] {
+                    break;
+                }
+                idx[k] = 0;
+            }
+        }
+    }
+}
+
+/// Runs `fa3::forward_into_with` into `view` of a poisoned buffer; returns (out err, lse err,
+/// buffer elements outside the view that were written) against the reference `want` (out,
+/// lse). Checks that the launch takes the TMA store path exactly when `tma` says.
+fn run_into_view(
+    gpu: &Gpu,
+    qkv: &Qkv<'_>,
+    opts: &AttnOptions,
+    want: &(Vec<f64>, Vec<f64>),
+    view: &OutView,
+    tma: bool,
+) -> (f64, f64, usize) {
+    let problem = Problem::new(qkv, opts).expect("valid problem");
+    assert!(fa3::supports(gpu, &problem));
+    let up = |t: &Tensor| DeviceTensor::upload(gpu, t).unwrap();
+    let (q, k, v) = (up(qkv.q), up(qkv.k), up(qkv.v));
+    let buf = DeviceTensor::alloc(gpu, problem.dtype, &[view.buf_elems]).unwrap();
+    let out = buf.view(&view.shape, &view.strides, view.offset).unwrap();
+    assert_eq!(fa3::out_uses_tma(&out), tma, "strides {:?}", view.strides);
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
+    out.fill_poison().unwrap();
+    lse.fill_poison().unwrap();
+    let r = fa3::forward_into_with(
+        gpu,
+        &problem,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        opts.alibi_slopes.as_ref(),
+    );
+    if let Err(e) = r {
+        eprintln!("fa3 launch failed: {e}");
+        return (f64::INFINITY, f64::INFINITY, usize::MAX);
+    }
+    gpu.synchronize().expect("fa3 kernel ran");
+    let got = out.download().unwrap().to_f32_vec();
+    let got_lse = lse.download().unwrap().to_f32_vec();
+    let bytes = buf.buffer().to_bytes().unwrap();
+    let clobbered = view
+        .covered()
+        .iter()
+        .enumerate()
+        .filter(|&(i, &inside)| !inside && (bytes[2 * i], bytes[2 * i + 1]) != (0xFF, 0xFF))
+        .count();
+    (
+        rel_err(&got, &want.0),
+        lse_err(&got_lse, &want.1),
+        clobbered,
+    )
+}
+
+/// The TMA-store epilogue (`FA3_OTMA`) and its exceptions, into padded output views whose
+/// padding must stay poisoned: dense tiles clipped at sq (rows) and at d = 96 (columns), an
+/// offset base; persistent CTAs walking several tiles (O staged in its own buffer at d ≤ 128,
+/// in Q at 192/256); an output TMA cannot address (per-thread copies); varlen sequences whose
+/// last tiles end mid-warpgroup, next to short sequences that finish first, so that a tail tile
+/// written by TMA would overwrite its neighbour's rows after they were written.
+#[test]
+fn fa3_tma_store_epilogue() {
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
+    let mut rng = Rng::new(0x07a);
+    let mut fails = Vec::new();
+    let mut n = 0;
+    let mut check = |label: String, (e, le, clob): (f64, f64, usize), dtype: DType| {
+        n += 1;
+        let ok = e <= tol(dtype) && le <= 1e-3 && clob == 0;
+        let line = format!(
+            "{label}: rel_err {e:.2e}, lse_err {le:.2e}, {clob} elements outside out written {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        eprintln!("{line}");
+        if !ok {
+            fails.push(line);
+        }
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        for d in fa3::HEAD_DIMS {
+            // Dense: (b, sq, sk, hq, hk, causal). Non-causal sk ≤ 1024 runs persistent CTAs
+            // (the 16-batch case: 256 tiles, two per CTA or so); sk = 1100 and causal one tile
+            // per CTA.
+            for (b, sq, sk, hq, hk, causal) in [
+                (2, 150, 200, 3, 1, false),
+                (2, 150, 1100, 3, 1, false),
+                (2, 150, 200, 3, 1, true),
+                (16, 130, 260, 8, 2, false),
+            ] {
+                let seed = rng.next_u64() % 1_000_000;
+                let q = rand_tensor(dtype, &[b, sq, hq, d], seed);
+                let k = rand_tensor(dtype, &[b, sk, hk, d], seed + 1);
+                let v = rand_tensor(dtype, &[b, sk, hk, d], seed + 2);
+                let opts = AttnOptions::new().causal(causal);
+                let qkv = Qkv::dense(&q, &k, &v);
+                let want = ref_forward(&qkv, &opts);
+                // TMA-addressable: 32 pad elements per head (64 bytes), 3 spare rows per batch,
+                // a 16-byte offset. Not addressable: 2 pad elements (rows of d + 2), 4-byte
+                // offset.
+                for (pad, off, tma) in [(32, 8, true), (2, 2, false)] {
+                    let view = OutView::padded(&[b, sq, hq, d], pad, 3, off);
+                    let r = run_into_view(&gpu, &qkv, &opts, &want, &view, tma);
+                    let label = format!(
+                        "{} d={d} dense b={b} sq={sq} sk={sk} hq={hq} hk={hk} causal={causal} pad={pad} tma={tma}",
+                        dtype.name()
+                    );
+                    check(label, r, dtype);
+                }
+            }
+            // Varlen: partial last tiles (70 = 64 + 6, 40, 130 = 128 + 2, 200 = 192 + 8, 3,
+            // 129), each long-keyed sequence followed by one with a single key.
+            let seqs = [
+                (70, 1000),
+                (40, 1),
+                (130, 900),
+                (64, 1),
+                (200, 800),
+                (3, 1),
+                (129, 2),
+            ];
+            let (tq, tk): (usize, usize) = (
+                seqs.iter().map(|s| s.0).sum(),
+                seqs.iter().map(|s| s.1).sum(),
+            );
+            let (mut cq, mut ck) = (vec![0i32], vec![0i32]);
+            for s in seqs {
+                cq.push(cq.last().unwrap() + s.0 as i32);
+                ck.push(ck.last().unwrap() + s.1 as i32);
+            }
+            let seed = rng.next_u64() % 1_000_000;
+            let q = rand_tensor(dtype, &[tq, 2, d], seed);
+            let k = rand_tensor(dtype, &[tk, 1, d], seed + 1);
+            let v = rand_tensor(dtype, &[tk, 1, d], seed + 2);
+            let qkv = Qkv::varlen(&q, &k, &v, &cq, &ck);
+            // Plain (persistent), causal (one tile per CTA), and the full mode (window).
+            for mode in 0..3 {
+                let opts = match mode {
+                    0 => AttnOptions::new(),
+                    1 => AttnOptions::new().causal(true),
+                    _ => AttnOptions::new().window(300, 40),
+                };
+                let want = ref_forward(&qkv, &opts);
+                for (pad, off, tma) in [(32, 8, true), (2, 2, false)] {
+                    // 64 spare rows after the packed total.
+                    let view = OutView::padded(&[tq, 2, d], pad, 64, off);
+                    let r = run_into_view(&gpu, &qkv, &opts, &want, &view, tma);
+                    let label = format!(
+                        "{} d={d} varlen seqs={seqs:?} mode={mode} pad={pad} tma={tma}",
+                        dtype.name()
+                    );
+                    check(label, r, dtype);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "fa3 TMA-store epilogue: {} of {n} cases passed",
+        n - fails.len()
+    );
+    assert!(fails.is_empty(), "failures:\n{}", fails.join("\n"));
 }
 
 /// Writes every shipped variant's cubin (NVRTC only, no GPU needed) and checks the ptxas report:

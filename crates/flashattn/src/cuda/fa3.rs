@@ -7,6 +7,15 @@
 //! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
 //! passes them by value in one `__grid_constant__` parameter struct.
 //!
+//! The epilogue writes O through shared memory and TMA stores (`FA3_OTMA`, [`Variant::otma`];
+//! on by default). Where TMA cannot address the caller's output view (a row, head or batch
+//! stride that is not a multiple of 16 bytes, or a base that is not 16-byte aligned; see
+//! [`out_uses_tma`]) the same kernel copies the staged tile out with 4-byte stores instead: a
+//! layout-driven choice made per launch, with identical results, not a missing feature. Varlen
+//! tiles that end inside a consumer's 64 rows are copied out that way too (a TMA box would run
+//! into the next sequence's rows), and tiles without keys write their zeros directly (see the
+//! kernel's header).
+//!
 //! [`supports`] is the exact envelope of the kernel: dense or varlen (cu_seqlens) bf16/f16,
 //! head dim 64, 96, 128, 192 or 256, no mask, causal or any sliding window (bottom-right),
 //! softcap, ALiBi, GQA/MQA, any lengths, 16-byte aligned row/head/batch strides, no dropout.
@@ -51,10 +60,35 @@ pub struct Variant {
     pub full: bool,
     /// Packed q/k/v with cu_seqlens.
     pub varlen: bool,
+    /// O leaves through shared memory and TMA stores (`FA3_OTMA`); staged in the consumer's
+    /// slice of Q, or in a buffer of its own for persistent CTAs where shared memory allows
+    /// ([`Variant::o_staging`]).
+    pub otma: bool,
 }
 
 /// Longest key sequence for which the plain mode runs persistent CTAs by default.
 pub const PERSIST_MAX_SK: usize = 1024;
+
+/// Dynamic shared memory a block may opt into on sm 9.0 (227 KiB).
+pub const SMEM_LIMIT: usize = 227 * 1024;
+
+/// Where the epilogue stages O for its TMA stores (`FA3_OBUF`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OStaging {
+    /// The consumer's own 64-row slice of Q (16-bit; a persistent CTA releases Q for the next
+    /// tile only once the store has read it).
+    QSlice = 0,
+    /// A buffer after the K/V rings: lets a persistent producer load the next Q during the
+    /// epilogue.
+    Own = 1,
+    /// The FP8 in-kernel transpose's V staging ring (idle at the epilogue of a one-tile CTA).
+    VtRing = 2,
+}
+
+/// Bytes of O staging for `bq` query rows of head dim `d` (16-bit, 64-column chunks).
+pub(crate) fn o_stage_bytes(bq: usize, d: usize) -> usize {
+    bq * d.div_ceil(64) * 64 * 2
+}
 
 /// Key-tile sizes the kernel has wgmma shapes for.
 const BK_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
@@ -91,6 +125,7 @@ impl Variant {
             nc,
             full: false,
             varlen: false,
+            otma: true,
         }
     }
 
@@ -118,12 +153,16 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1"` overrides knobs
-    /// (benchmarks); an override whose shared memory would not fit is ignored.
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0"` overrides
+    /// knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
-        let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") else {
-            return;
-        };
+        if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
+            self.apply_tune(&s);
+        }
+    }
+
+    /// [`apply_env`](Self::apply_env) on the knob string `s`.
+    fn apply_tune(&mut self, s: &str) {
         let orig = *self;
         for kv in s.split(',') {
             let mut it = kv.splitn(2, '=');
@@ -139,6 +178,7 @@ impl Variant {
                 "overlap" => self.overlap = n != 0,
                 "pingpong" => self.pingpong = n != 0,
                 "persist" => self.persistent = n != 0,
+                "otma" => self.otma = n != 0,
                 // Three consumers get 160 registers each: not enough for d = 256.
                 "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
                 _ => {}
@@ -147,18 +187,42 @@ impl Variant {
         if !self.overlap {
             self.pingpong = false;
         }
-        if self.smem_bytes() > 227 * 1024 {
+        if self.smem_bytes() > SMEM_LIMIT {
             *self = orig;
         }
     }
 
-    /// Dynamic shared memory, as the kernel lays it out (1 KiB of alignment slack included).
     /// Query rows per CTA.
     pub fn bq(&self) -> usize {
         64 * self.nc
     }
 
+    /// Where O is staged (`None` without `otma`): one-tile CTAs reuse the consumer's Q slice
+    /// (free after its last QKᵀ, no extra shared memory); persistent CTAs take a buffer of
+    /// their own where it fits (d ≤ 128 with the shipped tiles), else the Q slice.
+    pub fn o_staging(&self) -> Option<OStaging> {
+        if !self.otma {
+            return None;
+        }
+        let own = self.base_smem_bytes() + o_stage_bytes(self.bq(), self.d);
+        Some(if self.persistent && own <= SMEM_LIMIT {
+            OStaging::Own
+        } else {
+            OStaging::QSlice
+        })
+    }
+
+    /// Dynamic shared memory, as the kernel lays it out (1 KiB of alignment slack included).
     pub fn smem_bytes(&self) -> usize {
+        let own = match self.o_staging() {
+            Some(OStaging::Own) => o_stage_bytes(self.bq(), self.d),
+            _ => 0,
+        };
+        self.base_smem_bytes() + own
+    }
+
+    /// Shared memory without an O buffer of its own: Q, the K/V rings, barriers, slack.
+    fn base_smem_bytes(&self) -> usize {
         let dp = self.d.div_ceil(64) * 64;
         let q = self.bq() * dp * 2;
         let kv = self.bk * dp * 2;
@@ -180,10 +244,16 @@ impl Variant {
             .define("FA3_SOFTCAP", u32::from(self.full))
             .define("FA3_ALIBI", u32::from(self.full))
             .define("FA3_VARLEN", u32::from(self.varlen))
+            .define("FA3_OTMA", u32::from(self.otma))
+            .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
+            // The kernel static_asserts its own layout against this.
+            .define("FA3_SMEM", self.smem_bytes())
     }
 }
 
-/// Every shipped variant for `arch` (compile-all; only sm_90a has any).
+/// Every shipped variant for `arch` (compile-all; only sm_90a has any). All of them have
+/// `otma`: an output TMA cannot address runs the same kernel (per-thread stores chosen at run
+/// time), so `otma = false` kernels come only from `FLASHATTN_FA3_TUNE` (A/B benchmarks).
 pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     if arch != "sm_90a" {
         return vec![];
@@ -288,7 +358,7 @@ fn tma_strides(t: &DeviceTensor, name: &str) -> Result<[u64; 3]> {
         extent = extent.max(v * sh[dim].max(1) as u64);
         out[slot] = v;
     }
-    if !(t.ptr() + t.offset() as u64 * esz).is_multiple_of(16) {
+    if !t.ptr().is_multiple_of(16) {
         return Err(Error::invalid(
             name,
             "a base address not 16-byte aligned",
@@ -322,17 +392,16 @@ pub(super) fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Resul
         ));
     }
     let strides = tma_strides(t, name)?;
-    let esz = t.dtype().size() as u64;
     let dtype = match t.dtype() {
         DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
         DType::F32 => return Err(Error::invalid(name, "f32", "bf16 or f16 (fa3)")),
     };
     let dims: [u64; 4] = [sh[3] as u64, sh[1] as u64, sh[2] as u64, sh[0] as u64];
-    let addr = t.ptr() + t.offset() as u64 * esz;
+    // `ptr()` is the view's first element (its offset applied).
     encode_raw(
         name,
-        addr,
+        t.ptr(),
         dtype,
         dims,
         strides,
@@ -389,6 +458,8 @@ pub(crate) struct Fa3Params {
     pub(crate) q: [u64; 16],
     pub(crate) k: [u64; 16],
     pub(crate) v: [u64; 16],
+    /// O's tensor map (64 × 64 boxes) for the TMA-store epilogue; valid when `o_tma` is 1.
+    pub(crate) om: [u64; 16],
     pub(crate) o: u64,
     pub(crate) lse: u64,
     pub(crate) o_batch: i64,
@@ -424,9 +495,14 @@ pub(crate) struct Fa3Params {
     pub(crate) kd_h: i32,
     pub(crate) vd_b: i32,
     pub(crate) vd_h: i32,
+    pub(crate) o_tma: i32,
+    pub(crate) pad3: i32,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
 unsafe impl DeviceRepr for Fa3Params {}
+// The C struct: four 128-byte maps, then 192 bytes of scalars (a multiple of its 64-byte
+// alignment).
+const _: () = assert!(std::mem::size_of::<Fa3Params>() == 4 * 128 + 192);
 
 impl Fa3Params {
     /// All fields zero (null maps and pointers), to be filled in by a launch.
@@ -435,6 +511,7 @@ impl Fa3Params {
             q: [0; 16],
             k: [0; 16],
             v: [0; 16],
+            om: [0; 16],
             o: 0,
             lse: 0,
             o_batch: 0,
@@ -468,8 +545,48 @@ impl Fa3Params {
             kd_h: 0,
             vd_b: 0,
             vd_h: 0,
+            o_tma: 0,
+            pad3: 0,
         }
     }
+}
+
+/// The tensor map of `out` (q's shape and dtype, bf16 or f16) for the TMA-store epilogue and
+/// the kernel's `o_tma` flag: `(map, 1)` when TMA can address it, `(zeros, 0)` otherwise —
+/// strides that are not multiples of 16 bytes or a base that is not 16-byte aligned — and the
+/// kernel then copies its staged O out with 4-byte stores (the layout decides, not the
+/// problem). Shared with `fa3_fp8`.
+pub(crate) fn o_map(out: &DeviceTensor) -> ([u64; 16], i32) {
+    match encode_map(out, "out", 64) {
+        Ok(m) => (m, 1),
+        Err(_) => ([0; 16], 0),
+    }
+}
+
+/// Whether the FA3 forward writes `out` through TMA stores (`FA3_OTMA`; else 4-byte stores:
+/// strides that are not multiples of 16 bytes, or a base that is not 16-byte aligned). For
+/// tests and benchmarks.
+pub fn out_uses_tma(out: &DeviceTensor) -> bool {
+    o_map(out).1 == 1
+}
+
+/// The stores that do not go through TMA write 4-byte pairs: `out` needs a contiguous last
+/// dim, even strides and a 4-byte aligned first element.
+fn check_out_pairs(out: &DeviceTensor) -> Result<()> {
+    let (sh, st) = bshd(out);
+    let bad_stride = (0..3).any(|i| sh[i] > 1 && st[i] % 2 != 0);
+    if (sh[3] > 1 && st[3] != 1) || bad_stride || !out.ptr().is_multiple_of(4) {
+        return Err(Error::invalid(
+            "out",
+            format!(
+                "strides {:?} at an offset of {} elements",
+                out.strides(),
+                out.offset()
+            ),
+            "a contiguous last dim, even strides and a 4-byte aligned start",
+        ));
+    }
+    Ok(())
 }
 
 /// FA3 forward: `(out, lse)`; `out` contiguous with q's shape, `lse` f32 `[batch, heads_q, sq]`.
@@ -511,8 +628,9 @@ pub fn forward(
     Ok((out, lse))
 }
 
-/// The launch itself, into caller-provided `out` (q's shape, any 16-bit-element strides with a
-/// contiguous last dim) and contiguous f32 `lse`. Every element of both is written (tests
+/// The launch itself, into caller-provided `out` (q's shape; a contiguous last dim, even
+/// strides and a 4-byte aligned start; TMA stores where [`out_uses_tma`]) and contiguous f32
+/// `lse`. Every element of both is written (tests
 /// poison them first). Needs `supports(gpu, problem)` and at least one key per sequence.
 pub fn forward_into(
     gpu: &Gpu,
@@ -552,6 +670,7 @@ pub fn forward_into_with(
     if problem.batch == 0 || sq == 0 || problem.heads_q == 0 {
         return Ok(());
     }
+    check_out_pairs(out)?;
     if problem.total_k == 0 {
         return Err(Error::invalid(
             "k",
@@ -580,12 +699,14 @@ pub fn forward_into_with(
         Some(a) => Some(DeviceBuffer::from_f32(gpu, &a.values)?),
         None => None,
     };
+    let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
     let params = Fa3Params {
         q: encode_map(q, "q", var.bq())?,
         k: encode_map(k, "k", var.bk)?,
         v: encode_map(v, "v", var.bk)?,
-        o: out.ptr() + out.offset() as u64 * out.dtype().size() as u64,
-        lse: lse.ptr() + lse.offset() as u64 * 4,
+        om,
+        o: out.ptr(),
+        lse: lse.ptr(),
         o_batch: if problem.varlen { 0 } else { ost[0] as i64 },
         o_row: ost[1] as i64,
         o_head: ost[2] as i64,
@@ -627,6 +748,7 @@ pub fn forward_into_with(
             _ => 0,
         },
         pad2: 0,
+        o_tma,
         ..Fa3Params::zeroed()
     };
     if !var.persistent
@@ -669,4 +791,64 @@ pub fn forward_into_with(
     // cu_seqlens and slopes are freed stream-ordered, after the launch (as fa2 does).
     drop((cu, slopes));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn o_staging_and_smem_per_head_dim() {
+        for d in HEAD_DIMS {
+            for f16 in [false, true] {
+                for persistent in [false, true] {
+                    let mut v = Variant::base(d, f16, false);
+                    v.persistent = persistent;
+                    let base = v.base_smem_bytes();
+                    let own = o_stage_bytes(v.bq(), d);
+                    let want = if persistent && d <= 128 {
+                        OStaging::Own
+                    } else {
+                        OStaging::QSlice
+                    };
+                    assert_eq!(v.o_staging(), Some(want), "d={d} persistent={persistent}");
+                    let extra = if want == OStaging::Own { own } else { 0 };
+                    assert_eq!(v.smem_bytes(), base + extra);
+                    assert!(v.smem_bytes() <= SMEM_LIMIT, "d={d}: {}", v.smem_bytes());
+                    // The Q slice holds exactly the O tile it stages.
+                    assert_eq!(own, v.bq() * d.div_ceil(64) * 64 * 2);
+                    let off = Variant { otma: false, ..v };
+                    assert_eq!((off.o_staging(), off.smem_bytes()), (None, base));
+                    assert!(v.spec().label().contains("FA3_OTMA=1"));
+                    assert!(off.spec().label().contains("FA3_OTMA=0"));
+                }
+            }
+        }
+        // d = 128, persistent: Q 32 KiB + 2 × (K + V 32 KiB) + O 32 KiB + barriers + slack.
+        let mut v = Variant::base(128, false, false);
+        v.persistent = true;
+        assert_eq!(v.smem_bytes(), 32768 + 4 * 32768 + 32768 + 80 + 1024);
+    }
+
+    #[test]
+    fn tune_knobs_toggle_otma() {
+        let mut v = Variant::base(128, false, false);
+        v.apply_tune("otma=0,persist=1");
+        assert!(!v.otma && v.persistent);
+        v.apply_tune("otma=1");
+        assert!(v.otma);
+        assert_eq!(v.o_staging(), Some(OStaging::Own));
+        // A ring too deep for the O buffer falls back to staging in Q, and still fits.
+        v.apply_tune("stages=3");
+        assert_eq!(v.stages, 3);
+        assert_eq!(v.o_staging(), Some(OStaging::QSlice));
+    }
+
+    #[test]
+    fn every_shipped_variant_stages_o_through_tma() {
+        let specs = all_variants("sm_90a");
+        assert!(!specs.is_empty());
+        assert!(specs.iter().all(|s| s.label().contains("FA3_OTMA=1")));
+        assert!(all_variants("sm_80").is_empty());
+    }
 }

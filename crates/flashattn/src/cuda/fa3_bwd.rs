@@ -205,7 +205,7 @@ pub(super) fn launch_main(
         k: encode_map(k, "k", bk)?,
         v: encode_map(v, "v", bk)?,
         dout: encode_map(dout, "dout", var.bq())?,
-        lse: lse.ptr() + lse.offset() as u64 * 4,
+        lse: lse.ptr(),
         dsum: ws.dsum,
         dq_accum: ws.dq_accum,
         dk: dk.ptr(),

@@ -18,7 +18,7 @@
 //! [`Error::Unsupported`](crate::Error) naming the option.
 
 use super::context::{driver_err, Gpu};
-use super::fa3::{encode_raw, Fa3Params, MAX_LEN};
+use super::fa3::{encode_raw, o_map, o_stage_bytes, Fa3Params, OStaging, MAX_LEN, SMEM_LIMIT};
 use super::jit::KernelSpec;
 use super::tensor::{DeviceBuffer, DeviceTensor};
 use crate::error::{Error, Result};
@@ -59,11 +59,16 @@ pub struct Fp8Variant {
     pub stages: usize,
     /// In-kernel V transpose (`FA3_VTK=1`) instead of the pre-pass layout.
     pub vtk: bool,
+    /// bf16 O leaves through shared memory and TMA stores (`FA3_OTMA`), staged in a buffer of
+    /// its own, or with `vtk` in the V staging ring (idle by then; a buffer of its own would not
+    /// fit at d = 256). From d = 128 on, an 8-bit Q slice is smaller than its bf16 O tile.
+    pub otma: bool,
 }
 
 impl Fp8Variant {
-    /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N"` overrides
-    /// the ring depth (benchmarks) when it fits in shared memory.
+    /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0"`
+    /// overrides the ring depth and the TMA-store epilogue (benchmarks) when it fits in shared
+    /// memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
@@ -75,29 +80,55 @@ impl Fp8Variant {
             causal,
             stages: if d <= 128 { 3 } else { 2 },
             vtk,
+            otma: true,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for kv in s.split(',') {
-                if let Some(n) = kv.trim().strip_prefix("stages=") {
-                    if let Ok(n) = n.parse::<usize>() {
-                        let t = Fp8Variant { stages: n, ..v };
-                        if (1..=4).contains(&n) && t.smem_bytes() <= 227 * 1024 {
-                            v = t;
-                        }
-                    }
+                let Some((k, n)) = kv.trim().split_once('=') else {
+                    continue;
+                };
+                let Ok(n) = n.parse::<usize>() else {
+                    continue;
+                };
+                let t = match k {
+                    "stages" if (1..=4).contains(&n) => Fp8Variant { stages: n, ..v },
+                    "otma" => Fp8Variant { otma: n != 0, ..v },
+                    _ => continue,
+                };
+                if t.smem_bytes() <= SMEM_LIMIT {
+                    v = t;
                 }
             }
         }
         v
     }
 
+    /// Where O is staged (`None` without `otma`).
+    pub fn o_staging(&self) -> Option<OStaging> {
+        match (self.otma, self.vtk) {
+            (false, _) => None,
+            (true, false) => Some(OStaging::Own),
+            (true, true) => Some(OStaging::VtRing),
+        }
+    }
+
     /// Dynamic shared memory as the kernel lays it out: Q, then per stage a K tile (d padded
     /// to 128 bytes) and a Vᵀ tile (d rows of BK bytes), with `vtk` two staging tiles of V as
-    /// stored (K's layout) and their 2 barriers, barriers, 1 KiB alignment slack.
+    /// stored (K's layout) and their 2 barriers, the bf16 O tile when it has a buffer of its
+    /// own, barriers, 1 KiB alignment slack.
     pub fn smem_bytes(&self) -> usize {
         let dp = self.d.div_ceil(128) * 128;
         let staging = if self.vtk { 2 * BK * dp + 16 } else { 0 };
-        BQ * dp + self.stages * (BK * dp + self.d * BK) + staging + 8 * (2 + 4 * self.stages) + 1024
+        let own = match self.o_staging() {
+            Some(OStaging::Own) => o_stage_bytes(BQ, self.d),
+            _ => 0,
+        };
+        BQ * dp
+            + self.stages * (BK * dp + self.d * BK)
+            + staging
+            + own
+            + 8 * (2 + 4 * self.stages)
+            + 1024
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -116,6 +147,9 @@ impl Fp8Variant {
             .define("FA3_ALIBI", 0)
             .define("FA3_VARLEN", 0)
             .define("FA3_VTK", u32::from(self.vtk))
+            .define("FA3_OTMA", u32::from(self.otma))
+            .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
+            .define("FA3_SMEM", self.smem_bytes())
     }
 }
 
@@ -429,6 +463,8 @@ fn launch(
     let (qd, kd) = (q.descale_strides(), k.descale_strides());
     let vd = if v_per_head { (hk as i32, 1) } else { (0, 0) };
     let (bq, bk, dd) = (BQ as u32, BK as u32, d as u64);
+    // `out` is contiguous bf16, so TMA can always address it.
+    let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
     let params = Fa3Params {
         q: encode_raw(
             "q",
@@ -465,8 +501,10 @@ fn launch(
                 [128, bk, 1, 1],
             )?,
         },
-        o: out.ptr() + out.offset() as u64 * 2,
-        lse: lse.ptr() + lse.offset() as u64 * 4,
+        om,
+        o_tma,
+        o: out.ptr(),
+        lse: lse.ptr(),
         o_batch: (sq * hq * d) as i64,
         o_row: (hq * d) as i64,
         o_head: d as i64,
@@ -574,13 +612,16 @@ mod tests {
             );
             assert!(var.spec().label().contains("FA3_DT=2"));
         }
-        // d = 256, 2 stages: Q 32 KiB + 2 × (K 32 KiB + Vᵀ 32 KiB) + barriers + slack.
-        assert_eq!(
-            Fp8Variant::new(256, true).smem_bytes(),
-            32768 + 2 * 65536 + 80 + 1024
-        );
-        // In-kernel transpose: + two 32 KiB staging tiles and their barriers; still fits.
+        // d = 256, 2 stages: Q 32 KiB + 2 × (K 32 KiB + Vᵀ 32 KiB) + O 64 KiB + barriers +
+        // slack: fits exactly (227 KiB).
+        let v256 = Fp8Variant::new(256, true);
+        assert_eq!(v256.o_staging(), Some(OStaging::Own));
+        assert_eq!(v256.smem_bytes(), 32768 + 2 * 65536 + 65536 + 80 + 1024);
+        assert!(v256.smem_bytes() <= SMEM_LIMIT);
+        // In-kernel transpose: + two 32 KiB staging tiles and their barriers, which then stage
+        // O; still fits.
         let vk = Fp8Variant::with_vt(256, true, true);
+        assert_eq!(vk.o_staging(), Some(OStaging::VtRing));
         assert_eq!(vk.smem_bytes(), 32768 + 2 * 65536 + 65536 + 16 + 80 + 1024);
         assert!(vk.smem_bytes() <= 227 * 1024);
         assert!(vk.spec().label().contains("FA3_VTK=1"));
