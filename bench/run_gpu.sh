@@ -21,19 +21,33 @@ args=(--json --pass "$PASS" --family "$FAMILY" --head-dims "$HEAD_DIMS" --seqlen
 PYTHONUNBUFFERED=1 python3 "$HERE/anchors.py" --pass "$PASS" --head-dims "$HEAD_DIMS" --seqlens "$SEQLENS" \
   --masks "$MASKS" --repeats "$REPEATS" > "$OUT/anchors_$TAG.json" 2> "$OUT/anchors_$TAG.err" \
   || { echo "anchors failed:"; tail -5 "$OUT/anchors_$TAG.err"; }
-# SASS check: the FA2 kernel must use the tensor cores (HMMA).
+# SASS check of every kernel the run compiled: the FA2 kernels must use the tensor cores (HMMA),
+# the Hopper ones wgmma (HGMMA; QGMMA for FP8) and TMA (UTMALDG loads, UTMASTG O stores).
 python3 - "$FLASHATTN_CACHE_DIR" > "$OUT/sass_$TAG.txt" <<'PY'
 import glob, struct, subprocess, sys, os
+cuobj = 'cuobjdump' if subprocess.call('command -v cuobjdump >/dev/null', shell=True) == 0 else '/usr/local/cuda/bin/cuobjdump'
+summary = {}
 for f in sorted(glob.glob(sys.argv[1] + '/**/*.cubin', recursive=True)):
     b = open(f, 'rb').read()
     if b[:8] != b'FACUBIN1': continue
     n = struct.unpack('<Q', b[16:24])[0]
-    cub, log = b[40:40 + n], b[40 + n:]
-    if b'fa2_fwd' not in cub: continue
-    p = '/tmp/_fa2.cubin'; open(p, 'wb').write(cub)
-    cuobj = 'cuobjdump' if subprocess.call('command -v cuobjdump >/dev/null', shell=True) == 0 else '/usr/local/cuda/bin/cuobjdump'
+    cub = b[40:40 + n]
+    kind = next((k for k in (b'fa2_fwd', b'fa2_bwd_main', b'fa3_fwd', b'fa3_bwd_main') if k in cub), None)
+    if kind is None: continue
+    p = '/tmp/_fa.cubin'; open(p, 'wb').write(cub)
     sass = subprocess.run([cuobj, '-sass', p], capture_output=True, text=True).stdout
-    print(f"{os.path.basename(f)}: HMMA {sass.count('HMMA')}, LDSM {sass.count('LDSM')}, LDGSTS {sass.count('LDGSTS')}, LDL {sass.count('LDL')}, STL {sass.count('STL')}")
+    c = lambda op: sass.count(op)
+    k = kind.decode()
+    mma = c('HMMA') if k.startswith('fa2') else c('HGMMA') + c('QGMMA')
+    s = summary.setdefault(k, [0, 1 << 30, 0, 0])
+    s[0] += 1; s[1] = min(s[1], mma); s[2] += c('LDL') + c('STL'); s[3] += c('UTMASTG') > 0
+    if k.startswith('fa2'):
+        print(f"{k} {os.path.basename(f)}: HMMA {c('HMMA')}, LDSM {c('LDSM')}, LDGSTS {c('LDGSTS')}, LDL {c('LDL')}, STL {c('STL')}")
+    else:
+        print(f"{k} {os.path.basename(f)}: HGMMA {c('HGMMA')}, QGMMA {c('QGMMA')}, UTMALDG {c('UTMALDG')}, UTMASTG {c('UTMASTG')}, LDL {c('LDL')}, STL {c('STL')}")
+for k, (cnt, mn, spill, tmast) in sorted(summary.items()):
+    mma = 'HMMA' if k.startswith('fa2') else 'HGMMA/QGMMA'
+    print(f"SUMMARY {k}: {cnt} kernels, fewest {mma} {mn}, LDL+STL {spill}" + ('' if k.startswith('fa2') else f", with UTMASTG {tmast}"))
 PY
 python3 - "$OUT/ours_$TAG.json" "$OUT/anchors_$TAG.json" "$OUT/sass_$TAG.txt" <<'PY'
 import json, sys
@@ -44,7 +58,7 @@ for r in anc['rows']:
     A.setdefault(key(r), {})[r['impl']] = r.get('tflops')
 print(f"device: {ours['device']} | torch {anc.get('torch')} cuDNN {anc.get('cudnn')}")
 print(ours.get('memory', ''))
-print("SASS:", open(sys.argv[3]).read().strip().replace('\n', ' | ')[:600])
+print("SASS:", ' | '.join(l[8:] for l in open(sys.argv[3]).read().splitlines() if l.startswith('SUMMARY')))
 print(f"{'pass':4} {'d':>4} {'seqlen':>6} {'causal':>6} {'tile':>10} {'ours':>7} {'FLASH':>7} {'cuDNN':>7} {'/FLASH':>7} {'/cuDNN':>7}")
 for r in ours['rows']:
     a = A.get(key(r), {}); f = a.get('sdpa_flash'); c = a.get('sdpa_cudnn'); t = r['tflops']
