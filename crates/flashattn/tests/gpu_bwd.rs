@@ -100,6 +100,17 @@ struct Errs {
     vs_cpu: [f64; 3],
 }
 
+impl std::fmt::Display for Errs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [rq, rk, rv] = self.vs_ref;
+        let [cq, ck, cv] = self.vs_cpu;
+        write!(
+            f,
+            "vs f64 {rq:.2e}/{rk:.2e}/{rv:.2e} vs cpu {cq:.2e}/{ck:.2e}/{cv:.2e}"
+        )
+    }
+}
+
 /// The main kernels that can run `case`: FA2 always; the Hopper one too where it supports it.
 fn families(case: &Case, det: bool) -> Vec<Family> {
     let gpu = Gpu::get(0).expect("gpu");
@@ -358,16 +369,7 @@ fn bwd_edge_cases() {
     for (ci, case) in cases.iter().enumerate() {
         for det in [false, true] {
             let e = check_case(case, det);
-            eprintln!(
-                "edge {ci:>2} det={det} vs f64 {:.2e}/{:.2e}/{:.2e} vs cpu {:.2e}/{:.2e}/{:.2e}: {}",
-                e.vs_ref[0],
-                e.vs_ref[1],
-                e.vs_ref[2],
-                e.vs_cpu[0],
-                e.vs_cpu[1],
-                e.vs_cpu[2],
-                case.spec.describe()
-            );
+            eprintln!("edge {ci:>2} det={det} {e}: {}", case.spec.describe());
         }
     }
 }
@@ -479,21 +481,11 @@ fn bwd_hopper_cases() {
         );
         for fam in fams {
             let e = check_case_with(case, false, fam);
-            eprintln!(
-                "hopper {ci:>2} {fam:?} vs f64 {:.2e}/{:.2e}/{:.2e} vs cpu {:.2e}/{:.2e}/{:.2e}: {}",
-                e.vs_ref[0],
-                e.vs_ref[1],
-                e.vs_ref[2],
-                e.vs_cpu[0],
-                e.vs_cpu[1],
-                e.vs_cpu[2],
-                case.spec.describe()
-            );
+            eprintln!("hopper {ci:>2} {fam:?} {e}: {}", case.spec.describe());
         }
     }
 }
 
-/// A small case for compute-sanitizer (memcheck / racecheck).
 /// Several waves of CTAs (more key blocks than two per SM), GQA, key blocks without visible
 /// queries (zero dK/dV), varlen key blocks past a sequence's end: through both main kernels,
 /// against f64 and the CPU. (Written for a persistent variant of the Hopper kernel whose CTAs
@@ -561,19 +553,14 @@ fn bwd_hopper_many_blocks() {
         for fam in [Family::Fa2, Family::Fa3] {
             let e = check_case_with(case, false, fam);
             eprintln!(
-                "many-blocks {ci} ({items} blocks) {fam:?} vs f64 {:.2e}/{:.2e}/{:.2e} vs cpu {:.2e}/{:.2e}/{:.2e}: {}",
-                e.vs_ref[0],
-                e.vs_ref[1],
-                e.vs_ref[2],
-                e.vs_cpu[0],
-                e.vs_cpu[1],
-                e.vs_cpu[2],
+                "many-blocks {ci} ({items} blocks) {fam:?} {e}: {}",
                 sp.describe()
             );
         }
     }
 }
 
+/// A small case for compute-sanitizer (memcheck / racecheck).
 #[test]
 fn bwd_sanitizer_case() {
     let Some(_gpu) = gpu_or_skip("GPU backward test") else {
