@@ -434,7 +434,7 @@ __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, in
     wgmma_fence();
     issue_ry(dk, da, sQs);  // dK += dSᵀ Q
     wgmma_commit();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_async_shared();
     named_sync(1, 256);  // both halves of dSᵀ are in shared memory
 
     float dq[DQ_N / 2];
@@ -490,7 +490,7 @@ __device__ __forceinline__ void consumer_split(const Fa3BwdParams& p, const Seq&
       p_tile(x, sm.sLse + st * BQ, p, s, n, m, 0, key0, tq);
       to_afrag(x, f);
       store_frag(f, sPb, key_l, tq);
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      fence_async_shared();
     }
     named_sync(1, 256);  // Pᵀ is in shared memory
     if (w == 1) {
@@ -498,7 +498,7 @@ __device__ __forceinline__ void consumer_split(const Fa3BwdParams& p, const Seq&
       ds_tile(x, nullptr, f, sm.sDsum + st * BQ, p.scale, tq);
       to_afrag(x, f);
       store_frag(f, sdSb, key_l, tq);
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      fence_async_shared();
     }
     fence_regs<DKV_N / 2>(dv);
     wgmma_fence();

@@ -465,23 +465,20 @@ fn launch(
     let (bq, bk, dd) = (BQ as u32, BK as u32, d as u64);
     // `out` is contiguous bf16, so TMA can always address it.
     let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
+    // A dense [batch, rows, heads, d] e4m3 tensor, boxes of `box_rows` x 128 bytes.
+    let bshd_map = |name: &str, ptr: u64, rows: usize, heads: usize, box_rows: u32| {
+        encode_raw(
+            name,
+            ptr,
+            u8t,
+            [dd, rows as u64, heads as u64, b as u64],
+            [heads as u64 * dd, dd, (rows * heads) as u64 * dd],
+            [128, box_rows, 1, 1],
+        )
+    };
     let params = Fa3Params {
-        q: encode_raw(
-            "q",
-            q.data.ptr(),
-            u8t,
-            [dd, sq as u64, hq as u64, b as u64],
-            [hq as u64 * dd, dd, (sq * hq) as u64 * dd],
-            [128, bq, 1, 1],
-        )?,
-        k: encode_raw(
-            "k",
-            k.data.ptr(),
-            u8t,
-            [dd, sk as u64, hk as u64, b as u64],
-            [hk as u64 * dd, dd, (sk * hk) as u64 * dd],
-            [128, bk, 1, 1],
-        )?,
+        q: bshd_map("q", q.data.ptr(), sq, hq, bq)?,
+        k: bshd_map("k", k.data.ptr(), sk, hk, bk)?,
         v: match &vs {
             VSource::Transposed(vt) => encode_raw(
                 "v (transposed)",
@@ -492,14 +489,7 @@ fn launch(
                 [BK as u32, d as u32, 1, 1],
             )?,
             // As stored, loaded like K into the staging ring.
-            VSource::Raw(v) => encode_raw(
-                "v",
-                v.data.ptr(),
-                u8t,
-                [dd, sk as u64, hk as u64, b as u64],
-                [hk as u64 * dd, dd, (sk * hk) as u64 * dd],
-                [128, bk, 1, 1],
-            )?,
+            VSource::Raw(v) => bshd_map("v", v.data.ptr(), sk, hk, bk)?,
         },
         om,
         o_tma,
@@ -606,7 +596,7 @@ mod tests {
         for d in HEAD_DIMS {
             let var = Fp8Variant::new(d, false);
             assert!(
-                var.smem_bytes() <= 227 * 1024,
+                var.smem_bytes() <= SMEM_LIMIT,
                 "d={d}: {}",
                 var.smem_bytes()
             );
@@ -623,7 +613,7 @@ mod tests {
         let vk = Fp8Variant::with_vt(256, true, true);
         assert_eq!(vk.o_staging(), Some(OStaging::VtRing));
         assert_eq!(vk.smem_bytes(), 32768 + 2 * 65536 + 65536 + 16 + 80 + 1024);
-        assert!(vk.smem_bytes() <= 227 * 1024);
+        assert!(vk.smem_bytes() <= SMEM_LIMIT);
         assert!(vk.spec().label().contains("FA3_VTK=1"));
     }
 }
