@@ -11,7 +11,7 @@ mod common;
 
 use common::{
     event_median_ms, hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward,
-    rel_err, Rng,
+    rel_err, Rng, Tally,
 };
 use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Problem, Qkv, Tensor};
@@ -92,8 +92,7 @@ fn fa3_matches_reference() {
         .split(';')
         .map(String::from)
         .collect();
-    let mut fails = Vec::new();
-    let mut n = 0;
+    let mut tally = Tally::default();
     for tune in &tunes {
         std::env::set_var("FLASHATTN_FA3_TUNE", tune);
         let mut rng = Rng::new(0xfa3);
@@ -128,25 +127,20 @@ fn fa3_matches_reference() {
                             causal,
                         };
                         let (e, le) = run_case(&gpu, &c, rng.next_u64() % 1_000_000);
-                        n += 1;
-                        let ok = e <= tol(dtype) && le <= 1e-3;
-                        let line = format!(
-                        "[{tune}] {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk}: rel_err {e:.2e}, lse_err {le:.2e} {}",
-                        dtype.name(),
-                        if ok { "ok" } else { "FAIL" }
-                    );
-                        eprintln!("{line}");
-                        if !ok {
-                            fails.push(line);
-                        }
+                        tally.record(
+                            e <= tol(dtype) && le <= 1e-3,
+                            format!(
+                                "[{tune}] {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk}: rel_err {e:.2e}, lse_err {le:.2e}",
+                                dtype.name()
+                            ),
+                        );
                     }
                 }
             }
         }
     }
     std::env::remove_var("FLASHATTN_FA3_TUNE");
-    eprintln!("fa3: {} of {n} cases passed", n - fails.len());
-    assert!(fails.is_empty(), "fa3 failures:\n{}", fails.join("\n"));
+    tally.finish("fa3");
 }
 
 /// One feature case: masks, softcap, ALiBi, varlen (lengths per sequence).
@@ -257,8 +251,7 @@ fn fa3_features_match_reference() {
         .map(String::from)
         .collect();
     let mut rng = Rng::new(0xfea7);
-    let mut fails = Vec::new();
-    let mut n = 0;
+    let mut tally = Tally::default();
     for (tune, dtype) in tunes
         .iter()
         .flat_map(|t| [(t.clone(), DType::BF16), (t.clone(), DType::F16)])
@@ -344,27 +337,15 @@ fn fa3_features_match_reference() {
             }
             for c in &cases {
                 let (e, le) = run_feat(&gpu, c, &mut rng);
-                n += 1;
-                let ok = e <= tol(dtype) && le <= 1e-3;
-                let line = format!(
-                    "[{tune}] {}: rel_err {e:.2e}, lse_err {le:.2e} {}",
-                    c.label(),
-                    if ok { "ok" } else { "FAIL" }
+                tally.record(
+                    e <= tol(dtype) && le <= 1e-3,
+                    format!("[{tune}] {}: rel_err {e:.2e}, lse_err {le:.2e}", c.label()),
                 );
-                eprintln!("{line}");
-                if !ok {
-                    fails.push(line);
-                }
             }
         }
     }
     std::env::remove_var("FLASHATTN_FA3_TUNE");
-    eprintln!("fa3 features: {} of {n} cases passed", n - fails.len());
-    assert!(
-        fails.is_empty(),
-        "fa3 feature failures:\n{}",
-        fails.join("\n")
-    );
+    tally.finish("fa3 features");
 }
 
 /// `fa3::forward` (allocating) on varlen with no keys at all, and with ALiBi through options.
@@ -564,19 +545,14 @@ fn fa3_tma_store_epilogue() {
         return;
     };
     let mut rng = Rng::new(0x07a);
-    let mut fails = Vec::new();
-    let mut n = 0;
+    let mut tally = Tally::default();
     let mut check = |label: String, (e, le, clob): (f64, f64, usize), dtype: DType| {
-        n += 1;
-        let ok = e <= tol(dtype) && le <= 1e-3 && clob == 0;
-        let line = format!(
-            "{label}: rel_err {e:.2e}, lse_err {le:.2e}, {clob} elements outside out written {}",
-            if ok { "ok" } else { "FAIL" }
+        tally.record(
+            e <= tol(dtype) && le <= 1e-3 && clob == 0,
+            format!(
+                "{label}: rel_err {e:.2e}, lse_err {le:.2e}, {clob} elements outside out written"
+            ),
         );
-        eprintln!("{line}");
-        if !ok {
-            fails.push(line);
-        }
     };
     for dtype in [DType::BF16, DType::F16] {
         for d in fa3::HEAD_DIMS {
@@ -655,11 +631,7 @@ fn fa3_tma_store_epilogue() {
             }
         }
     }
-    eprintln!(
-        "fa3 TMA-store epilogue: {} of {n} cases passed",
-        n - fails.len()
-    );
-    assert!(fails.is_empty(), "failures:\n{}", fails.join("\n"));
+    tally.finish("fa3 TMA-store epilogue");
 }
 
 /// Writes every shipped variant's cubin (NVRTC only, no GPU needed) and checks the ptxas report:

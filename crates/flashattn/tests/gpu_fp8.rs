@@ -12,7 +12,7 @@ mod common;
 
 use common::{
     event_median_ms, hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward,
-    rel_err, Rng,
+    rel_err, Rng, Tally,
 };
 use flashattn::cuda::fa3_fp8::{self, Fp8DeviceTensor};
 use flashattn::cuda::{fa3, DeviceTensor, Gpu};
@@ -156,8 +156,7 @@ fn fp8_matches_reference() {
         return;
     };
     let mut rng = Rng::new(0xf8);
-    let mut fails = Vec::new();
-    let mut n = 0;
+    let mut tally = Tally::default();
     for d in fa3_fp8::HEAD_DIMS {
         for causal in [false, true] {
             let mut shapes = vec![
@@ -190,30 +189,25 @@ fn fp8_matches_reference() {
                 let v = rand_heads([b, sk, hk, d], seed + 2);
                 for vtk in [false, true] {
                     let o = run_fp8(&gpu, (&q, &k, &v), scaling, causal, vtk);
-                    n += 1;
                     let tol = 2.0 * o.err_model + 1e-2;
-                    let ok = o.err_deq <= tol && o.lse <= 1e-3 && o.err_raw <= 0.15;
-                    let line = format!(
-                    "fp8 {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk} {scaling:?}: \
-                     err vs dequantised ref {:.2e} (tol {tol:.2e}, P-quant model {:.2e}), \
-                     vs unquantised {:.2e}, lse {:.2e} {}",
-                    if vtk { "in-kernel-vt" } else { "prepass-vt" },
-                    o.err_deq,
-                    o.err_model,
-                    o.err_raw,
-                    o.lse,
-                    if ok { "ok" } else { "FAIL" }
-                );
-                    eprintln!("{line}");
-                    if !ok {
-                        fails.push(line);
-                    }
+                    tally.record(
+                        o.err_deq <= tol && o.lse <= 1e-3 && o.err_raw <= 0.15,
+                        format!(
+                            "fp8 {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk} {scaling:?}: \
+                             err vs dequantised ref {:.2e} (tol {tol:.2e}, P-quant model {:.2e}), \
+                             vs unquantised {:.2e}, lse {:.2e}",
+                            if vtk { "in-kernel-vt" } else { "prepass-vt" },
+                            o.err_deq,
+                            o.err_model,
+                            o.err_raw,
+                            o.lse,
+                        ),
+                    );
                 }
             }
         }
     }
-    eprintln!("fp8: {} of {n} cases passed", n - fails.len());
-    assert!(fails.is_empty(), "fp8 failures:\n{}", fails.join("\n"));
+    tally.finish("fp8");
 }
 
 #[test]

@@ -1059,3 +1059,36 @@ impl CaseSpec {
         )
     }
 }
+
+/// A sweep's verdicts: every case is printed with ok/FAIL, and [`Tally::finish`] fails the test
+/// listing all failing cases (not only the first).
+#[derive(Default)]
+pub struct Tally {
+    n: usize,
+    fails: Vec<String>,
+}
+
+impl Tally {
+    pub fn record(&mut self, ok: bool, line: String) {
+        self.n += 1;
+        let line = format!("{line} {}", if ok { "ok" } else { "FAIL" });
+        eprintln!("{line}");
+        if !ok {
+            self.fails.push(line);
+        }
+    }
+
+    pub fn finish(self, what: &str) {
+        eprintln!(
+            "{what}: {} of {} cases passed",
+            self.n - self.fails.len(),
+            self.n
+        );
+        assert!(self.n > 0, "{what}: no cases ran");
+        assert!(
+            self.fails.is_empty(),
+            "{what} failures:\n{}",
+            self.fails.join("\n")
+        );
+    }
+}
