@@ -98,6 +98,47 @@ FA_DEVICE float tanh_fast(float x) {
   float e = exp2_approx(2.0f * LOG2E * x);
   return 1.0f - __fdividef(2.0f, e + 1.0f);
 }
+
+// Online-softmax step for rows (g, g+8) of slab `ms`: the running max and sum, O rescaled, and
+// each P pair 2^(sl2·s − sl2·m) handed to emit(n, r, p0, p1) (kept as f32 or packed at once).
+template <class Emit>
+FA_DEVICE void softmax_step(float (&s)[NS][4], float (&m_i)[2], float (&l_i)[2],
+                            float (&acc_o)[NO][4], float sl2, Emit emit) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m_i[r];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+    mx = quad_max(mx);
+    const float m_scaled = mx == -FA_INF ? 0.0f : mx * sl2;
+    const float alpha = exp2_approx(m_i[r] * sl2 - m_scaled);
+    m_i[r] = mx;
+    float rowsum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      float p0 = exp2_approx(s[n][2 * r] * sl2 - m_scaled);
+      float p1 = exp2_approx(s[n][2 * r + 1] * sl2 - m_scaled);
+      rowsum += p0 + p1;
+      emit(n, r, p0, p1);
+    }
+    l_i[r] = l_i[r] * alpha + rowsum;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      acc_o[n][2 * r] *= alpha;
+      acc_o[n][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// The dropout words of keys j, j + 1 (j = n0 + 8n + 2t) of query i: one Philox call per 4 keys,
+// counter (j / 4, i, h, b ^ offset); thread t takes the upper pair when t is odd. An element is
+// dropped when its word is below the threshold.
+FA_DEVICE void dropout_words(const FwdParams& p, int i, int j, int h, int b, int t, u32& w0, u32& w1) {
+  Philox4 w = philox4x32_10((u32)(j >> 2), (u32)i, (u32)h, (u32)b ^ p.dropout_offset_lo,
+                            p.dropout_key0, p.dropout_key1);
+  w0 = (t & 1) ? w.z : w.x;
+  w1 = (t & 1) ? w.w : w.y;
+}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdParams p) {
@@ -332,34 +373,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
     }
 
 #if !LEAN
-    // Online softmax, two rows (g, g+8) per slab per thread.
+    // Online softmax, two rows (g, g+8) per slab per thread; P replaces S in place.
 #pragma unroll
     for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m_i[ms][r];
-#pragma unroll
-        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[ms][n][2 * r], s[ms][n][2 * r + 1]));
-        mx = quad_max(mx);
-        const float m_scaled = mx == -FA_INF ? 0.0f : mx * sl2;
-        const float alpha = exp2_approx(m_i[ms][r] * sl2 - m_scaled);
-        m_i[ms][r] = mx;
-        float rowsum = 0.0f;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          float p0 = exp2_approx(s[ms][n][2 * r] * sl2 - m_scaled);
-          float p1 = exp2_approx(s[ms][n][2 * r + 1] * sl2 - m_scaled);
-          s[ms][n][2 * r] = p0;
-          s[ms][n][2 * r + 1] = p1;
-          rowsum += p0 + p1;
-        }
-        l_i[ms][r] = l_i[ms][r] * alpha + rowsum;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-          acc_o[ms][n][2 * r] *= alpha;
-          acc_o[ms][n][2 * r + 1] *= alpha;
-        }
-      }
+      auto& sm = s[ms];
+      softmax_step(sm, m_i[ms], l_i[ms], acc_o[ms], sl2, [&](int n, int r, float p0, float p1) {
+        sm[n][2 * r] = p0;
+        sm[n][2 * r + 1] = p1;
+      });
     }
 
     if (HAS_DROPOUT && use_dropout) {  // after the row sums: the LSE is taken before dropout
@@ -369,11 +390,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
         for (int n = 0; n < NS; ++n)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int i = m0 + warp_row0 + ms * 16 + g + r * 8;
-            const int j = n0 + n * 8 + 2 * t;  // j and j+1 share one Philox call
-            Philox4 w = philox4x32_10((u32)(j >> 2), (u32)i, (u32)h, (u32)b ^ p.dropout_offset_lo,
-                                      p.dropout_key0, p.dropout_key1);
-            const u32 w0 = (t & 1) ? w.z : w.x, w1 = (t & 1) ? w.w : w.y;
+            u32 w0, w1;
+            dropout_words(p, m0 + warp_row0 + ms * 16 + g + r * 8, n0 + n * 8 + 2 * t, h, b, t, w0, w1);
             if (w0 < p.dropout_threshold) s[ms][n][2 * r] = 0.0f;
             if (w1 < p.dropout_threshold) s[ms][n][2 * r + 1] = 0.0f;
           }
@@ -417,30 +435,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
     u32 pk[MS][NS][2];
 #pragma unroll
     for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m_i[ms][r];
-#pragma unroll
-        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[ms][n][2 * r], s[ms][n][2 * r + 1]));
-        mx = quad_max(mx);
-        const float m_scaled = mx == -FA_INF ? 0.0f : mx * sl2;
-        const float alpha = exp2_approx(m_i[ms][r] * sl2 - m_scaled);
-        m_i[ms][r] = mx;
-        float rowsum = 0.0f;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          float p0 = exp2_approx(s[ms][n][2 * r] * sl2 - m_scaled);
-          float p1 = exp2_approx(s[ms][n][2 * r + 1] * sl2 - m_scaled);
-          rowsum += p0 + p1;
-          pk[ms][n][r] = pack2<BF16>(p0, p1);
-        }
-        l_i[ms][r] = l_i[ms][r] * alpha + rowsum;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-          acc_o[ms][n][2 * r] *= alpha;
-          acc_o[ms][n][2 * r + 1] *= alpha;
-        }
-      }
+      auto& pm = pk[ms];
+      softmax_step(s[ms], m_i[ms], l_i[ms], acc_o[ms], sl2,
+                   [&](int n, int r, float p0, float p1) { pm[n][r] = pack2<BF16>(p0, p1); });
     }
 
     if (HAS_DROPOUT && use_dropout) {  // after the row sums: the LSE is taken before dropout
@@ -450,11 +447,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) fa2_fwd(const FwdPa
         for (int n = 0; n < NS; ++n)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int i = m0 + warp_row0 + ms * 16 + g + r * 8;
-            const int j = n0 + n * 8 + 2 * t;  // j and j+1 share one Philox call
-            Philox4 w = philox4x32_10((u32)(j >> 2), (u32)i, (u32)h, (u32)b ^ p.dropout_offset_lo,
-                                      p.dropout_key0, p.dropout_key1);
-            const u32 w0 = (t & 1) ? w.z : w.x, w1 = (t & 1) ? w.w : w.y;
+            u32 w0, w1;
+            dropout_words(p, m0 + warp_row0 + ms * 16 + g + r * 8, n0 + n * 8 + 2 * t, h, b, t, w0, w1);
             // A dropped element is +0 in f16 and bf16 alike: clear its half of the pair.
             const u32 keep = (w0 < p.dropout_threshold ? 0u : 0x0000ffffu) |
                              (w1 < p.dropout_threshold ? 0u : 0xffff0000u);

@@ -409,7 +409,7 @@ pub fn backward_into(
                     gpu.device_name(),
                     "family",
                     "fa3 backward",
-                    "sm 9.0, head dim 64 or 128, no softcap/ALiBi/dropout, not deterministic \
+                    "sm 9.0, head dim 64, 128 or 256, no softcap/ALiBi/dropout, not deterministic \
                      (use fa2 or auto)",
                 ));
             }
