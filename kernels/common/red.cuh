@@ -11,3 +11,18 @@ __device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
   atomicAdd(addr + 1, b);
 #endif
 }
+
+// Four adjacent f32 adds (16-byte aligned), sm_90+ only: one request per 128-byte line when
+// eight lanes cover a line.
+__device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "f"(a), "f"(b), "f"(c),
+               "f"(d)
+               : "memory");
+#else
+  atomicAdd(addr, a);
+  atomicAdd(addr + 1, b);
+  atomicAdd(addr + 2, c);
+  atomicAdd(addr + 3, d);
+#endif
+}

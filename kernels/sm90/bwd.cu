@@ -79,6 +79,10 @@ static_assert(D == 64 || D == 128 || D == 256, "head dim");
 static_assert(BQ == 64 || BQ == 128, "query tile");
 static_assert(!DQ_SPLIT_N || D % 128 == 0, "dQ split by head-dim halves needs whole chunks");
 static_assert(!SPLIT_ROLES || BQ == 64, "split roles: 64-query tiles");
+// dq_red stages 2 KiB per consumer warp in the tile's dSᵀ buffer (and, split roles, Pᵀ buffer).
+static_assert(SPLIT_ROLES ? DS_BYTES >= 4 * 2048 && P_BYTES >= 4 * 2048 : DS_BYTES >= 8 * 2048,
+              "dQ staging room");
+static_assert(DQ_N % 32 == 0, "dQ staged in 32-column chunks");
 
 constexpr int SMEM_BYTES = 2 * K_BYTES + STAGES * 2 * Q_BYTES + 2 * (DS_BYTES + P_BYTES) +
                            STAGES * 2 * BQ * 4 + 8 * (1 + 3 * STAGES) + 1024;
@@ -91,7 +95,7 @@ struct __align__(64) Fa3BwdParams {
   u64 lse;       // f32, LSE layout: [b*lse_b + h*lse_h + q_start + i]
   u64 dsum;      // f32, same layout (fa2_bwd_pre)
   u64 dq_accum;  // f32 [rows_q, heads_q, D], zeroed by fa2_bwd_pre
-  u64 dk, dv;    // contiguous [rows_k, heads_k, D], input dtype
+  u64 dk, dv;    // contiguous [rows_k, heads_k, D], input dtype, whole buffers (16-byte aligned)
   u64 cu_q, cu_k;
   i64 lse_b, lse_h;
   int sq, sk, heads_q, heads_k, group, batch;
@@ -329,38 +333,46 @@ __device__ __forceinline__ void ds_tile(float* dp, const float* pf, const u32 (*
   }
 }
 
-// Adds an m64 x N accumulator (rows qr0 + {0, 8} of the tile; columns col0 + 8j + 2t) into
-// dq_accum; rows past the sequence's sq are skipped (varlen: they belong to the next one).
+// Adds this warp's 16 rows x N columns of dQ (accumulator rows g, g + 8 from the tile's row
+// row0; columns col0 + 8j + 2t) into dq_accum. Straight from the fragments, each reduction would
+// touch eight rows with 32 bytes each — eight L2 requests per 256 bytes, which made the L2 the
+// bottleneck at d = 256. So the warp stages 32 columns at a time in its 2 KiB of shared memory
+// (`buf`; 16-byte units XOR-swizzled by row, conflict-free both ways) and reads them back so that
+// eight lanes cover one row's 128 bytes: one request per line, a quarter as many. Rows past the
+// sequence's sq are skipped (varlen: they belong to the next one). `buf` must be free: the caller
+// has synchronised both consumer warpgroups after their last reads of it.
 template <int N>
 __device__ __forceinline__ void dq_red(const float* dq, const Fa3BwdParams& p, const Seq& s,
-                                       int hh, int qr0, int col0, int tq) {
+                                       int hh, int row0, int col0, u32 buf, int lane) {
   float* dq_accum = (float*)p.dq_accum;
+  const int g = lane / 4, tq = lane % 4;
+  const int rrow = lane / 8, rcol = lane % 8;  // read-back: row rrow + 4i, 16-byte unit rcol
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = qr0 + 8 * r;
-    if (row < s.sq) {
-      float* dst = dq_accum + ((i64)(s.qrow0 + row) * p.heads_q + hh) * D + col0 + 2 * tq;
+  for (int c = 0; c < N / 32; ++c) {
 #pragma unroll
-      for (int j = 0; j < N / 8; ++j) red_add_f32x2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
-    }
-  }
-}
-// dK (scale already in dS) and dV, columns col0 .. col0 + DKV_N, for key rows key0, key0 + 8.
-__device__ __forceinline__ void write_dkdv(const float* dk, const float* dv, const Fa3BwdParams& p,
-                                           const Seq& s, int hk, int key0, int col0, int tq) {
-  unsigned short* dk_out = (unsigned short*)p.dk;
-  unsigned short* dv_out = (unsigned short*)p.dv;
+    for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 8 * r;
-    if (key < s.sk) {
-      const i64 off = ((i64)(s.krow0 + key) * p.heads_k + hk) * D + col0 + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < DKV_N / 8; ++j) {
-        *(u32*)(dk_out + off + 8 * j) = pack2<FB_DT>(dk[4 * j + 2 * r], dk[4 * j + 2 * r + 1]);
-        *(u32*)(dv_out + off + 8 * j) = pack2<FB_DT>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+      for (int r = 0; r < 2; ++r) {
+        const int j = 4 * c + jj, row = g + 8 * r;
+        const u32 a = buf + row * 128 + (((2 * jj + tq / 2) ^ (row & 7)) << 4) + (tq % 2) * 8;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a), "f"(dq[4 * j + 2 * r]),
+                     "f"(dq[4 * j + 2 * r + 1])
+                     : "memory");
       }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = rrow + 4 * i;
+      float v0, v1, v2, v3;
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(v0), "=f"(v1), "=f"(v2), "=f"(v3)
+                   : "r"(buf + row * 128 + ((rcol ^ (row & 7)) << 4))
+                   : "memory");
+      if (row0 + row < s.sq)
+        red_add_f32x4(dq_accum + ((i64)(s.qrow0 + row0 + row) * p.heads_q + hh) * D + col0 + 32 * c + 4 * rcol,
+                      v0, v1, v2, v3);
     }
+    __syncwarp();
   }
 }
 
@@ -370,6 +382,47 @@ struct Smem {
   const float *sLse, *sDsum;
   u32 kv_full, q_full, do_full, empty;
 };
+
+// dK (scale already in dS) and dV: each consumer thread puts its accumulator rows kl, kl + 8
+// (block-local keys), columns col0 + 8j + 2t, as 16-bit pairs into the K and V buffers (free once
+// both warpgroups are past their last GEMM; same chunked 128B-swizzled layout as the TMA loads),
+// then all 256 consumer threads copy whole rows out with 16-byte stores — a quarter of the L2
+// requests of storing pairs straight from the fragments. Keys past the sequence's sk are skipped.
+__device__ __forceinline__ void stage_dkdv(const float* acc, u32 buf, int kl, int col0, int tq) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = kl + 8 * r;
+#pragma unroll
+    for (int j = 0; j < DKV_N / 8; ++j) {
+      const u32 a = buf + (col0 / 64 + j / 8) * KCHUNK + row * 128 + (((j % 8) ^ (row & 7)) << 4) + 4 * tq;
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(a), "r"(pack2<FB_DT>(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]))
+                   : "memory");
+    }
+  }
+}
+__device__ __forceinline__ void write_dkdv(const float* dk, const float* dv, const Fa3BwdParams& p,
+                                           const Seq& s, int n, int hk, int kl, int col0, int tq,
+                                           const Smem& sm) {
+  named_sync(2, 256);  // every consumer's GEMMs are done with K and V
+  stage_dkdv(dk, sm.sK, kl, col0, tq);
+  stage_dkdv(dv, sm.sV, kl, col0, tq);
+  named_sync(2, 256);
+  constexpr int UNITS = D / 8;  // 16-byte units per row
+  const int t = threadIdx.x - 128;
+#pragma unroll 4
+  for (int i = t; i < BK * UNITS; i += 256) {
+    const int row = i / UNITS, u = i % UNITS, key = n * BK + row;
+    if (key >= s.sk) break;  // rows ascend with i
+    const u32 a = (u / 8) * KCHUNK + row * 128 + (((u % 8) ^ (row & 7)) << 4);
+    const i64 off = ((i64)(s.krow0 + key) * p.heads_k + hk) * D * 2 + u * 16;
+    uint4 k4, v4;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(k4.x), "=r"(k4.y), "=r"(k4.z), "=r"(k4.w) : "r"(sm.sK + a) : "memory");
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v4.x), "=r"(v4.y), "=r"(v4.z), "=r"(v4.w) : "r"(sm.sV + a) : "memory");
+    *(uint4*)((unsigned char*)p.dk + off) = k4;
+    *(uint4*)((unsigned char*)p.dv + off) = v4;
+  }
+}
+
 
 // Walk position `it` of a consumer: the (query head, query tile) it works on, its ring stage
 // and parity, and the addresses of that stage's Q, dO and of the dSᵀ / Pᵀ buffers.
@@ -449,10 +502,11 @@ __device__ __forceinline__ void consumer(const Fa3BwdParams& p, const Seq& s, in
     // Every consumer thread arrives (not one per warp): its own reads of the stage's LSE/D
     // are then ordered before the producer's next writes by the barrier alone.
     mbar_arrive(sm.empty + 8 * st);  // Q, dO, LSE, D of this stage are consumed
-    dq_red<DQ_N>(dq, p, s, hh, m * BQ + (DQ_SPLIT_N ? 0 : 64 * w) + 16 * warp + g,
-                 DQ_SPLIT_N ? w * DQ_N : 0, tq);
+    named_sync(2, 256);  // both warpgroups' dQ GEMMs have read dSᵀ: its buffer stages dQ
+    dq_red<DQ_N>(dq, p, s, hh, m * BQ + (DQ_SPLIT_N ? 0 : 64 * w) + 16 * warp,
+                 DQ_SPLIT_N ? w * DQ_N : 0, sdSb + (4 * w + warp) * 2048, lane);
   }
-  write_dkdv(dk, dv, p, s, hk, key0, 0, tq);
+  write_dkdv(dk, dv, p, s, n, hk, key_l, 0, tq, sm);
 }
 
 // d = 256 (split roles): warpgroup 0 computes Sᵀ → Pᵀ, warpgroup 1 dPᵀ → dSᵀ, both of the whole
@@ -518,9 +572,11 @@ __device__ __forceinline__ void consumer_split(const Fa3BwdParams& p, const Seq&
     fence_regs<DKV_N / 2>(dv);
     fence_regs<DKV_N / 2>(dk);
     mbar_arrive(sm.empty + 8 * st);
-    dq_red<DQ_N>(dq, p, s, hh, m * BQ + 16 * warp + g, w * DQ_N, tq);
+    named_sync(2, 256);  // both warpgroups' GEMMs have read Pᵀ and dSᵀ: their buffers stage dQ
+    dq_red<DQ_N>(dq, p, s, hh, m * BQ + 16 * warp, w * DQ_N, (w == 0 ? sdSb : sPb) + warp * 2048,
+                 lane);
   }
-  write_dkdv(dk, dv, p, s, hk, key0, w * DKV_N, tq);
+  write_dkdv(dk, dv, p, s, n, hk, key_l, w * DKV_N, tq, sm);
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_bwd_main(const __grid_constant__ Fa3BwdParams p) {
