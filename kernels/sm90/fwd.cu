@@ -21,7 +21,13 @@
 // FA3_PERSISTENT=1: a grid of (at most) one CTA per SM walks the work tiles (query tile, head,
 // batch) with a static stride, longest-first for causal; the K/V ring and its barrier phases
 // continue across tiles, and Q is reloaded once consumers release it (q_empty), so the
-// producer prefetches the next tile while the consumers run the epilogue.
+// producer prefetches the next tile while the consumers run the epilogue. FA3_PERSISTENT=2:
+// the same, but each CTA takes its next tile from a global counter (p.tile_ctr, zeroed by the
+// host) when its producer is done issuing the current one — dynamic load balance for causal
+// tiles of unequal length; the producer thread hands the tile index to the consumers through
+// a two-slot ring in shared memory (tile_full / tile_empty barriers). Causal persistent order:
+// longest first within groups of p.sched_group (head, batch) pairs, so that the CTAs running
+// together share the K/V of few heads in L2.
 //
 // Feature switches (JIT): FA3_WINDOW=1 — sliding window (p.wl, p.wr; bottom-right aligned, see
 // SPEC §1), key tiles outside the window are skipped; FA3_SOFTCAP=1 / FA3_ALIBI=1 — scores are
@@ -152,8 +158,10 @@ constexpr int O_BYTES = NC * ONCH * OBOX;
 constexpr bool Q_HOLDS_O = FA3_OTMA && FA3_OBUF == 0;
 constexpr bool OWN_O = FA3_OTMA && FA3_OBUF == 1;
 constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
+constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
+static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
-                           8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + 1024;
+                           8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
 static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 2, "O staging: Q slice, own buffer, VTK ring");
 static_assert((Q_BYTES + STAGES * (K_BYTES + V_BYTES)) % 1024 == 0 && R_BYTES % 1024 == 0,
               "every staging base keeps the 1024-byte alignment of the 128B swizzle");
@@ -185,9 +193,11 @@ struct __align__(64) Fa3Params {
   int alibi_bs, pad2;   // slopes' batch stride (0 for [heads_q])
   u64 qd, kd, vd;       // FP8 descales (f32), element [b * x_b + h * x_h]; strides 0 = per tensor
   int qd_b, qd_h, kd_b, kd_h, vd_b, vd_h;
-  int o_tma, pad3;      // 1: om addresses out (FA3_OTMA); 0: out's layout is not TMA-addressable
+  int o_tma;            // 1: om addresses out (FA3_OTMA); 0: out's layout is not TMA-addressable
+  int sched_group;      // persistent causal order: (head, batch) pairs per longest-first group
+  u64 tile_ctr;         // int, zeroed before the launch (FA3_PERSISTENT == 2)
 };
-static_assert(sizeof(Fa3Params) == 4 * 128 + 192, "mirrored by Fa3Params in fa3.rs");
+static_assert(sizeof(Fa3Params) == 4 * 128 + 256, "mirrored by Fa3Params in fa3.rs");
 
 // Which (query tile, head, batch) work item t is, its sequence, and its key-tile range
 // [n_lo, n_hi) (visited from n_hi − 1 down to n_lo).
@@ -690,12 +700,15 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   WorkTile w;
 #if FA3_PERSISTENT
   // Persistent: the query tiles of one (head, batch) are adjacent, so CTAs running together
-  // share K/V in L2. Causal: longest-processing-time order over the whole grid — every
-  // (head, batch)'s last query tile first, then the second last, ... — so that the static
-  // stride hands each CTA one tile of every length class (balanced within one tile's work).
+  // share K/V in L2. Causal: longest-processing-time order within groups of G = sched_group
+  // (head, batch) pairs — the group's last query tiles first, then the second last, ... — so
+  // that the CTAs take one tile of every length class (G = all pairs: the static stride's
+  // order) while those running together read the K/V of at most about 2·G heads.
 #if FA3_CAUSAL
-  const int hb = p.heads_q * p.batch;
-  const int mi = t / hb, r = t % hb;
+  const int hb = p.heads_q * p.batch, G = p.sched_group;
+  const int gi = t / (G * p.m_tiles), t0 = t - gi * G * p.m_tiles;
+  const int gs = min(G, hb - gi * G);  // the last group may be smaller
+  const int mi = t0 / gs, r = gi * G + t0 % gs;
   w.m = p.m_tiles - 1 - mi;
 #else
   const int mi = t % p.m_tiles, r = t / p.m_tiles;
@@ -743,6 +756,25 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   return w;
 }
 
+// Dynamic scheduling (DYN): use k of the two-slot ring holds the k-th tile index of this CTA.
+// The producer thread publishes it (after the consumers released use k − 2); every consumer
+// thread reads it and arrives on the slot's "empty" barrier (each its own arrival, so that the
+// barrier alone orders its read before the next write — also for compute-sanitizer).
+__device__ __forceinline__ void tile_publish(u32 slots, u32 full, u32 empty, int k, int t) {
+  const int s = k & 1;
+  if (k >= 2) mbar_wait(empty + 8 * s, ((k >> 1) + 1) & 1);
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(slots + 4 * s), "r"(t) : "memory");
+  mbar_arrive(full + 8 * s);
+}
+__device__ __forceinline__ int tile_take(u32 slots, u32 full, u32 empty, int k) {
+  const int s = k & 1;
+  mbar_wait(full + 8 * s, (k >> 1) & 1);
+  int t;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(t) : "r"(slots + 4 * s) : "memory");
+  mbar_arrive(empty + 8 * s);
+  return t;
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_constant__ Fa3Params p) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -759,6 +791,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 v_empty = k_empty + 8 * STAGES;
   const u32 q_empty = v_empty + 8 * STAGES;
   const u32 r_full = q_empty + 8;  // 2 barriers (FA3_VTK)
+  const u32 t_full = r_full + (VTK ? 16 : 0);  // DYN: 2 + 2 barriers, then 2 tile slots
+  const u32 t_empty = t_full + 16;
+  const u32 t_slots = t_empty + 16;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -773,15 +808,32 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       mbar_init(r_full, 1);
       mbar_init(r_full + 8, 1);
     }
+    if (DYN) {
+      for (int s = 0; s < 2; ++s) {
+        mbar_init(t_full + 8 * s, 1);
+        mbar_init(t_empty + 8 * s, 128 * NC);  // every consumer thread
+      }
+    }
     mbar_fence_init();
   }
   __syncthreads();
 
-#if FA3_PERSISTENT
+#if FA3_PERSISTENT == 2
+  const int total = p.m_tiles * p.heads_q * p.batch;
+  // The producer thread publishes each tile (and finally an index ≥ total) before taking the
+  // next from the counter; the consumers take them in the same order.
+#define FA3_PRODUCER_LOOP                                                       \
+  for (int k = 0, t = blockIdx.x; tile_publish(t_slots, t_full, t_empty, k, t), t < total; \
+       ++k, t = gridDim.x + atomicAdd((int*)p.tile_ctr, 1))
+#define FA3_TILE_LOOP for (int k = 0, t; (t = tile_take(t_slots, t_full, t_empty, k)) < total; ++k)
+#elif FA3_PERSISTENT
   const int total = p.m_tiles * p.heads_q * p.batch;
 #define FA3_TILE_LOOP for (int t = blockIdx.x; t < total; t += gridDim.x)
 #else
 #define FA3_TILE_LOOP for (int t = 0; t < 1; ++t)
+#endif
+#ifndef FA3_PRODUCER_LOOP
+#define FA3_PRODUCER_LOOP FA3_TILE_LOOP
 #endif
   const int wg = threadIdx.x / 128;
   int g0 = 0, jq = 0;  // ring position and Q-load count, identical in every role
@@ -808,7 +860,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       tma_prefetch_map(&p.k);
       tma_prefetch_map(&p.v);
       if (FA3_OTMA && p.o_tma) tma_prefetch_map(&p.om);
-      FA3_TILE_LOOP {
+      FA3_PRODUCER_LOOP {
         const WorkTile w = decode_tile(p, t);
         if (w.count() > 0) {
           producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w,
@@ -833,6 +885,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     if (FA3_OTMA && threadIdx.x % 128 == 0) bulk_wait_read<0>();
   }
 #undef FA3_TILE_LOOP
+#undef FA3_PRODUCER_LOOP
 }
 
 // Host reads this to size the launch (bytes of dynamic shared memory).

@@ -557,8 +557,8 @@ fn fa3_tma_store_epilogue() {
     for dtype in [DType::BF16, DType::F16] {
         for d in fa3::HEAD_DIMS {
             // Dense: (b, sq, sk, hq, hk, causal). Non-causal sk ≤ 1024 runs persistent CTAs
-            // (the 16-batch case: 256 tiles, two per CTA or so); sk = 1100 and causal one tile
-            // per CTA.
+            // (the 16-batch case: 256 tiles, two per CTA or so), sk = 1100 one tile per CTA,
+            // causal persistent CTAs with the dynamic scheduler.
             for (b, sq, sk, hq, hk, causal) in [
                 (2, 150, 200, 3, 1, false),
                 (2, 150, 1100, 3, 1, false),
@@ -632,6 +632,174 @@ fn fa3_tma_store_epilogue() {
         }
     }
     tally.finish("fa3 TMA-store epilogue");
+}
+
+/// The persistent schedulers walk many tiles per CTA (the tile-index ring and the K/V ring wrap
+/// many times): every schedule must give bit-identical output and LSE to one CTA per tile —
+/// each tile is computed by the same code whichever CTA takes it — and that output is checked
+/// against the f64 reference on a sample of query heads. Dense causal (sq ≠ sk) with GQA, dense
+/// plain, varlen causal with unequal sequences; longest-first groups of 1, 5 and all (head,
+/// batch) pairs.
+#[test]
+fn fa3_persistent_schedulers() {
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    let tunes = [
+        "persist=1",
+        "persist=1,sgroup=5",
+        "persist=2",
+        "persist=2,sgroup=1",
+        "persist=2,sgroup=5",
+    ];
+    for d in fa3::HEAD_DIMS {
+        let dtype = if d == 96 { DType::F16 } else { DType::BF16 };
+        // 400-900 tiles on 132 SMs.
+        let mut cases: Vec<SchedCase> = Vec::new();
+        for (causal, sq, sk) in [(true, 520, 600), (false, 300, 300)] {
+            let q = rand_tensor(dtype, &[4, sq, 32, d], 11 + d as u64);
+            let k = rand_tensor(dtype, &[4, sk, 8, d], 12 + d as u64);
+            let v = rand_tensor(dtype, &[4, sk, 8, d], 13 + d as u64);
+            cases.push(SchedCase {
+                label: format!("dense causal={causal} sq={sq} sk={sk}"),
+                q,
+                k,
+                v,
+                cu: None,
+                causal,
+            });
+        }
+        let seqs = [
+            (900, 900),
+            (30, 700),
+            (500, 260),
+            (1, 1),
+            (700, 1000),
+            (260, 300),
+        ];
+        let (mut cq, mut ck) = (vec![0i32], vec![0i32]);
+        for s in seqs {
+            cq.push(cq.last().unwrap() + s.0);
+            ck.push(ck.last().unwrap() + s.1);
+        }
+        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
+        cases.push(SchedCase {
+            label: format!("varlen causal {seqs:?}"),
+            q: rand_tensor(dtype, &[tq, 24, d], 14),
+            k: rand_tensor(dtype, &[tk, 6, d], 15),
+            v: rand_tensor(dtype, &[tk, 6, d], 16),
+            cu: Some((cq, ck)),
+            causal: true,
+        });
+        for SchedCase {
+            label,
+            q,
+            k,
+            v,
+            cu,
+            causal,
+        } in &cases
+        {
+            let opts = AttnOptions::new().causal(*causal);
+            let qkv = match cu {
+                Some((cq, ck)) => Qkv::varlen(q, k, v, cq, ck),
+                None => Qkv::dense(q, k, v),
+            };
+            let problem = Problem::new(&qkv, &opts).unwrap();
+            let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+            let (dq, dk, dv) = (up(q), up(k), up(v));
+            // Output and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
+            let run = |tune: &str| -> Result<(Vec<u32>, Vec<u32>), flashattn::Error> {
+                let out = DeviceTensor::alloc(&gpu, dtype, &problem.q_shape)?;
+                let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape())?;
+                out.fill_poison()?;
+                lse.fill_poison()?;
+                fa3::forward_into_tuned(&gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune)?;
+                let bits = |t: &DeviceTensor| {
+                    t.download()
+                        .map(|t| t.to_f32_vec().iter().map(|x| x.to_bits()).collect())
+                };
+                Ok((bits(&out)?, bits(&lse)?))
+            };
+            let base = run("persist=0").expect("one CTA per tile");
+            // The baseline itself: finite everywhere (no unwritten tile) and, on three query
+            // heads of the first sequence, within tolerance of the f64 reference.
+            let out0 = Tensor::from_f32(
+                base.0.iter().map(|&b| f32::from_bits(b)).collect(),
+                &problem.q_shape,
+            )
+            .unwrap();
+            let finite = out0.to_f32_vec().iter().all(|x| x.is_finite());
+            let e = sample_err(&qkv, &opts, &out0, cu.is_some());
+            tally.record(
+                finite && e <= tol(dtype),
+                format!("d={d} {label} persist=0: finite {finite}, sampled rel_err {e:.2e}"),
+            );
+            for tune in tunes {
+                let r = run(tune);
+                let same = matches!(&r, Ok(x) if *x == base);
+                tally.record(
+                    same,
+                    format!(
+                        "d={d} {label} [{tune}]: {}",
+                        match &r {
+                            Ok(_) if same => "bit-identical".to_string(),
+                            Ok(_) => "differs from one CTA per tile".to_string(),
+                            Err(e) => format!("failed: {e}"),
+                        }
+                    ),
+                );
+            }
+        }
+    }
+    tally.finish("fa3 persistent schedulers");
+}
+
+/// One input of [`fa3_persistent_schedulers`] (`cu`: cu_seqlens for varlen).
+struct SchedCase {
+    label: String,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu: Option<(Vec<i32>, Vec<i32>)>,
+    causal: bool,
+}
+
+/// Relative error of `out` against the f64 reference on query heads 0, 1 and the last of the
+/// first batch element (dense) or sequence (varlen), computed on those heads alone.
+fn sample_err(qkv: &Qkv<'_>, opts: &AttnOptions, out: &Tensor, varlen: bool) -> f64 {
+    let (q, k, v) = (qkv.q, qkv.k, qkv.v);
+    let hq = q.shape()[q.shape().len() - 2];
+    let group = hq / k.shape()[k.shape().len() - 2];
+    let (rows_q, rows_k) = match qkv.cu_seqlens {
+        Some((cq, ck)) if varlen => (cq[1] as usize, ck[1] as usize),
+        _ => (q.shape()[1], k.shape()[1]),
+    };
+    let mut worst = 0f64;
+    for h in [0, 1, hq - 1] {
+        let pick = |t: &Tensor, rows: usize, head: usize| {
+            let s = t.shape();
+            let (nh, d) = (s[s.len() - 2], s[s.len() - 1]);
+            let x = t.to_f32_vec();
+            let mut o = Vec::with_capacity(rows * d);
+            for r in 0..rows {
+                o.extend_from_slice(&x[(r * nh + head) * d..(r * nh + head + 1) * d]);
+            }
+            Tensor::from_f32(o, &[1, rows, 1, d])
+                .unwrap()
+                .to_dtype(q.dtype())
+        };
+        let (qh, kh, vh) = (
+            pick(q, rows_q, h),
+            pick(k, rows_k, h / group),
+            pick(v, rows_k, h / group),
+        );
+        let (want, _) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
+        let got = pick(out, rows_q, h).to_f32_vec();
+        worst = worst.max(rel_err(&got, &want));
+    }
+    worst
 }
 
 /// Writes every shipped variant's cubin (NVRTC only, no GPU needed) and checks the ptxas report:

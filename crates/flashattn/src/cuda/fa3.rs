@@ -54,6 +54,12 @@ pub struct Variant {
     pub pingpong: bool,
     /// Persistent CTAs (one per SM) walking the work tiles.
     pub persistent: bool,
+    /// With `persistent`: each CTA takes its next tile from a global counter (dynamic load
+    /// balance) instead of a static stride.
+    pub dynamic: bool,
+    /// Persistent causal order: (head, batch) pairs per longest-first group; 0 = automatic
+    /// (a launch parameter, not part of the compiled kernel).
+    pub sched_group: usize,
     /// Consumer warpgroups (64 query rows each): 2 or 3.
     pub nc: usize,
     /// Window + softcap + ALiBi compiled in (run-time switches); excludes `causal`.
@@ -122,6 +128,8 @@ impl Variant {
             overlap: true,
             pingpong: true,
             persistent: false,
+            dynamic: false,
+            sched_group: 0,
             nc,
             full: false,
             varlen: false,
@@ -132,13 +140,19 @@ impl Variant {
     /// The variant that runs `problem` (with ALiBi when `alibi`). Plain (unmasked, no softcap
     /// or ALiBi) problems with at most [`PERSIST_MAX_SK`] keys run persistent CTAs: the
     /// prologue and epilogue of one tile hide behind the next (H100, 2026-11-26: +6% d=64,
-    /// +16% d=128 and d=256 at 1k non-causal; at 16k and for causal the static stride loses,
-    /// so those keep one CTA per tile).
+    /// +16% d=128 and d=256 at 1k non-causal; at 16k the static stride loses, so longer plain
+    /// problems keep one CTA per tile). Dense causal problems run persistent CTAs that take
+    /// their tiles from a global counter, longest first (H100: +4..8% at 1k–4k, level at
+    /// 8k–16k against one CTA per tile; bench/RESULTS.md "Step 8").
     pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
         let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
         v.persistent = !full && !causal && problem.max_sk <= PERSIST_MAX_SK;
+        if causal && !problem.varlen {
+            v.persistent = true;
+            v.dynamic = true;
+        }
         v.full = full;
         v.varlen = problem.varlen;
         v.apply_env();
@@ -177,7 +191,12 @@ impl Variant {
                 "stages" if (1..=4).contains(&n) => self.stages = n,
                 "overlap" => self.overlap = n != 0,
                 "pingpong" => self.pingpong = n != 0,
-                "persist" => self.persistent = n != 0,
+                // 0: one CTA per tile, 1: persistent with a static stride, 2: dynamic.
+                "persist" if n <= 2 => {
+                    self.persistent = n != 0;
+                    self.dynamic = n == 2;
+                }
+                "sgroup" => self.sched_group = n,
                 "otma" => self.otma = n != 0,
                 // Three consumers get 160 registers each: not enough for d = 256.
                 "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
@@ -186,6 +205,9 @@ impl Variant {
         }
         if !self.overlap {
             self.pingpong = false;
+        }
+        if !self.persistent {
+            self.dynamic = false;
         }
         if self.smem_bytes() > SMEM_LIMIT {
             *self = orig;
@@ -226,7 +248,12 @@ impl Variant {
         let dp = self.d.div_ceil(64) * 64;
         let q = self.bq() * dp * 2;
         let kv = self.bk * dp * 2;
-        q + 2 * self.stages * kv + 8 * (2 + 4 * self.stages) + 1024
+        let tile_ring = if self.persistent && self.dynamic {
+            40
+        } else {
+            0
+        };
+        q + 2 * self.stages * kv + 8 * (2 + 4 * self.stages) + tile_ring + 1024
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -238,7 +265,10 @@ impl Variant {
             .define("FA3_CAUSAL", u32::from(self.causal))
             .define("FA3_OVERLAP", u32::from(self.overlap))
             .define("FA3_PINGPONG", u32::from(self.pingpong))
-            .define("FA3_PERSISTENT", u32::from(self.persistent))
+            .define(
+                "FA3_PERSISTENT",
+                u32::from(self.persistent) + u32::from(self.persistent && self.dynamic),
+            )
             .define("FA3_NC", self.nc)
             .define("FA3_WINDOW", u32::from(self.full))
             .define("FA3_SOFTCAP", u32::from(self.full))
@@ -262,11 +292,16 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     for d in HEAD_DIMS {
         for f16 in [false, true] {
             for varlen in [false, true] {
-                // plain, causal, full, plain persistent (short sequences)
-                for mode in 0..4 {
-                    let mut var = Variant::default_for(d, f16, mode == 1);
+                // plain, causal, full, plain persistent (short sequences), causal with the
+                // dynamic scheduler (dense only)
+                for mode in 0..5 {
+                    if mode == 4 && varlen {
+                        continue;
+                    }
+                    let mut var = Variant::default_for(d, f16, mode == 1 || mode == 4);
                     var.full = mode == 2;
-                    var.persistent = mode == 3;
+                    var.persistent = mode >= 3;
+                    var.dynamic = mode == 4;
                     var.varlen = varlen;
                     var.fix_full();
                     v.push(var.spec());
@@ -451,6 +486,37 @@ pub(crate) fn encode_raw(
     Ok(map.opaque)
 }
 
+/// (head, batch) pairs per longest-first group of the persistent causal order (`Fa3Params::
+/// sched_group`): `knob` when set (> 0).
+pub(crate) fn sched_group(
+    knob: usize,
+    dynamic: bool,
+    m_tiles: usize,
+    pairs: usize,
+    sms: usize,
+) -> usize {
+    match (knob, dynamic) {
+        (g, _) if g > 0 => g.min(pairs),
+        // Short sequences: groups of enough tiles for two waves of CTAs, so that the CTAs
+        // running together read the K/V of a few heads (L2). Long ones (> 32 query tiles):
+        // longest first over the whole grid balances better, and a head's K/V is read by
+        // many tiles in any order (H100 A/B, bench/RESULTS.md "Step 8").
+        (_, true) if m_tiles <= 32 => (2 * sms).div_ceil(m_tiles).clamp(1, pairs),
+        // Static stride: longest first over the whole grid.
+        _ => pairs,
+    }
+}
+
+/// The dynamic scheduler's tile counter (one zeroed i32, freed stream-ordered when dropped
+/// after the launch), when `dynamic`.
+pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<Option<DeviceBuffer>> {
+    Ok(if dynamic {
+        Some(DeviceBuffer::zeros(gpu, 4)?)
+    } else {
+        None
+    })
+}
+
 /// Mirrors `struct Fa3Params` in kernels/sm90/fwd.cu (C layout, 64-byte aligned).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -496,13 +562,15 @@ pub(crate) struct Fa3Params {
     pub(crate) vd_b: i32,
     pub(crate) vd_h: i32,
     pub(crate) o_tma: i32,
-    pub(crate) pad3: i32,
+    /// Persistent causal order: (head, batch) pairs per longest-first group.
+    pub(crate) sched_group: i32,
+    /// Tile counter (an i32, zeroed before the launch) of the dynamic scheduler.
+    pub(crate) tile_ctr: u64,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
 unsafe impl DeviceRepr for Fa3Params {}
-// The C struct: four 128-byte maps, then 192 bytes of scalars (a multiple of its 64-byte
-// alignment).
-const _: () = assert!(std::mem::size_of::<Fa3Params>() == 4 * 128 + 192);
+// The C struct: four 128-byte maps, then 200 bytes of scalars padded to its 64-byte alignment.
+const _: () = assert!(std::mem::size_of::<Fa3Params>() == 4 * 128 + 256);
 
 impl Fa3Params {
     /// All fields zero (null maps and pointers), to be filled in by a launch.
@@ -546,7 +614,8 @@ impl Fa3Params {
             vd_b: 0,
             vd_h: 0,
             o_tma: 0,
-            pad3: 0,
+            sched_group: 0,
+            tile_ctr: 0,
         }
     }
 }
@@ -657,6 +726,24 @@ pub fn forward_into_with(
     lse: &DeviceTensor,
     alibi: Option<&AlibiSlopes>,
 ) -> Result<()> {
+    forward_into_tuned(gpu, problem, q, k, v, out, lse, alibi, "")
+}
+
+/// [`forward_into_with`] with tuning knobs (`FLASHATTN_FA3_TUNE` syntax, applied after the
+/// environment's) on top of the variant the problem selects — for tests and benchmarks that
+/// need a particular scheduler or tile without touching the process environment.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into_tuned(
+    gpu: &Gpu,
+    problem: &Problem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    alibi: Option<&AlibiSlopes>,
+    tune: &str,
+) -> Result<()> {
     let sq = problem.max_sq;
     let sk = problem.max_sk;
     if out.shape() != problem.q_shape.as_slice() || out.dtype() != problem.dtype {
@@ -678,7 +765,9 @@ pub fn forward_into_with(
             "at least one key (use fa3::forward)",
         ));
     }
-    let var = Variant::for_problem(problem, alibi.is_some());
+    let mut var = Variant::for_problem(problem, alibi.is_some());
+    var.apply_tune(tune);
+    var.fix_full();
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let m_tiles = sq.div_ceil(var.bq());
@@ -700,6 +789,10 @@ pub fn forward_into_with(
         None => None,
     };
     let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
+    let sms = gpu.sm_count() as usize;
+    let pairs = problem.heads_q * problem.batch;
+    let sched_group = sched_group(var.sched_group, var.dynamic, m_tiles, pairs, sms);
+    let tile_ctr = tile_counter(gpu, var.persistent && var.dynamic)?;
     let params = Fa3Params {
         q: encode_map(q, "q", var.bq())?,
         k: encode_map(k, "k", var.bk)?,
@@ -749,6 +842,8 @@ pub fn forward_into_with(
         },
         pad2: 0,
         o_tma,
+        sched_group: sched_group.min(i32::MAX as usize) as i32,
+        tile_ctr: tile_ctr.as_ref().map_or(0, |c| c.ptr()),
         ..Fa3Params::zeroed()
     };
     if !var.persistent
@@ -765,14 +860,15 @@ pub fn forward_into_with(
     }
     let total = m_tiles * problem.heads_q * problem.batch;
     let grid_dim = if var.persistent {
-        if total > i32::MAX as usize {
+        // The dynamic counter runs up to total + grid − 1.
+        if total > i32::MAX as usize - sms {
             return Err(Error::invalid(
                 "shape",
                 format!("{total} work tiles"),
-                "fewer than 2^31",
+                "fewer than 2^31 - (multiprocessors)",
             ));
         }
-        (total.min(gpu.sm_count() as usize) as u32, 1, 1)
+        (total.min(sms) as u32, 1, 1)
     } else {
         (m_tiles as u32, problem.heads_q as u32, problem.batch as u32)
     };
@@ -788,8 +884,9 @@ pub fn forward_into_with(
     // the tensor maps address q/k/v, which outlive the launch (the stream is synchronized
     // before they can be dropped by callers that download), and out/lse are sized by Problem.
     unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd", e))?;
-    // cu_seqlens and slopes are freed stream-ordered, after the launch (as fa2 does).
-    drop((cu, slopes));
+    // cu_seqlens, slopes and the tile counter are freed stream-ordered, after the launch (as
+    // fa2 does).
+    drop((cu, slopes, tile_ctr));
     Ok(())
 }
 

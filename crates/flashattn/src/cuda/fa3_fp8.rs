@@ -63,6 +63,9 @@ pub struct Fp8Variant {
     /// its own, or with `vtk` in the V staging ring (idle by then; a buffer of its own would not
     /// fit at d = 256). From d = 128 on, an 8-bit Q slice is smaller than its bf16 O tile.
     pub otma: bool,
+    /// Persistent CTAs taking their tiles from a global counter (`FA3_PERSISTENT=2`; not with
+    /// `vtk`).
+    pub dynamic: bool,
 }
 
 impl Fp8Variant {
@@ -81,6 +84,7 @@ impl Fp8Variant {
             stages: if d <= 128 { 3 } else { 2 },
             vtk,
             otma: true,
+            dynamic: false,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for kv in s.split(',') {
@@ -93,6 +97,10 @@ impl Fp8Variant {
                 let t = match k {
                     "stages" if (1..=4).contains(&n) => Fp8Variant { stages: n, ..v },
                     "otma" => Fp8Variant { otma: n != 0, ..v },
+                    "persist" if !v.vtk => Fp8Variant {
+                        dynamic: n == 2,
+                        ..v
+                    },
                     _ => continue,
                 };
                 if t.smem_bytes() <= SMEM_LIMIT {
@@ -128,6 +136,7 @@ impl Fp8Variant {
             + staging
             + own
             + 8 * (2 + 4 * self.stages)
+            + if self.dynamic { 40 } else { 0 }
             + 1024
     }
 
@@ -140,7 +149,7 @@ impl Fp8Variant {
             .define("FA3_CAUSAL", u32::from(self.causal))
             .define("FA3_OVERLAP", 1)
             .define("FA3_PINGPONG", 1)
-            .define("FA3_PERSISTENT", 0)
+            .define("FA3_PERSISTENT", if self.dynamic { 2 } else { 0 })
             .define("FA3_NC", 2)
             .define("FA3_WINDOW", 0)
             .define("FA3_SOFTCAP", 0)
@@ -465,6 +474,16 @@ fn launch(
     let (bq, bk, dd) = (BQ as u32, BK as u32, d as u64);
     // `out` is contiguous bf16, so TMA can always address it.
     let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
+    let sms = gpu.sm_count() as usize;
+    let total = m_tiles * hq * b;
+    if var.dynamic && total > i32::MAX as usize - sms {
+        return Err(Error::invalid(
+            "q",
+            format!("{total} work tiles"),
+            "fewer than 2^31 - (multiprocessors)",
+        ));
+    }
+    let tile_ctr = super::fa3::tile_counter(gpu, var.dynamic)?;
     // A dense [batch, rows, heads, d] e4m3 tensor, boxes of `box_rows` x 128 bytes.
     let bshd_map = |name: &str, ptr: u64, rows: usize, heads: usize, box_rows: u32| {
         encode_raw(
@@ -516,10 +535,16 @@ fn launch(
         kd_h: kd.1,
         vd_b: vd.0,
         vd_h: vd.1,
+        sched_group: super::fa3::sched_group(0, true, m_tiles, hq * b, sms) as i32,
+        tile_ctr: tile_ctr.as_ref().map_or(0, |c| c.ptr()),
         ..Fa3Params::zeroed()
     };
     let cfg = LaunchConfig {
-        grid_dim: (m_tiles as u32, hq as u32, b as u32),
+        grid_dim: if var.dynamic {
+            (total.min(sms) as u32, 1, 1)
+        } else {
+            (m_tiles as u32, hq as u32, b as u32)
+        },
         block_dim: (384, 1, 1),
         shared_mem_bytes: smem as u32,
     };
@@ -531,6 +556,7 @@ fn launch(
     // outlive the launch on this stream; out/lse were checked to be contiguous with the
     // shapes the kernel writes.
     unsafe { lb.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd (fp8)", e))?;
+    drop(tile_ctr); // freed stream-ordered, after the launch
     Ok(())
 }
 
