@@ -2,8 +2,10 @@
 //!
 //! One CTA per (query tile, query head, batch): a TMA producer warp and two (Bq 128) or three
 //! (Bq 192, d=64 bf16) wgmma consumer warpgroups of 64 query rows (see the kernel's header
-//! comment for the math and the pipeline); a persistent mode (one CTA per SM walking
-//! the tiles; default for plain problems with ≤ 1024 keys, `persist=0|1` overrides). The host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
+//! comment for the math and the pipeline); persistent modes (one CTA per SM walking the tiles
+//! with a static stride — default for plain problems with ≤ 1024 keys — or taking them from a
+//! global counter, longest first — default for dense causal; `persist=0|1|2` overrides). The
+//! host encodes one tensor map per input (`cuTensorMapEncodeTiled`, 4-D
 //! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
 //! passes them by value in one `__grid_constant__` parameter struct.
 //!
