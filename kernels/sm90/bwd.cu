@@ -17,8 +17,10 @@
 //     dK += dSᵀ Q by RS wgmma (the accumulators re-packed as A fragments; dO, Q MN-major);
 //     dSᵀ also goes to shared memory ([key][query], double-buffered) so that both warpgroups
 //     can form dQ = dS K with SS wgmma, both operands MN-major: with BQ = 64 each warpgroup
-//     takes half of the head dim, with BQ = 128 half of the query rows. dK and dV stay in
-//     registers (f32) for the whole walk and are written once at the end.
+//     takes half of the head dim, with BQ = 128 half of the query rows. dQ is added into
+//     dq_accum after staging in the tile's (now free) dSᵀ/Pᵀ buffer, one L2 request per 128-byte
+//     line (dq_red). dK and dV stay in registers (f32) for the whole walk and leave once at the
+//     end, as whole rows through the K and V buffers (write_dkdv).
 // The Q-tile walk starts at a different tile per key block so that CTAs of one head do not
 // add into the same dQ rows at the same time.
 //
