@@ -143,15 +143,16 @@ impl Variant {
     /// or ALiBi) problems with at most [`PERSIST_MAX_SK`] keys run persistent CTAs: the
     /// prologue and epilogue of one tile hide behind the next (H100, 2026-11-26: +6% d=64,
     /// +16% d=128 and d=256 at 1k non-causal; at 16k the static stride loses, so longer plain
-    /// problems keep one CTA per tile). Dense causal problems run persistent CTAs that take
-    /// their tiles from a global counter, longest first (H100: +4..8% at 1k–4k, level at
-    /// 8k–16k against one CTA per tile; bench/RESULTS.md "Step 8").
+    /// problems keep one CTA per tile). Dense causal problems, and plain dense ones at d = 256,
+    /// run persistent CTAs that take their tiles from a global counter, causal longest first
+    /// (H100 against one CTA per tile: causal +3..8% at 1k–4k, level at 8k–16k; d = 256
+    /// plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8").
     pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
         let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
         v.persistent = !full && !causal && problem.max_sk <= PERSIST_MAX_SK;
-        if causal && !problem.varlen {
+        if !full && !problem.varlen && (causal || problem.head_dim == 256) {
             v.persistent = true;
             v.dynamic = true;
         }
@@ -295,15 +296,15 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
         for f16 in [false, true] {
             for varlen in [false, true] {
                 // plain, causal, full, plain persistent (short sequences), causal with the
-                // dynamic scheduler (dense only)
-                for mode in 0..5 {
-                    if mode == 4 && varlen {
+                // dynamic scheduler (dense), plain dynamic (dense, d = 256)
+                for mode in 0..6 {
+                    if (mode >= 4 && varlen) || (mode == 5 && d != 256) {
                         continue;
                     }
                     let mut var = Variant::default_for(d, f16, mode == 1 || mode == 4);
                     var.full = mode == 2;
                     var.persistent = mode >= 3;
-                    var.dynamic = mode == 4;
+                    var.dynamic = mode >= 4;
                     var.varlen = varlen;
                     var.fix_full();
                     v.push(var.spec());
