@@ -2,16 +2,6 @@
 // accumulator), shared by the sm80 and sm90 kernels. Self-contained: no types header.
 #pragma once
 
-// Two adjacent f32 adds (8-byte aligned): one vector reduction on sm_90+, two atomics before.
-__device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
-#else
-  atomicAdd(addr, a);
-  atomicAdd(addr + 1, b);
-#endif
-}
-
 // Four adjacent f32 adds (16-byte aligned), sm_90+ only: one request per 128-byte line when
 // eight lanes cover a line.
 __device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, float c, float d) {
