@@ -59,6 +59,11 @@
 // overwrite the next sequence's first rows), and outputs whose layout TMA cannot address
 // (p.o_tma = 0). Tiles without keys write their zeros directly (Q is not theirs to stage in: a
 // persistent producer may already be loading the next tile's Q).
+// FA3_PACK = G > 1 — GQA packing: a tile's rows are (query, head of the group) pairs, packed row
+// r = query r / G of query head w.h + r % G (w.h = the group's first head), so the G heads that
+// share a K/V head stream it once per tile instead of once each (short query lengths: decode).
+// Q and O go through 5-D maps [d, G, rows, heads_k, batch] whose boxes are exactly these rows;
+// the masks, tile ranges and LSE use r / G. Dense, plain or causal, one CTA per tile, 16-bit.
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -119,6 +124,9 @@
 #ifndef FA3_OBUF
 #define FA3_OBUF 0
 #endif
+#ifndef FA3_PACK
+#define FA3_PACK 1
+#endif
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
@@ -127,6 +135,13 @@ constexpr bool FP8 = FA3_DT == 2;
 static_assert(!FP8 || !(FA3_WINDOW || PRESCALE || FA3_VARLEN), "fp8: dense, plain or causal");
 static_assert(!FP8 || FA3_BK == 128, "fp8: one Vᵀ row is one 128-byte swizzle row");
 constexpr bool VTK = FP8 && FA3_VTK;  // in-kernel V transpose by the producer warpgroup
+constexpr int PACK = FA3_PACK;        // GQA packing: query heads per tile row group
+static_assert(PACK == 1 || ((PACK & (PACK - 1)) == 0 && 64 % PACK == 0 && !FP8 && !FA3_WINDOW &&
+                            !PRESCALE && !FA3_VARLEN && !FA3_PERSISTENT && FA3_OTMA),
+              "GQA packing: a power of two dividing 64; dense 16-bit, plain or causal, one CTA "
+              "per tile, TMA-store epilogue");
+// The query index of (packed) tile row r.
+__device__ __forceinline__ int qrow(int r) { return r / PACK; }
 
 constexpr int D = FA3_D;
 constexpr int BK = FA3_BK;
@@ -215,7 +230,12 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
   if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
   mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
-  for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
+  for (int c = 0; c < NCH; ++c) {
+    if (PACK > 1)
+      tma_load_5d(sQ + c * QCHUNK, &p.q, q_full, c * CH, 0, m * (BQ / PACK), h / PACK, b);
+    else
+      tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
+  }
   for (int it = 0; it < n_end; ++it) {
     const int tile = w.n_hi - 1 - it;
     const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
@@ -358,7 +378,7 @@ __device__ __forceinline__ void apply_mask(float* sc, int tile, int row0, int sq
                                            int wl, int wr) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 8 * r;
+    const int row = qrow(row0 + 8 * r);
     int limit = sk;
     if (HAS_RIGHT) limit = min(limit, row + sk - sq + wr + 1);
     const int lim = limit - tile * BK - 2 * tq;  // column index 8j + e must stay below this
@@ -444,10 +464,10 @@ __device__ __forceinline__ void store_o_direct(const Fa3Params& p, const u32* ob
   unsigned short* out = (unsigned short*)p.o;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 8 * r;
+    const int row = qrow(row0 + 8 * r), h = w.h + (row0 + 8 * r) % PACK;
     if (row < w.sq) {
       unsigned short* orow =
-          out + w.b * p.o_batch + (i64)(w.qs + row) * p.o_row + (i64)w.h * p.o_head + 2 * tq;
+          out + w.b * p.o_batch + (i64)(w.qs + row) * p.o_row + (i64)h * p.o_head + 2 * tq;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) *(u32*)(orow + 8 * j) = ob[2 * j + r];
     }
@@ -486,7 +506,12 @@ __device__ __forceinline__ void tma_store_o(const Fa3Params& p, u32 o_base, cons
                                             int wrow) {
   if (threadIdx.x % 128 != 0) return;
 #pragma unroll
-  for (int c = 0; c < ONCH; ++c) tma_store_4d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, w.qs + wrow, w.h, w.tb);
+  for (int c = 0; c < ONCH; ++c) {
+    if (PACK > 1)
+      tma_store_5d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, 0, wrow / PACK, w.h / PACK, w.tb);
+    else
+      tma_store_4d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, w.qs + wrow, w.h, w.tb);
+  }
   bulk_commit();
   // A persistent CTA's own buffer is next written one tile later: wait there instead.
   if (!(OWN_O && FA3_PERSISTENT)) bulk_wait_read<0>();
@@ -499,8 +524,8 @@ __device__ __forceinline__ void tma_store_o(const Fa3Params& p, u32 o_base, cons
 __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, const WorkTile& w, int cw,
                                             int wrow) {
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
-  unsigned short* out = (unsigned short*)p.o + w.b * p.o_batch + (i64)w.h * p.o_head + 2 * lane;
-  const int rows = min(64, w.sq - wrow);
+  unsigned short* out = (unsigned short*)p.o + w.b * p.o_batch + 2 * lane;
+  const int rows = min(64, w.sq * PACK - wrow);
 #pragma unroll
   for (int c = 0; c < ONCH; ++c) {
     if (64 * c + 2 * lane >= D) continue;  // d = 96: the second chunk's pad columns
@@ -509,7 +534,8 @@ __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, cons
       const u32 a = o_base + (c * NC + cw) * OBOX + r * 128 + ((((lane >> 2) ^ (r & 7))) << 4) + 4 * (lane & 3);
       u32 v;
       asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
-      *(u32*)(out + (i64)(w.qs + wrow + r) * p.o_row + 64 * c) = v;
+      const int pr = wrow + r;  // packed row: query qrow(pr) of head w.h + pr % PACK
+      *(u32*)(out + (i64)(w.qs + qrow(pr)) * p.o_row + (i64)(w.h + pr % PACK) * p.o_head + 64 * c) = v;
     }
   }
 }
@@ -535,7 +561,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   if (FA3_ALIBI && p.alibi != 0)
     slope = ((const float*)p.alibi)[b * p.alibi_bs + h] * 1.4426950408889634f;
   // Tiles whose columns can reach past a row's limit need the mask.
-  const int first_diag = m * BQ + cw * 64 + sk - sq;  // smallest visible-limit-1 in this warpgroup
+  const int first_diag = qrow(m * BQ + cw * 64) + sk - sq;  // smallest visible-limit-1 in this warpgroup
   // Does key tile `tile` hold a masked entry for one of this warpgroup's 64 rows?
   auto need_mask = [&](int tile) {
     return (tile + 1) * BK > sk || (HAS_RIGHT && (tile + 1) * BK - 1 > first_diag + wr) ||
@@ -688,8 +714,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #endif
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 8 * r;
-    if (row < sq && tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)h * p.lse_h + w.qs + row] = lse[r];
+    const int row = qrow(row0 + 8 * r), hr = h + (row0 + 8 * r) % PACK;
+    if (row < sq && tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)hr * p.lse_h + w.qs + row] = lse[r];
   }
   // Q holds O: thread 0 waited for its TMA store to read the slice (tma_store_o) before its
   // warp's arrival; the other warps' arrivals cannot complete the phase without it.
@@ -719,7 +745,7 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
 #else
   (void)t;
   w.m = FA3_CAUSAL ? (p.m_tiles - 1 - (int)blockIdx.x) : (int)blockIdx.x;
-  w.h = blockIdx.y;
+  w.h = blockIdx.y * PACK;  // packed: the group's first query head (grid y runs over key heads)
   w.b = blockIdx.z;
 #endif
 #if FA3_VARLEN
@@ -739,12 +765,12 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   const int sq = w.sq, sk = w.sk;
   w.n_lo = 0;
   w.n_hi = (sk + BK - 1) / BK;
-  if (w.m * BQ >= sq) {
+  if (w.m * BQ >= sq * PACK) {
     w.n_hi = 0;  // (varlen) a query tile past this sequence's end: nothing to do
     return w;
   }
   if (HAS_RIGHT) {
-    const int last_row = min(sq, (w.m + 1) * BQ) - 1;
+    const int last_row = qrow(min(sq * PACK, (w.m + 1) * BQ) - 1);
     const int jmax = last_row + sk - sq + (FA3_WINDOW ? p.wr : 0);  // last visible key of the tile
     w.n_hi = jmax < 0 ? 0 : min(w.n_hi, jmax / BK + 1);
   }

@@ -709,19 +709,7 @@ fn fa3_persistent_schedulers() {
             let problem = Problem::new(&qkv, &opts).unwrap();
             let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
             let (dq, dk, dv) = (up(q), up(k), up(v));
-            // Output and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
-            let run = |tune: &str| -> Result<(Vec<u32>, Vec<u32>), flashattn::Error> {
-                let out = DeviceTensor::alloc(&gpu, dtype, &problem.q_shape)?;
-                let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape())?;
-                out.fill_poison()?;
-                lse.fill_poison()?;
-                fa3::forward_into_tuned(&gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune)?;
-                let bits = |t: &DeviceTensor| {
-                    t.download()
-                        .map(|t| t.to_f32_vec().iter().map(|x| x.to_bits()).collect())
-                };
-                Ok((bits(&out)?, bits(&lse)?))
-            };
+            let run = |tune: &str| run_bits(&gpu, &problem, [&dq, &dk, &dv], tune);
             let base = run("persist=0").expect("one CTA per tile");
             // The baseline itself: finite everywhere (no unwritten tile) and, on three query
             // heads of the first sequence, within tolerance of the f64 reference.
@@ -754,6 +742,136 @@ fn fa3_persistent_schedulers() {
         }
     }
     tally.finish("fa3 persistent schedulers");
+}
+
+/// `fa3::forward_into_tuned` into NaN-poisoned buffers; output and LSE as f32 bit patterns
+/// (the 16-bit → f32 widening is exact).
+type Bits = (Vec<u32>, Vec<u32>);
+fn run_bits(
+    gpu: &Gpu,
+    problem: &Problem,
+    [q, k, v]: [&DeviceTensor; 3],
+    tune: &str,
+) -> Result<Bits, flashattn::Error> {
+    let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape)?;
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
+    out.fill_poison()?;
+    lse.fill_poison()?;
+    fa3::forward_into_tuned(gpu, problem, q, k, v, &out, &lse, None, tune)?;
+    let bits = |t: &DeviceTensor| {
+        t.download()
+            .map(|t| t.to_f32_vec().iter().map(|x| x.to_bits()).collect())
+    };
+    Ok((bits(&out)?, bits(&lse)?))
+}
+
+/// GQA packing (the query heads of a group share a tile's rows) on the short query lengths it
+/// is chosen for: the packed variant must be the one selected, agree with the f64 reference
+/// (poisoned outputs, LSE too) and be bit-identical to the same problem unpacked (every row's
+/// arithmetic is the same, only its tile neighbours change). Groups 2, 4, 8; one query, a few,
+/// more than a tile's worth of packed rows; keys 1, 77, 300; causal with sq > sk (rows without
+/// keys), plain; every head dim, bf16 and f16.
+#[test]
+fn fa3_gqa_packing() {
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
+    let mut rng = Rng::new(0x6ca);
+    let mut tally = Tally::default();
+    for d in fa3::HEAD_DIMS {
+        let dtype = if d % 128 == 0 {
+            DType::BF16
+        } else {
+            DType::F16
+        };
+        for g in [2usize, 4, 8] {
+            for (sq, sk, causal) in [
+                (1, 300, true),
+                (5, 77, false),
+                (17, 300, true),
+                (40, 1, true),
+                (40, 300, false),
+            ] {
+                let (b, hk) = (2, 2);
+                let seed = rng.next_u64() % 1_000_000;
+                let q = rand_tensor(dtype, &[b, sq, hk * g, d], seed);
+                let k = rand_tensor(dtype, &[b, sk, hk, d], seed + 1);
+                let v = rand_tensor(dtype, &[b, sk, hk, d], seed + 2);
+                let opts = AttnOptions::new().causal(causal);
+                let qkv = Qkv::dense(&q, &k, &v);
+                let problem = Problem::new(&qkv, &opts).unwrap();
+                let label = format!(
+                    "{} d={d} g={g} sq={sq} sk={sk} causal={causal}",
+                    dtype.name()
+                );
+                let pack = fa3::Variant::for_problem(&problem, false).pack;
+                let (e, le) = launch_and_compare(&gpu, &qkv, &opts, &problem);
+                let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+                let (dq, dk, dv) = (up(&q), up(&k), up(&v));
+                let packed = run_bits(&gpu, &problem, [&dq, &dk, &dv], "");
+                let plain = run_bits(&gpu, &problem, [&dq, &dk, &dv], "pack=0");
+                let same = matches!((&packed, &plain), (Ok(a), Ok(b)) if a == b);
+                tally.record(
+                    pack == g && e <= tol(dtype) && le <= 1e-3 && same,
+                    format!(
+                        "{label}: pack {pack}, rel_err {e:.2e}, lse_err {le:.2e}, {}",
+                        if same {
+                            "bit-identical unpacked"
+                        } else {
+                            "DIFFERS from unpacked"
+                        }
+                    ),
+                );
+            }
+        }
+    }
+    tally.finish("fa3 GQA packing");
+}
+
+/// Decode-shaped GQA timings, packed vs unpacked (only with `FA3_PACK_BENCH=1`): batch 8,
+/// 32 query heads over 4 or 8 key heads, 1–64 new queries against 512–8192 cached keys, causal
+/// (bottom-right, as decoding with a KV cache), bf16, d = 64/128; median of CUDA-event timings.
+#[test]
+fn fa3_gqa_packing_bench() {
+    if std::env::var("FA3_PACK_BENCH").as_deref() != Ok("1") {
+        eprintln!("skipping fa3_gqa_packing_bench (set FA3_PACK_BENCH=1)");
+        return;
+    }
+    let Some(gpu) = hopper_or_skip("fa3 GPU bench") else {
+        return;
+    };
+    println!("  d  hk  sq     sk  packed_us  unpacked_us  speedup");
+    for d in [64usize, 128] {
+        for hk in [4usize, 8] {
+            for sq in [1usize, 4, 16, 64] {
+                for sk in [512usize, 8192] {
+                    let (b, hq) = (8, 32);
+                    let q = rand_tensor(DType::BF16, &[b, sq, hq, d], 1);
+                    let k = rand_tensor(DType::BF16, &[b, sk, hk, d], 2);
+                    let v = rand_tensor(DType::BF16, &[b, sk, hk, d], 3);
+                    let opts = AttnOptions::new().causal(true);
+                    let problem = Problem::new(&Qkv::dense(&q, &k, &v), &opts).unwrap();
+                    let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+                    let (dq, dk, dv) = (up(&q), up(&k), up(&v));
+                    let out = DeviceTensor::alloc(&gpu, DType::BF16, &problem.q_shape).unwrap();
+                    let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape()).unwrap();
+                    let time = |tune: &str| {
+                        1e3 * event_median_ms(&gpu, 50, 10, || {
+                            fa3::forward_into_tuned(
+                                &gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune,
+                            )
+                            .unwrap()
+                        })
+                    };
+                    let (p, u) = (time(""), time("pack=0"));
+                    println!(
+                        "{d:>3} {hk:>3} {sq:>3} {sk:>6} {p:>10.1} {u:>12.1} {:>8.2}",
+                        u / p
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// One input of [`fa3_persistent_schedulers`] (`cu`: cu_seqlens for varlen).

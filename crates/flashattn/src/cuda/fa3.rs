@@ -62,6 +62,9 @@ pub struct Variant {
     /// Persistent causal order: (head, batch) pairs per longest-first group; 0 = automatic
     /// (a launch parameter, not part of the compiled kernel).
     pub sched_group: usize,
+    /// GQA packing (`FA3_PACK`): the query heads of a group (this many, a power of two
+    /// dividing 64) share each tile's rows, so their K/V head is streamed once per tile; 1 = off.
+    pub pack: usize,
     /// Consumer warpgroups (64 query rows each): 2 or 3.
     pub nc: usize,
     /// Window + softcap + ALiBi compiled in (run-time switches); excludes `causal`.
@@ -132,6 +135,7 @@ impl Variant {
             persistent: false,
             dynamic: false,
             sched_group: 0,
+            pack: 1,
             nc,
             full: false,
             varlen: false,
@@ -155,6 +159,17 @@ impl Variant {
         if !full && !problem.varlen && (causal || problem.head_dim == 256) {
             v.persistent = true;
             v.dynamic = true;
+        }
+        // GQA packing where it cuts the tiles (and so the K/V passes) of a group: short query
+        // lengths, e.g. decoding with 1–16 new tokens against a KV cache.
+        let g = problem.group();
+        if !full && !problem.varlen && g > 1 && g.is_power_of_two() && 64 % g == 0 {
+            let bq = v.bq();
+            if (problem.max_sq * g).div_ceil(bq) < g * problem.max_sq.div_ceil(bq) {
+                v.pack = g;
+                v.persistent = false;
+                v.dynamic = false;
+            }
         }
         v.full = full;
         v.varlen = problem.varlen;
@@ -200,6 +215,8 @@ impl Variant {
                     self.dynamic = n == 2;
                 }
                 "sgroup" => self.sched_group = n,
+                // pack=0 turns GQA packing off (benchmarks).
+                "pack" if n == 0 => self.pack = 1,
                 "otma" => self.otma = n != 0,
                 // Three consumers get 160 registers each: not enough for d = 256.
                 "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
@@ -211,6 +228,9 @@ impl Variant {
         }
         if !self.persistent {
             self.dynamic = false;
+        }
+        if self.persistent || !self.otma {
+            self.pack = 1;
         }
         if self.smem_bytes() > SMEM_LIMIT {
             *self = orig;
@@ -273,6 +293,7 @@ impl Variant {
                 u32::from(self.persistent) + u32::from(self.persistent && self.dynamic),
             )
             .define("FA3_NC", self.nc)
+            .define("FA3_PACK", self.pack)
             .define("FA3_WINDOW", u32::from(self.full))
             .define("FA3_SOFTCAP", u32::from(self.full))
             .define("FA3_ALIBI", u32::from(self.full))
@@ -308,6 +329,17 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
                     var.varlen = varlen;
                     var.fix_full();
                     v.push(var.spec());
+                }
+                // GQA packing (dense, plain or causal) for groups of 2, 4, 8.
+                for pack in [2, 4, 8] {
+                    for causal in [false, true] {
+                        if varlen {
+                            continue;
+                        }
+                        let mut var = Variant::default_for(d, f16, causal);
+                        var.pack = pack;
+                        v.push(var.spec());
+                    }
                 }
             }
         }
@@ -447,6 +479,42 @@ pub(super) fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Resul
     )
 }
 
+/// The packed-GQA map (`Variant::pack` = g) of q or out, dense `[batch, rows, heads_q, d]`: 5-D
+/// `[d, g, rows, heads_q / g, batch]`, boxes of 64 columns × `box_rows` packed rows (`box_rows /
+/// g` queries × the g heads of a group), so packed row r is query r / g of head r % g.
+fn encode_packed(t: &DeviceTensor, name: &str, box_rows: usize, g: usize) -> Result<[u64; 16]> {
+    let (sh, _) = bshd(t);
+    if t.shape().len() != 4 || sh.contains(&0) || sh[2] % g != 0 {
+        return Err(Error::invalid(
+            name,
+            format!("shape {:?}", t.shape()),
+            format!("[batch, rows, heads, d] with heads a multiple of {g} (GQA packing)"),
+        ));
+    }
+    let [rs, hs, bs] = tma_strides(t, name)?;
+    let dtype = match t.dtype() {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::F32 => return Err(Error::invalid(name, "f32", "bf16 or f16 (fa3)")),
+    };
+    let dims = [
+        sh[3] as u64,
+        g as u64,
+        sh[1] as u64,
+        (sh[2] / g) as u64,
+        sh[0] as u64,
+    ];
+    let boxd = [64, g as u32, (box_rows / g) as u32, 1, 1];
+    encode_tiled(
+        name,
+        t.ptr(),
+        dtype,
+        &dims,
+        &[hs, rs, hs * g as u64, bs],
+        &boxd,
+    )
+}
+
 /// A 4-D tiled tensor map with 128-byte swizzle and zero fill out of bounds: `dims` innermost
 /// first, `strides` the byte strides of dims 1..3 (multiples of 16), `boxd` the box (its inner
 /// extent at most 128 bytes). Shared with the FP8 forward (`fa3_fp8`).
@@ -458,16 +526,33 @@ pub(crate) fn encode_raw(
     strides: [u64; 3],
     boxd: [u32; 4],
 ) -> Result<[u64; 16]> {
+    encode_tiled(name, addr, dtype, &dims, &strides, &boxd)
+}
+
+/// [`encode_raw`] for any rank 1..=5 (`strides` one shorter than `dims`, `boxd` as long).
+fn encode_tiled(
+    name: &str,
+    addr: u64,
+    dtype: sys::CUtensorMapDataType,
+    dims: &[u64],
+    strides: &[u64],
+    boxd: &[u32],
+) -> Result<[u64; 16]> {
+    let rank = dims.len();
+    assert!(
+        (1..=5).contains(&rank) && strides.len() + 1 == rank && boxd.len() == rank,
+        "tensor map rank"
+    );
     let sh = dims;
-    let estr: [u32; 4] = [1, 1, 1, 1];
+    let estr = [1u32; 5];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: all arrays live for the call and have the lengths the rank (4) implies; the map
-    // is plain output memory of the right size and alignment.
+    // SAFETY: all arrays live for the call and have at least the lengths the rank implies
+    // (checked above); the map is plain output memory of the right size and alignment.
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             &mut map,
             dtype,
-            4,
+            rank as u32,
             addr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
@@ -771,9 +856,13 @@ pub fn forward_into_tuned(
     let mut var = Variant::for_problem(problem, alibi.is_some());
     var.apply_tune(tune);
     var.fix_full();
+    // Packed tiles leave through 5-D TMA boxes only.
+    if var.pack > 1 && !out_uses_tma(out) {
+        var.pack = 1;
+    }
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
-    let m_tiles = sq.div_ceil(var.bq());
+    let m_tiles = (sq * var.pack).div_ceil(var.bq());
     let ost = bshd(out).1;
     let (wl, wr) = window_bounds(problem);
     let mut cu = None;
@@ -791,13 +880,23 @@ pub fn forward_into_tuned(
         Some(a) => Some(DeviceBuffer::from_f32(gpu, &a.values)?),
         None => None,
     };
-    let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
+    let (om, o_tma) = if var.pack > 1 {
+        (encode_packed(out, "out", 64, var.pack)?, 1)
+    } else if var.otma {
+        o_map(out)
+    } else {
+        ([0; 16], 0)
+    };
     let sms = gpu.sm_count() as usize;
     let pairs = problem.heads_q * problem.batch;
     let sched_group = sched_group(var.sched_group, var.dynamic, m_tiles, pairs, sms);
     let tile_ctr = tile_counter(gpu, var.persistent && var.dynamic)?;
     let params = Fa3Params {
-        q: encode_map(q, "q", var.bq())?,
+        q: if var.pack > 1 {
+            encode_packed(q, "q", var.bq(), var.pack)?
+        } else {
+            encode_map(q, "q", var.bq())?
+        },
         k: encode_map(k, "k", var.bk)?,
         v: encode_map(v, "v", var.bk)?,
         om,
@@ -873,7 +972,12 @@ pub fn forward_into_tuned(
         }
         (total.min(sms) as u32, 1, 1)
     } else {
-        (m_tiles as u32, problem.heads_q as u32, problem.batch as u32)
+        // Packed: grid y runs over key heads (a CTA takes all the query heads of one).
+        (
+            m_tiles as u32,
+            (problem.heads_q / var.pack) as u32,
+            problem.batch as u32,
+        )
     };
     let cfg = LaunchConfig {
         grid_dim,
