@@ -46,7 +46,7 @@ fn run_case(gpu: &Gpu, c: &Case, seed: u64) -> (f64, f64) {
     launch_and_compare(gpu, &qkv, &opts, &problem)
 }
 
-/// Runs `fa3::forward_into_with` into NaN-poisoned `out`/`lse` and returns the (out, lse)
+/// Runs the selected fa3 variant ([`run_bits`]) into NaN-poisoned `out`/`lse` and returns the (out, lse)
 /// errors against the f64 reference; a failed launch counts as an infinite error.
 fn launch_and_compare(
     gpu: &Gpu,
@@ -56,29 +56,17 @@ fn launch_and_compare(
 ) -> (f64, f64) {
     let up = |t: &Tensor| DeviceTensor::upload(gpu, t).unwrap();
     let (q, k, v) = (up(qkv.q), up(qkv.k), up(qkv.v));
-    let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape).unwrap();
-    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
-    out.fill_poison().unwrap();
-    lse.fill_poison().unwrap();
-    let r = fa3::forward_into_with(
-        gpu,
-        problem,
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        opts.alibi_slopes.as_ref(),
-    );
-    if let Err(e) = r {
-        eprintln!("fa3 launch failed: {e}");
-        return (f64::INFINITY, f64::INFINITY);
-    }
-    gpu.synchronize().expect("fa3 kernel ran");
-    let got = out.download().unwrap().to_f32_vec();
-    let got_lse = lse.download().unwrap().to_f32_vec();
+    let (got, got_lse) = match run_bits(gpu, problem, [&q, &k, &v], opts.alibi_slopes.as_ref(), "")
+    {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("fa3 launch failed: {e}");
+            return (f64::INFINITY, f64::INFINITY);
+        }
+    };
+    let f = |b: Vec<u32>| b.into_iter().map(f32::from_bits).collect::<Vec<f32>>();
     let (want, want_lse) = ref_forward(qkv, opts);
-    (rel_err(&got, &want), lse_err(&got_lse, &want_lse))
+    (rel_err(&f(got), &want), lse_err(&f(got_lse), &want_lse))
 }
 
 #[test]
@@ -709,7 +697,7 @@ fn fa3_persistent_schedulers() {
             let problem = Problem::new(&qkv, &opts).unwrap();
             let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
             let (dq, dk, dv) = (up(q), up(k), up(v));
-            let run = |tune: &str| run_bits(&gpu, &problem, [&dq, &dk, &dv], tune);
+            let run = |tune: &str| run_bits(&gpu, &problem, [&dq, &dk, &dv], None, tune);
             let base = run("persist=0").expect("one CTA per tile");
             // The baseline itself: finite everywhere (no unwritten tile) and, on three query
             // heads of the first sequence, within tolerance of the f64 reference.
@@ -744,20 +732,21 @@ fn fa3_persistent_schedulers() {
     tally.finish("fa3 persistent schedulers");
 }
 
-/// `fa3::forward_into_tuned` into NaN-poisoned buffers; output and LSE as f32 bit patterns
-/// (the 16-bit → f32 widening is exact).
+/// `fa3::forward_into_tuned` into NaN-poisoned buffers (download waits for the stream); output
+/// and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
 type Bits = (Vec<u32>, Vec<u32>);
 fn run_bits(
     gpu: &Gpu,
     problem: &Problem,
     [q, k, v]: [&DeviceTensor; 3],
+    alibi: Option<&AlibiSlopes>,
     tune: &str,
 ) -> Result<Bits, flashattn::Error> {
     let out = DeviceTensor::alloc(gpu, problem.dtype, &problem.q_shape)?;
     let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
     out.fill_poison()?;
     lse.fill_poison()?;
-    fa3::forward_into_tuned(gpu, problem, q, k, v, &out, &lse, None, tune)?;
+    fa3::forward_into_tuned(gpu, problem, q, k, v, &out, &lse, alibi, tune)?;
     let bits = |t: &DeviceTensor| {
         t.download()
             .map(|t| t.to_f32_vec().iter().map(|x| x.to_bits()).collect())
@@ -808,8 +797,8 @@ fn fa3_gqa_packing() {
                 let (e, le) = launch_and_compare(&gpu, &qkv, &opts, &problem);
                 let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
                 let (dq, dk, dv) = (up(&q), up(&k), up(&v));
-                let packed = run_bits(&gpu, &problem, [&dq, &dk, &dv], "");
-                let plain = run_bits(&gpu, &problem, [&dq, &dk, &dv], "pack=0");
+                let packed = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "");
+                let plain = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "pack=0");
                 let same = matches!((&packed, &plain), (Ok(a), Ok(b)) if a == b);
                 tally.record(
                     pack == g && e <= tol(dtype) && le <= 1e-3 && same,
