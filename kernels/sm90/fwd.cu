@@ -817,9 +817,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 v_empty = k_empty + 8 * STAGES;
   const u32 q_empty = v_empty + 8 * STAGES;
   const u32 r_full = q_empty + 8;  // 2 barriers (FA3_VTK)
-  const u32 t_full = r_full + (VTK ? 16 : 0);  // DYN: 2 + 2 barriers, then 2 tile slots
-  const u32 t_empty = t_full + 16;
-  const u32 t_slots = t_empty + 16;
+  // DYN: 2 + 2 barriers, then 2 tile slots.
+  [[maybe_unused]] const u32 t_full = r_full + (VTK ? 16 : 0);
+  [[maybe_unused]] const u32 t_empty = t_full + 16;
+  [[maybe_unused]] const u32 t_slots = t_empty + 16;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
