@@ -499,6 +499,7 @@ fn run_into_view(
         &out,
         &lse,
         opts.alibi_slopes.as_ref(),
+        "",
     );
     if let Err(e) = r {
         eprintln!("fa3 launch failed: {e}");
@@ -732,7 +733,7 @@ fn fa3_persistent_schedulers() {
     tally.finish("fa3 persistent schedulers");
 }
 
-/// `fa3::forward_into_tuned` into NaN-poisoned buffers (download waits for the stream); output
+/// `fa3::forward_into_with` into NaN-poisoned buffers (download waits for the stream); output
 /// and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
 type Bits = (Vec<u32>, Vec<u32>);
 fn run_bits(
@@ -746,7 +747,7 @@ fn run_bits(
     let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape())?;
     out.fill_poison()?;
     lse.fill_poison()?;
-    fa3::forward_into_tuned(gpu, problem, q, k, v, &out, &lse, alibi, tune)?;
+    fa3::forward_into_with(gpu, problem, q, k, v, &out, &lse, alibi, tune)?;
     let bits = |t: &DeviceTensor| {
         t.download()
             .map(|t| t.to_f32_vec().iter().map(|x| x.to_bits()).collect())
@@ -846,7 +847,7 @@ fn fa3_gqa_packing_bench() {
                     let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape()).unwrap();
                     let time = |tune: &str| {
                         1e3 * event_median_ms(&gpu, 50, 10, || {
-                            fa3::forward_into_tuned(
+                            fa3::forward_into_with(
                                 &gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune,
                             )
                             .unwrap()

@@ -783,6 +783,7 @@ pub fn forward(
         &out,
         &lse,
         opts.alibi_slopes.as_ref(),
+        "",
     )?;
     Ok((out, lse))
 }
@@ -800,30 +801,16 @@ pub fn forward_into(
     out: &DeviceTensor,
     lse: &DeviceTensor,
 ) -> Result<()> {
-    forward_into_with(gpu, problem, q, k, v, out, lse, None)
+    forward_into_with(gpu, problem, q, k, v, out, lse, None, "")
 }
 
 /// [`forward_into`] with ALiBi slopes; runs anything [`supports`] accepts (varlen: `out` packed
-/// like q, `lse` `[heads_q, total_q]`).
+/// like q, `lse` `[heads_q, total_q]`). `tune` takes tuning knobs (`FLASHATTN_FA3_TUNE` syntax,
+/// applied after the environment's) on top of the variant the problem selects, for tests and
+/// benchmarks that need a particular scheduler or tile without touching the process
+/// environment; `""` runs the shipped choice.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_into_with(
-    gpu: &Gpu,
-    problem: &Problem,
-    q: &DeviceTensor,
-    k: &DeviceTensor,
-    v: &DeviceTensor,
-    out: &DeviceTensor,
-    lse: &DeviceTensor,
-    alibi: Option<&AlibiSlopes>,
-) -> Result<()> {
-    forward_into_tuned(gpu, problem, q, k, v, out, lse, alibi, "")
-}
-
-/// [`forward_into_with`] with tuning knobs (`FLASHATTN_FA3_TUNE` syntax, applied after the
-/// environment's) on top of the variant the problem selects — for tests and benchmarks that
-/// need a particular scheduler or tile without touching the process environment.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_into_tuned(
     gpu: &Gpu,
     problem: &Problem,
     q: &DeviceTensor,
