@@ -151,8 +151,8 @@ impl Variant {
     /// +16% d=128 and d=256 at 1k non-causal; at 16k the static stride loses, so longer plain
     /// problems keep one CTA per tile). Dense causal problems, and plain dense ones at d = 256,
     /// run persistent CTAs that take their tiles from a global counter, causal longest first
-    /// (H100 against one CTA per tile: causal +3..8% at 1k–4k, level at 8k–16k; d = 256
-    /// plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8").
+    /// (H100 against one CTA per tile: causal +2..8% at 1k–8k, except −1..2% for d = 128 from
+    /// 4k and d = 256 at 1k; d = 256 plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8").
     pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
