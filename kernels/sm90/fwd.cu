@@ -64,6 +64,12 @@
 // share a K/V head stream it once per tile instead of once each (short query lengths: decode).
 // Q and O go through 5-D maps [d, G, rows, heads_k, batch] whose boxes are exactly these rows;
 // the masks, tile ranges and LSE use r / G. Dense, plain or causal, one CTA per tile, 16-bit.
+// FA3_QRS=1 — S = Q Kᵀ takes Q from registers (A fragments loaded once per tile with ldmatrix)
+// instead of shared memory (FA3_QRS=2 or 4: the first half or quarter of d only, where all of Q does not fit): the QKᵀ wgmma then reads only K from shared memory, whose bandwidth
+// (128 B per SM and clock, shared with TMA writes) the SS form nearly fills at d <= 128.
+// FA3_EMU = E — E of every 8 n8-blocks of a score row take their exponentials from a polynomial
+// on the FMA pipe (exp2_poly) instead of the MUFU, whose 16 per SM and clock bound the loop where
+// the GEMMs are short (d = 64; FP8).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -127,6 +133,13 @@
 #ifndef FA3_PACK
 #define FA3_PACK 1
 #endif
+#ifndef FA3_EMU
+#define FA3_EMU 0
+#endif
+#ifndef FA3_QRS
+#define FA3_QRS 0
+#endif
+static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
@@ -135,6 +148,9 @@ constexpr bool FP8 = FA3_DT == 2;
 static_assert(!FP8 || !(FA3_WINDOW || PRESCALE || FA3_VARLEN), "fp8: dense, plain or causal");
 static_assert(!FP8 || FA3_BK == 128, "fp8: one Vᵀ row is one 128-byte swizzle row");
 constexpr bool VTK = FP8 && FA3_VTK;  // in-kernel V transpose by the producer warpgroup
+constexpr bool QRS = FA3_QRS > 0;     // S = Q Kᵀ with Q's A fragments in registers
+static_assert(FA3_QRS == 0 || FA3_QRS == 1 || FA3_QRS == 2 || FA3_QRS == 4,
+              "QRS: 0 off, 1 all of Q, 2 / 4 its first half / quarter along d");
 constexpr int PACK = FA3_PACK;        // GQA packing: query heads per tile row group
 static_assert(PACK == 1 || ((PACK & (PACK - 1)) == 0 && 64 % PACK == 0 && !FP8 && !FA3_WINDOW &&
                             !PRESCALE && !FA3_VARLEN && !FA3_PERSISTENT && FA3_OTMA),
@@ -311,26 +327,36 @@ __device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK,
     for (int c = 0; c < NCH; ++c)
       tma_load_4d(sR + rs * K_BYTES + c * KCHUNK, &p.v, r_full + 8 * rs, c * CH, w.ks + tile * BK, hk, b);
   };
+  auto load_k = [&](int tile, int g) {
+    const int s = g % STAGES;
+    if (g >= STAGES) mbar_wait(k_empty + 8 * s, ((g / STAGES) + 1) & 1);
+    mbar_expect_tx(k_full + 8 * s, K_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+      tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, b);
+  };
   if (leader) {
     if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);
     mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
     for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
-    if (n_end > 0) load_raw(w.n_hi - 1, g0);
+    if (n_end > 0) {
+      load_k(w.n_hi - 1, g0);
+      load_raw(w.n_hi - 1, g0);
+    }
   }
   for (int it = 0; it < n_end; ++it) {
     const int tile = w.n_hi - 1 - it;
     const int g = g0 + it;
     const int s = g % STAGES;
     const u32 par = ((g / STAGES) + 1) & 1;
-    if (leader) {
-      if (g >= STAGES) mbar_wait(k_empty + 8 * s, par);
-      mbar_expect_tx(k_full + 8 * s, K_BYTES);
-#pragma unroll
-      for (int c = 0; c < NCH; ++c)
-        tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, b);
-      // Staging slot (g+1) % 2 was last read in iteration it-1, which ended in a barrier.
-      if (it + 1 < n_end) load_raw(tile - 1, g + 1);
+    // Tile g+1's K and V as stored go out before tile g's transpose, whose wait for the Vᵀ slot
+    // (PV of tile g − STAGES) and own time would otherwise delay the K load by a whole tile.
+    // K slot (g+1) % STAGES frees with QKᵀ(g+1−STAGES), which completes before that PV; staging
+    // slot (g+1) % 2 was last read in iteration it−1, which ended in a barrier.
+    if (leader && it + 1 < n_end) {
+      load_k(tile - 1, g + 1);
+      load_raw(tile - 1, g + 1);
     }
     mbar_wait(r_full + 8 * (g % 2), (g / 2) & 1);
     if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
@@ -341,14 +367,35 @@ __device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK,
   }
 }
 
-// S = Q Kᵀ for this consumer's 64 rows against K slot s (issue only; caller commits/waits).
-__device__ __forceinline__ void issue_qk(float* sc, u32 sQw, u32 sKs) {
+// FA3_QRS: this warp's 16 rows of Q as wgmma A fragments, one per 32-byte k-step (ldmatrix.x4
+// from the 128B-swizzled tile: matrix i = lane / 8 covers rows 8·(i & 1).., bytes 16·(i >> 1)..,
+// which is the A layout for 16-bit k16 and for 8-bit k32 alike).
+constexpr int QF = QRS ? D / KSTEP / FA3_QRS : 1;
+__device__ __forceinline__ void load_q_frags(u32 (*qf)[4], u32 sQw) {
+  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, i = lane / 8;
+  const int row = 16 * warp + 8 * (i & 1) + lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < QF; ++kk) {
+    const int u = (kk % 4) * 2 + (i >> 1);  // 16-byte unit within the 128-byte row
+    const u32 a = sQw + (kk / 4) * QCHUNK + row * 128 + ((u ^ (row & 7)) << 4);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(qf[kk][0]), "=r"(qf[kk][1]), "=r"(qf[kk][2]), "=r"(qf[kk][3])
+                 : "r"(a));
+  }
+}
+// S = Q Kᵀ for this consumer's 64 rows against K slot s (issue only; caller commits/waits);
+// Q from shared memory, or (FA3_QRS) from the fragments in registers.
+__device__ __forceinline__ void issue_qk(float* sc, u32 sQw, const u32 (*qf)[4], u32 sKs) {
 #pragma unroll
   for (int kk = 0; kk < D / KSTEP; ++kk) {
     const int c = kk / 4, w = (kk % 4) * 32;  // 32 bytes of K per step
-    const u64 da = make_desc(sQw + c * QCHUNK + w, 16, 1024);
     const u64 db = make_desc(sKs + c * KCHUNK + w, 16, 1024);
-    Wgmma<BK, FA3_DT>::ss(sc, da, db, kk > 0);
+    if (QRS && kk < QF) {
+      Wgmma<BK, FA3_DT>::rs_kb(sc, qf[kk < QF ? kk : 0], db, kk > 0);
+    } else {
+      const u64 da = make_desc(sQw + c * QCHUNK + w, 16, 1024);
+      Wgmma<BK, FA3_DT>::ss(sc, da, db, kk > 0);
+    }
   }
 }
 // O += P V for V slot s (issue only). N = D in one wgmma when D is whole 64-column atoms;
@@ -540,10 +587,13 @@ __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, cons
   }
 }
 
+__device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t);
+
+// w is work tile wt (its index, for the epilogue's re-derivation).
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sO,
                                          u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
-                                         u32 v_empty, u32 q_empty, const WorkTile& w, int cw,
-                                         int g0, int jq) {
+                                         u32 v_empty, u32 q_empty, const WorkTile& w, int wt,
+                                         int cw, int g0, int jq) {
   const int m = w.m, h = w.h, b = w.b, n_end = w.count();
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
@@ -551,11 +601,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   const int wl = FA3_WINDOW ? p.wl : 0, wr = FA3_WINDOW ? p.wr : 0;
   // Prescaled scores are already in log2 units.
   float c = PRESCALE ? 1.0f : p.scale_log2;
-  float v_descale = 1.f;
   if constexpr (FP8) {
     const int hk = h / p.group;
     c *= ((const float*)p.qd)[b * p.qd_b + h * p.qd_h] * ((const float*)p.kd)[b * p.kd_b + hk * p.kd_h];
-    v_descale = ((const float*)p.vd)[b * p.vd_b + hk * p.vd_h];
   }
   float slope = 0.f;
   if (FA3_ALIBI && p.alibi != 0)
@@ -574,12 +622,19 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  OnlineSoftmax<BK / 8> sm;
+  OnlineSoftmax<BK / 8, FA3_EMU> sm;
   sm.init();
   const u32 sQw = sQ + cw * 64 * 128;
 
+  u32 qf[QF][4];
   if (n_end > 0) {
     mbar_wait(q_full, jq & 1);
+    if constexpr (QRS) {
+      load_q_frags(qf, sQw);
+      // All of Q in registers: its shared memory is dead now unless it stages O (then it is
+      // released after the epilogue).
+      if (FA3_QRS == 1 && !Q_HOLDS_O) warp_release(q_empty, lane);
+    }
 #if FA3_PINGPONG
     if (cw == NC - 1) named_arrive(2, 256);  // consumer 0 takes the first turn
 #endif
@@ -592,7 +647,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_take(cw);
       fence_regs<BK / 2>(sc);
       wgmma_fence();
-      issue_qk(sc, sQw, sK + s0 * K_BYTES);
+      issue_qk(sc, sQw, qf, sK + s0 * K_BYTES);
       wgmma_commit();
       turn_pass(cw);
       wgmma_wait<0>();
@@ -616,7 +671,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       fence_regs<BK / 2>(sc);
       fence_regs<D / 2>(o);
       wgmma_fence();
-      issue_qk(sc, sQw, sK + s * K_BYTES);
+      issue_qk(sc, sQw, qf, sK + s * K_BYTES);
       wgmma_commit();
       issue_pv(o, pf, sV + sp * V_BYTES);
       wgmma_commit();
@@ -659,7 +714,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       mbar_wait(k_full + 8 * s, ph);
       fence_regs<BK / 2>(sc);
       wgmma_fence();
-      issue_qk(sc, sQw, sK + s * K_BYTES);
+      issue_qk(sc, sQw, qf, sK + s * K_BYTES);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
@@ -681,41 +736,58 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     }
 #endif
     // Q may be overwritten (persistent CTAs); when it stages O, only after the epilogue.
-    if (!Q_HOLDS_O) warp_release(q_empty, lane);
+    if (!Q_HOLDS_O && FA3_QRS != 1) warp_release(q_empty, lane);
   }
 
   // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are
-  // not written (varlen: they belong to the next sequence).
+  // not written (varlen: they belong to the next sequence). Persistent FP8 CTAs re-derive the
+  // tile's coordinates here (a little integer math) instead of keeping them live across the main
+  // loop, where the d = 256 consumers would otherwise spill (16-bit kernels: no need, and their
+  // SASS stays as it was).
+#if FA3_PERSISTENT && FA3_DT == 2
+  int wt_opaque = wt;
+  asm volatile("" : "+r"(wt_opaque));
+  const WorkTile we = decode_tile(p, wt_opaque);
+  const int erow0 = we.m * BQ + cw * 64 + warp * 16 + g;
+#else
+  (void)wt;
+  const WorkTile& we = w;
+  const int erow0 = row0;
+#endif
   float inv[2], lse[2];
   sm.finish(c, inv, lse);
-  if constexpr (FP8) inv[0] *= v_descale, inv[1] *= v_descale;
+  if constexpr (FP8) {
+    // Read here rather than before the main loop: one register less across it.
+    const float v_descale = ((const float*)p.vd)[we.b * p.vd_b + (we.h / p.group) * p.vd_h];
+    inv[0] *= v_descale, inv[1] *= v_descale;
+  }
 #if FA3_OTMA
   if (n_end == 0) {
     // No keys: O = 0, written directly (Q is not this tile's to stage in, see the header).
     const u32 zero[D / 4] = {};
-    store_o_direct(p, zero, w, row0, tq);
+    store_o_direct(p, zero, we, erow0, tq);
   } else {
     const u32 o_base = Q_HOLDS_O ? sQ : sO;
-    const int wrow = m * BQ + cw * 64;
+    const int wrow = we.m * BQ + cw * 64;
     u32 ob[D / 4];
     pack_o(o, inv, ob);
     stage_o(ob, o_base, cw);
-    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > sq))
-      tma_store_o(p, o_base, w, cw, wrow);
+    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > we.sq))
+      tma_store_o(p, o_base, we, cw, wrow);
     else
-      copy_o_rows(p, o_base, w, cw, wrow);
+      copy_o_rows(p, o_base, we, cw, wrow);
   }
 #else
   {
     u32 ob[D / 4];
     pack_o(o, inv, ob);
-    store_o_direct(p, ob, w, row0, tq);
+    store_o_direct(p, ob, we, erow0, tq);
   }
 #endif
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = qrow(row0 + 8 * r), hr = h + (row0 + 8 * r) % PACK;
-    if (row < sq && tq == 0) ((float*)p.lse)[(i64)b * p.lse_b + (i64)hr * p.lse_h + w.qs + row] = lse[r];
+    const int row = qrow(erow0 + 8 * r), hr = we.h + (erow0 + 8 * r) % PACK;
+    if (row < we.sq && tq == 0) ((float*)p.lse)[(i64)we.b * p.lse_b + (i64)hr * p.lse_h + we.qs + row] = lse[r];
   }
   // Q holds O: thread 0 waited for its TMA store to read the slice (tma_store_o) before its
   // warp's arrival; the other warps' arrivals cannot complete the phase without it.
@@ -902,7 +974,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
       consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full, k_full, v_full, k_empty, v_empty,
-               q_empty, w, wg - 1, g0, jq);
+               q_empty, w, t, wg - 1, g0, jq);
       if (w.count() > 0) {
         g0 += w.count();
         ++jq;

@@ -9,6 +9,7 @@ out.append("""// wgmma.cuh — warpgroup matrix multiply-accumulate (sm_90a), ge
 //       B stored [K][N], N contiguous) — the backward's dQ = dS K with dS kept as dSᵀ.
 //   rs: A from registers (4 x b32 per thread, the mma.m16n8k16 A-fragment of the warp's 16 rows),
 //       B from a shared memory descriptor, MN-major ("transposed": B stored [K][N], N contiguous).
+//   rs_kb: A from registers as rs, B K-major (the forward's S = Q Kᵀ with Q held in registers).
 // Accumulator layout per thread (warp w of the warpgroup owns rows 16w..16w+15, g = lane/4, t = lane%4):
 //   d[4j+0], d[4j+1] -> row g,   cols 8j + 2t + {0,1};   d[4j+2], d[4j+3] -> row g+8, same cols.
 // DT: 0 = bf16, 1 = f16. scale_d = 0 overwrites D, 1 accumulates.
@@ -42,6 +43,11 @@ __device__ __forceinline__ void wgmma_rs_{name}_n{N}(float* d, const unsigned* a
     "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{name}.{name} {{{regs}}}, {{%{R}, %{R+1}, %{R+2}, %{R+3}}}, %{R+4}, p, 1, 1, 1;\\n}}\\n"
     : {outs}
     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}}__device__ __forceinline__ void wgmma_rs_kb_{name}_n{N}(float* d, const unsigned* a, unsigned long long db, int scale_d) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R+5}, 0;\\n"
+    "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{name}.{name} {{{regs}}}, {{%{R}, %{R+1}, %{R+2}, %{R+3}}}, %{R+4}, p, 1, 1, 0;\\n}}\\n"
+    : {outs}
+    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
 }}
 """)
 # dispatch templates
@@ -52,6 +58,7 @@ template <int DT> struct Wgmma<0, DT> {
   static __device__ __forceinline__ void ss_tt(float*, unsigned long long, unsigned long long, int) {}
   static __device__ __forceinline__ void ss_tb(float*, unsigned long long, unsigned long long, int) {}
   static __device__ __forceinline__ void rs(float*, const unsigned*, unsigned long long, int) {}
+  static __device__ __forceinline__ void rs_kb(float*, const unsigned*, unsigned long long, int) {}
 };
 """)
 for dt, name in [(0, "bf16"), (1, "f16")]:
@@ -61,6 +68,7 @@ for dt, name in [(0, "bf16"), (1, "f16")]:
   static __device__ __forceinline__ void ss_tt(float* d, unsigned long long a, unsigned long long b, int s) {{ wgmma_ss_tt_{name}_n{N}(d, a, b, s); }}
   static __device__ __forceinline__ void ss_tb(float* d, unsigned long long a, unsigned long long b, int s) {{ wgmma_ss_tb_{name}_n{N}(d, a, b, s); }}
   static __device__ __forceinline__ void rs(float* d, const unsigned* a, unsigned long long b, int s) {{ wgmma_rs_{name}_n{N}(d, a, b, s); }}
+  static __device__ __forceinline__ void rs_kb(float* d, const unsigned* a, unsigned long long b, int s) {{ wgmma_rs_kb_{name}_n{N}(d, a, b, s); }}
 }};
 """)
 # FP8 (e4m3 x e4m3 -> f32), K = 32 per instruction. 8-bit operands must both be K-major
@@ -87,6 +95,7 @@ __device__ __forceinline__ void wgmma_rs_e4m3_n{N}(float* d, const unsigned* a, 
 template <> struct Wgmma<{N}, 2> {{
   static __device__ __forceinline__ void ss(float* d, unsigned long long a, unsigned long long b, int s) {{ wgmma_ss_e4m3_n{N}(d, a, b, s); }}
   static __device__ __forceinline__ void rs(float* d, const unsigned* a, unsigned long long b, int s) {{ wgmma_rs_e4m3_n{N}(d, a, b, s); }}
+  static __device__ __forceinline__ void rs_kb(float* d, const unsigned* a, unsigned long long b, int s) {{ wgmma_rs_e4m3_n{N}(d, a, b, s); }}
 }};
 """)
 out.append("""

@@ -8,7 +8,9 @@
 
 #define FA3_NEG_INF (__int_as_float(0xff800000))
 
-template <int NB>
+// EMU of every 8 n8-blocks of a row take their exponentials from exp2_poly (FMA pipe), the rest
+// from the MUFU: where the MUFU bounds the loop (d = 64, FP8) the two pipes share the work.
+template <int NB, int EMU = 0>
 struct OnlineSoftmax {
   float m[2], l[2];
   __device__ __forceinline__ void init() {
@@ -33,7 +35,8 @@ struct OnlineSoftmax {
       for (int j = 0; j < NB; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float p = fast_exp2(fmaf(s[4 * j + 2 * r + e], c, -base));
+          const float x = fmaf(s[4 * j + 2 * r + e], c, -base);
+          const float p = (j % 8 >= 8 - EMU) ? exp2_poly(x) : fast_exp2(x);
           s[4 * j + 2 * r + e] = p;
           sum += p;
         }
@@ -48,7 +51,8 @@ struct OnlineSoftmax {
       float t = l[r];
       t += __shfl_xor_sync(0xffffffff, t, 1);
       t += __shfl_xor_sync(0xffffffff, t, 2);
-      const bool empty = !(t > 0.f);
+      // A row that never saw a finite score is empty (its sum may hold exp2_poly's ~1e-38s).
+      const bool empty = (EMU > 0 && m[r] == FA3_NEG_INF) || !(t > 0.f);
       inv[r] = empty ? 0.f : 1.f / t;
       lse[r] = empty ? FA3_NEG_INF : (m[r] * c + fast_log2(t)) * 0.6931471805599453f;
     }

@@ -69,6 +69,12 @@ pub struct Variant {
     pub pack: usize,
     /// Consumer warpgroups (64 query rows each): 2 or 3.
     pub nc: usize,
+    /// Exponentials of the softmax computed on the FMA pipe by a polynomial (`FA3_EMU`): this
+    /// many n8-blocks of every 8 of a row, the rest on the MUFU; 0 = all on the MUFU.
+    pub emu: usize,
+    /// S = Q Kᵀ with Q's A fragments in registers (`FA3_QRS`) instead of shared memory: 0 off,
+    /// 1 all of Q, 2 or 4 the first half or quarter of the head dim (where all would spill).
+    pub qrs: usize,
     /// Window + softcap + ALiBi compiled in (run-time switches); excludes `causal`.
     pub full: bool,
     /// Packed q/k/v with cu_seqlens.
@@ -126,6 +132,10 @@ impl Variant {
             _ => (80, 2),
         };
         let nc = if d == 64 && !f16 { 3 } else { 2 };
+        // Q in registers for QKᵀ where all of it fits beside the accumulators (H100, bench/
+        // RESULTS.md "Step 10": d = 96 +1..7%, d = 128 +0..9% at 1k–8k). Half of Q at d = 192
+        // and a quarter at d = 256 (`qrs=2|4`) measured within ±3% of none: not shipped.
+        let qrs = if d == 96 || d == 128 { 1 } else { 0 };
         Variant {
             d,
             bk,
@@ -139,6 +149,8 @@ impl Variant {
             sched_group: 0,
             pack: 1,
             nc,
+            emu: 0,
+            qrs,
             full: false,
             varlen: false,
             otma: true,
@@ -187,7 +199,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0"` overrides
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1"` overrides
     /// knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -220,6 +232,8 @@ impl Variant {
                 // pack=0 turns GQA packing off (benchmarks).
                 "pack" if n == 0 => self.pack = 1,
                 "otma" => self.otma = n != 0,
+                "emu" if n <= 8 => self.emu = n,
+                "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 // Three consumers get 160 registers each: not enough for d = 256.
                 "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
                 _ => {}
@@ -296,6 +310,8 @@ impl Variant {
             )
             .define("FA3_NC", self.nc)
             .define("FA3_PACK", self.pack)
+            .define("FA3_EMU", self.emu)
+            .define("FA3_QRS", self.qrs)
             .define("FA3_WINDOW", u32::from(self.full))
             .define("FA3_SOFTCAP", u32::from(self.full))
             .define("FA3_ALIBI", u32::from(self.full))

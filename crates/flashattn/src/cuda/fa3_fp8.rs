@@ -66,6 +66,10 @@ pub struct Fp8Variant {
     /// Persistent CTAs taking their tiles from a global counter (`FA3_PERSISTENT=2`; not with
     /// `vtk`).
     pub dynamic: bool,
+    /// Softmax exponentials on the FMA pipe for this many n8-blocks of every 8 (`FA3_EMU`).
+    pub emu: usize,
+    /// S = Q Kᵀ with Q's A fragments in registers (`FA3_QRS`: 0 off, 1 all, 2 / 4 half / quarter).
+    pub qrs: usize,
 }
 
 impl Fp8Variant {
@@ -84,7 +88,12 @@ impl Fp8Variant {
             stages: if d <= 128 { 3 } else { 2 },
             vtk,
             otma: true,
-            dynamic: false,
+            // H100 (bench/RESULTS.md "Step 10", alternating A/B): the dynamic scheduler at
+            // d = 256 +3..18% (plain and causal, 4k–8k); exp2 on the FMA pipe for 2 of every
+            // 8 n8-blocks at d = 64 +1..4% (the MUFU is the limit there; not at d >= 128).
+            dynamic: d == 256 && !vtk,
+            emu: if d == 64 { 2 } else { 0 },
+            qrs: 0,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for kv in s.split(',') {
@@ -97,6 +106,8 @@ impl Fp8Variant {
                 let t = match k {
                     "stages" if (1..=4).contains(&n) => Fp8Variant { stages: n, ..v },
                     "otma" => Fp8Variant { otma: n != 0, ..v },
+                    "emu" if n <= 8 => Fp8Variant { emu: n, ..v },
+                    "qrs" if matches!(n, 0 | 1 | 2 | 4) => Fp8Variant { qrs: n, ..v },
                     "persist" if !v.vtk => Fp8Variant {
                         dynamic: n == 2,
                         ..v
@@ -156,6 +167,8 @@ impl Fp8Variant {
             .define("FA3_ALIBI", 0)
             .define("FA3_VARLEN", 0)
             .define("FA3_VTK", u32::from(self.vtk))
+            .define("FA3_EMU", self.emu)
+            .define("FA3_QRS", self.qrs)
             .define("FA3_OTMA", u32::from(self.otma))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             .define("FA3_SMEM", self.smem_bytes())
@@ -629,10 +642,14 @@ mod tests {
             assert!(var.spec().label().contains("FA3_DT=2"));
         }
         // d = 256, 2 stages: Q 32 KiB + 2 × (K 32 KiB + Vᵀ 32 KiB) + O 64 KiB + barriers +
-        // slack: fits exactly (227 KiB).
+        // the dynamic scheduler's tile ring + slack: fits (227 KiB).
         let v256 = Fp8Variant::new(256, true);
         assert_eq!(v256.o_staging(), Some(OStaging::Own));
-        assert_eq!(v256.smem_bytes(), 32768 + 2 * 65536 + 65536 + 80 + 1024);
+        assert!(v256.dynamic);
+        assert_eq!(
+            v256.smem_bytes(),
+            32768 + 2 * 65536 + 65536 + 80 + 40 + 1024
+        );
         assert!(v256.smem_bytes() <= SMEM_LIMIT);
         // In-kernel transpose: + two 32 KiB staging tiles and their barriers, which then stage
         // O; still fits.
