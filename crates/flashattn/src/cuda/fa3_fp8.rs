@@ -88,9 +88,9 @@ impl Fp8Variant {
             stages: if d <= 128 { 3 } else { 2 },
             vtk,
             otma: true,
-            // H100 (bench/RESULTS.md "Step 10", alternating A/B): the dynamic scheduler at
-            // d = 256 +3..18% (plain and causal, 4k–8k); exp2 on the FMA pipe for 2 of every
-            // 8 n8-blocks at d = 64 +1..4% (the MUFU is the limit there; not at d >= 128).
+            // H100 (bench/RESULTS.md "Step 10", alternating A/B under clock drift): the
+            // dynamic scheduler at d = 256 on balance +2..5% at 4k, +1..9% at 8k; exp2 on the
+            // FMA pipe for 2 of every 8 n8-blocks at d = 64 +0..4% (the MUFU binds there).
             dynamic: d == 256 && !vtk,
             emu: if d == 64 { 2 } else { 0 },
             qrs: 0,
