@@ -62,8 +62,9 @@
 // FA3_PACK = G > 1 — GQA packing: a tile's rows are (query, head of the group) pairs, packed row
 // r = query r / G of query head w.h + r % G (w.h = the group's first head), so the G heads that
 // share a K/V head stream it once per tile instead of once each (short query lengths: decode).
-// Q and O go through 5-D maps [d, G, rows, heads_k, batch] whose boxes are exactly these rows;
-// the masks, tile ranges and LSE use r / G. Dense, plain or causal, one CTA per tile, 16-bit.
+// Q and O go through 5-D maps [d, G, rows, heads_k, batch] whose boxes are exactly these rows
+// (varlen: [d, G, total, heads_k, 1], rows from the sequence's start); the masks, tile ranges and
+// LSE use r / G. Dense or varlen, plain or causal, one CTA per tile, 16-bit.
 // FA3_QRS=1 — S = Q Kᵀ takes Q from registers (A fragments loaded once per tile with ldmatrix)
 // instead of shared memory (FA3_QRS=2 or 4: the first half or quarter of d only, where all of Q does not fit): the QKᵀ wgmma then reads only K from shared memory, whose bandwidth
 // (128 B per SM and clock, shared with TMA writes) the SS form nearly fills at d <= 128.
@@ -153,9 +154,9 @@ static_assert(FA3_QRS == 0 || FA3_QRS == 1 || FA3_QRS == 2 || FA3_QRS == 4,
               "QRS: 0 off, 1 all of Q, 2 / 4 its first half / quarter along d");
 constexpr int PACK = FA3_PACK;        // GQA packing: query heads per tile row group
 static_assert(PACK == 1 || ((PACK & (PACK - 1)) == 0 && 64 % PACK == 0 && !FP8 && !FA3_WINDOW &&
-                            !PRESCALE && !FA3_VARLEN && !FA3_PERSISTENT && FA3_OTMA),
-              "GQA packing: a power of two dividing 64; dense 16-bit, plain or causal, one CTA "
-              "per tile, TMA-store epilogue");
+                            !PRESCALE && !FA3_PERSISTENT && FA3_OTMA),
+              "GQA packing: a power of two dividing 64; 16-bit, plain or causal, one CTA per "
+              "tile, TMA-store epilogue");
 // The query index of (packed) tile row r.
 __device__ __forceinline__ int qrow(int r) { return r / PACK; }
 
@@ -248,7 +249,7 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
     if (PACK > 1)
-      tma_load_5d(sQ + c * QCHUNK, &p.q, q_full, c * CH, 0, m * (BQ / PACK), h / PACK, b);
+      tma_load_5d(sQ + c * QCHUNK, &p.q, q_full, c * CH, 0, w.qs + m * (BQ / PACK), h / PACK, b);
     else
       tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
   }
@@ -555,7 +556,7 @@ __device__ __forceinline__ void tma_store_o(const Fa3Params& p, u32 o_base, cons
 #pragma unroll
   for (int c = 0; c < ONCH; ++c) {
     if (PACK > 1)
-      tma_store_5d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, 0, wrow / PACK, w.h / PACK, w.tb);
+      tma_store_5d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, 0, w.qs + wrow / PACK, w.h / PACK, w.tb);
     else
       tma_store_4d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, w.qs + wrow, w.h, w.tb);
   }
@@ -772,7 +773,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     u32 ob[D / 4];
     pack_o(o, inv, ob);
     stage_o(ob, o_base, cw);
-    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > we.sq))
+    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > we.sq * PACK))
       tma_store_o(p, o_base, we, cw, wrow);
     else
       copy_o_rows(p, o_base, we, cw, wrow);

@@ -826,6 +826,45 @@ fn fa3_gqa_packing() {
                     ),
                 );
             }
+            // Varlen (a decode batch: sequences of different query and cache lengths, one of
+            // them with more queries than keys, causal rows without keys).
+            for causal in [true, false] {
+                let seqs = [(1usize, 300usize), (4, 77), (16, 129), (3, 1)];
+                let hk = 2;
+                let (tq, tk) = seqs.iter().fold((0, 0), |(a, b), s| (a + s.0, b + s.1));
+                let mut cq = vec![0i32];
+                let mut ck = vec![0i32];
+                for (q, k) in seqs {
+                    cq.push(cq.last().unwrap() + q as i32);
+                    ck.push(ck.last().unwrap() + k as i32);
+                }
+                let seed = rng.next_u64() % 1_000_000;
+                let q = rand_tensor(dtype, &[tq, hk * g, d], seed);
+                let k = rand_tensor(dtype, &[tk, hk, d], seed + 1);
+                let v = rand_tensor(dtype, &[tk, hk, d], seed + 2);
+                let opts = AttnOptions::new().causal(causal);
+                let qkv = Qkv::varlen(&q, &k, &v, &cq, &ck);
+                let problem = Problem::new(&qkv, &opts).unwrap();
+                let label = format!("{} varlen d={d} g={g} causal={causal}", dtype.name());
+                let pack = fa3::Variant::for_problem(&problem, false).pack;
+                let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+                let (dq, dk, dv) = (up(&q), up(&k), up(&v));
+                let packed = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "");
+                let plain = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "pack=0");
+                let (e, le) = errs_vs_ref(&qkv, &opts, &packed);
+                let same = matches!((&packed, &plain), (Ok(a), Ok(b)) if a == b);
+                tally.record(
+                    pack == g && e <= tol(dtype) && le <= 1e-3 && same,
+                    format!(
+                        "{label}: pack {pack}, rel_err {e:.2e}, lse_err {le:.2e}, {}",
+                        if same {
+                            "bit-identical unpacked"
+                        } else {
+                            "DIFFERS from unpacked"
+                        }
+                    ),
+                );
+            }
         }
     }
     tally.finish("fa3 GQA packing");
@@ -872,6 +911,45 @@ fn fa3_gqa_packing_bench() {
                         u / p
                     );
                 }
+            }
+        }
+    }
+    // Varlen decode batch: 8 sequences with caches of 4096 + 1024·i keys.
+    println!("varlen: d hk sq  total_k  packed_us  unpacked_us  speedup");
+    for d in [64usize, 128] {
+        for hk in [4usize, 8] {
+            for sq in [1usize, 16] {
+                let hq = 32;
+                let sks: Vec<usize> = (0..8).map(|i| 4096 + 1024 * i).collect();
+                let mut cq = vec![0i32];
+                let mut ck = vec![0i32];
+                for &sk in &sks {
+                    cq.push(cq.last().unwrap() + sq as i32);
+                    ck.push(ck.last().unwrap() + sk as i32);
+                }
+                let (tq, tk) = (8 * sq, sks.iter().sum::<usize>());
+                let q = rand_tensor(DType::BF16, &[tq, hq, d], 1);
+                let k = rand_tensor(DType::BF16, &[tk, hk, d], 2);
+                let v = rand_tensor(DType::BF16, &[tk, hk, d], 3);
+                let opts = AttnOptions::new().causal(true);
+                let problem = Problem::new(&Qkv::varlen(&q, &k, &v, &cq, &ck), &opts).unwrap();
+                let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+                let (dq, dk, dv) = (up(&q), up(&k), up(&v));
+                let out = DeviceTensor::alloc(&gpu, DType::BF16, &problem.q_shape).unwrap();
+                let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape()).unwrap();
+                let time = |tune: &str| {
+                    1e3 * event_median_ms(&gpu, 50, 10, || {
+                        fa3::forward_into_with(
+                            &gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune,
+                        )
+                        .unwrap()
+                    })
+                };
+                let (p, u) = (time(""), time("pack=0"));
+                println!(
+                    "varlen {d:>3} {hk:>3} {sq:>3} {tk:>8} {p:>10.1} {u:>12.1} {:>8.2}",
+                    u / p
+                );
             }
         }
     }

@@ -177,7 +177,7 @@ impl Variant {
         // GQA packing where it cuts the tiles (and so the K/V passes) of a group: short query
         // lengths, e.g. decoding with 1–16 new tokens against a KV cache.
         let g = problem.group();
-        if !full && !problem.varlen && g > 1 && g.is_power_of_two() && 64 % g == 0 {
+        if !full && g > 1 && g.is_power_of_two() && 64 % g == 0 {
             let bq = v.bq();
             if (problem.max_sq * g).div_ceil(bq) < g * problem.max_sq.div_ceil(bq) {
                 v.pack = g;
@@ -348,14 +348,12 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
                     var.fix_full();
                     v.push(var.spec());
                 }
-                // GQA packing (dense, plain or causal) for groups of 2, 4, 8.
+                // GQA packing (dense or varlen, plain or causal) for groups of 2, 4, 8.
                 for pack in [2, 4, 8] {
                     for causal in [false, true] {
-                        if varlen {
-                            continue;
-                        }
                         let mut var = Variant::default_for(d, f16, causal);
                         var.pack = pack;
+                        var.varlen = varlen;
                         v.push(var.spec());
                     }
                 }
@@ -497,16 +495,20 @@ pub(super) fn encode_map(t: &DeviceTensor, name: &str, box_rows: usize) -> Resul
     )
 }
 
-/// The packed-GQA map (`Variant::pack` = g) of q or out, dense `[batch, rows, heads_q, d]`: 5-D
-/// `[d, g, rows, heads_q / g, batch]`, boxes of 64 columns × `box_rows` packed rows (`box_rows /
-/// g` queries × the g heads of a group), so packed row r is query r / g of head r % g.
+/// The packed-GQA map (`Variant::pack` = g) of q or out, dense `[batch, rows, heads_q, d]` or
+/// varlen `[total, heads_q, d]` (one batch entry): 5-D `[d, g, rows, heads_q / g, batch]`, boxes
+/// of 64 columns × `box_rows` packed rows (`box_rows / g` queries × the g heads of a group), so
+/// packed row r is query r / g of head r % g.
 fn encode_packed(t: &DeviceTensor, name: &str, box_rows: usize, g: usize) -> Result<[u64; 16]> {
     let (sh, _) = bshd(t);
-    if t.shape().len() != 4 || sh.contains(&0) || sh[2] % g != 0 {
+    if !matches!(t.shape().len(), 3 | 4) || sh.contains(&0) || sh[2] % g != 0 {
         return Err(Error::invalid(
             name,
             format!("shape {:?}", t.shape()),
-            format!("[batch, rows, heads, d] with heads a multiple of {g} (GQA packing)"),
+            format!(
+                "[batch, rows, heads, d] or [total, heads, d] with heads a multiple of {g} \
+                 (GQA packing)"
+            ),
         ));
     }
     let [rs, hs, bs] = tma_strides(t, name)?;
