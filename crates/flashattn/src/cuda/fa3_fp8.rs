@@ -9,7 +9,7 @@
 //! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. Two
 //! ways, chosen by [`in_kernel_transpose`]: a **separate pre-pass kernel** (`fa3_fp8_vt`, one
 //! extra read and write of V, launched before the attention kernel on the same stream; the
-//! default), or the **in-kernel transpose** (`FA3_VTK=1`: the producer warpgroup TMA-loads V as
+//! default above 1024 keys and at d = 256), or the **in-kernel transpose** (`FA3_VTK=1`: the producer warpgroup TMA-loads V as
 //! stored and transposes it in shared memory; [`attention_into_raw_v`]).
 //!
 //! Envelope: sm 9.0; head dims 64, 128, 256; dense (no cu_seqlens); no mask or causal
@@ -40,16 +40,24 @@ pub const VT_SOURCE: &str = "sm90/fp8_vt.cu";
 pub const VT_ENTRY: &str = "fa3_fp8_vt";
 
 /// Whether [`forward`] transposes V inside the attention kernel (`FA3_VTK=1`) instead of the
-/// pre-pass: `FLASHATTN_FP8_VT=kernel` or `prepass` overrides the default ([`DEFAULT_VTK`]).
-pub fn in_kernel_transpose() -> bool {
+/// pre-pass, for head dim `d` and `sk` keys: `FLASHATTN_FP8_VT=kernel` or `prepass` overrides
+/// the shipped choice ([`vtk_by_default`]).
+pub fn in_kernel_transpose(d: usize, sk: usize) -> bool {
     match std::env::var("FLASHATTN_FP8_VT").as_deref() {
         Ok("kernel") => true,
         Ok("prepass") => false,
-        _ => DEFAULT_VTK,
+        _ => vtk_by_default(d, sk),
     }
 }
-/// The shipped choice for [`in_kernel_transpose`].
-pub const DEFAULT_VTK: bool = false;
+/// The shipped choice: the in-kernel transpose for d ≤ 128 with at most [`VTK_MAX_SK`] keys,
+/// where the pre-pass's extra launch and pass over V cost more than the transpose's shared-memory
+/// traffic (H100, bench/RESULTS.md "Step 10", 1k: d = 64 +2..11%, d = 128 +6..22% over pre-pass
+/// + kernel; from 4k the pre-pass path is −0.3..+7% faster at d ≤ 128 and 15..43% at d = 256).
+pub fn vtk_by_default(d: usize, sk: usize) -> bool {
+    d <= 128 && sk <= VTK_MAX_SK
+}
+/// Longest key sequence for which [`vtk_by_default`] picks the in-kernel transpose.
+pub const VTK_MAX_SK: usize = 1024;
 
 /// One compiled FP8 configuration of the sm90 forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -595,7 +603,7 @@ pub fn forward(
     if dm.b * dm.sq * dm.hq == 0 {
         return Ok((out, lse));
     }
-    if in_kernel_transpose() {
+    if in_kernel_transpose(dm.d, dm.sk) {
         attention_into_raw_v(gpu, q, k, v, opts, &out, &lse)?;
     } else {
         let vt = transpose_v(gpu, v)?;
@@ -625,6 +633,13 @@ pub fn forward_host(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vtk_default_only_for_short_keys_up_to_d128() {
+        assert!(vtk_by_default(64, 1) && vtk_by_default(128, VTK_MAX_SK));
+        assert!(!vtk_by_default(128, VTK_MAX_SK + 1));
+        assert!(!vtk_by_default(256, 16));
+    }
 
     #[test]
     fn variants_and_smem() {
