@@ -88,6 +88,9 @@ pub struct Variant {
 /// Longest key sequence for which the plain mode runs persistent CTAs by default.
 pub const PERSIST_MAX_SK: usize = 1024;
 
+/// Longest query sequence for which dense causal d = 64 runs two consumers with Q in registers.
+pub const SHORT_CAUSAL_SQ: usize = 1024;
+
 /// Dynamic shared memory a block may opt into on sm 9.0 (227 KiB).
 pub const SMEM_LIMIT: usize = 227 * 1024;
 
@@ -164,13 +167,22 @@ impl Variant {
     /// problems keep one CTA per tile). Dense causal problems, and plain dense ones at d = 256,
     /// run persistent CTAs that take their tiles from a global counter, causal longest first
     /// (H100 against one CTA per tile: causal +2..8% at 1k–8k, except −1..2% for d = 128 from
-    /// 4k and d = 256 at 1k; d = 256 plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8").
+    /// 4k and d = 256 at 1k; d = 256 plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8"), and so
+    /// do plain dense d = 96/128 problems with more keys than that ("Step 11").
     pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
         let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
         v.persistent = !full && !causal && problem.max_sk <= PERSIST_MAX_SK;
-        if !full && !problem.varlen && (causal || problem.head_dim == 256) {
+        // Dynamic persistent CTAs: dense causal; plain dense d = 256; plain dense d = 96/128
+        // past the static stride's range, where Q in registers lets a CTA's next Q load early
+        // (H100, "Step 11": d = 128 +2..4% at 2k–4k, d = 96 +2..6% at 2k–8k).
+        let dyn_plain = match problem.head_dim {
+            256 => true,
+            96 | 128 => problem.max_sk > PERSIST_MAX_SK,
+            _ => false,
+        };
+        if !full && !problem.varlen && (causal || dyn_plain) {
             v.persistent = true;
             v.dynamic = true;
         }
@@ -184,6 +196,18 @@ impl Variant {
                 v.persistent = false;
                 v.dynamic = false;
             }
+        }
+        // Short dense causal d = 64: two consumers (Bq 128: no third of the last tile wasted,
+        // twice the tiles to balance) with Q in registers, +11% at 1k; from 2k the three-
+        // consumer tile wins (−9..12% for this one).
+        if causal
+            && !problem.varlen
+            && v.pack == 1
+            && problem.head_dim == 64
+            && problem.max_sq <= SHORT_CAUSAL_SQ
+        {
+            v.nc = 2;
+            v.qrs = 1;
         }
         v.full = full;
         v.varlen = problem.varlen;
@@ -335,15 +359,23 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
         for f16 in [false, true] {
             for varlen in [false, true] {
                 // plain, causal, full, plain persistent (short sequences), causal with the
-                // dynamic scheduler (dense), plain dynamic (dense, d = 256)
-                for mode in 0..6 {
-                    if (mode >= 4 && varlen) || (mode == 5 && d != 256) {
+                // dynamic scheduler (dense), plain dynamic (dense, d = 96/128/256), short causal
+                // d = 64 (dense, dynamic, two consumers with Q in registers)
+                for mode in 0..7 {
+                    if (mode >= 4 && varlen)
+                        || (mode == 5 && !matches!(d, 96 | 128 | 256))
+                        || (mode == 6 && d != 64)
+                    {
                         continue;
                     }
-                    let mut var = Variant::default_for(d, f16, mode == 1 || mode == 4);
+                    let mut var = Variant::default_for(d, f16, matches!(mode, 1 | 4 | 6));
                     var.full = mode == 2;
                     var.persistent = mode >= 3;
                     var.dynamic = mode >= 4;
+                    if mode == 6 {
+                        var.nc = 2;
+                        var.qrs = 1;
+                    }
                     var.varlen = varlen;
                     var.fix_full();
                     v.push(var.spec());
