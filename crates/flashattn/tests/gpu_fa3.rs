@@ -801,73 +801,84 @@ fn fa3_gqa_packing() {
                 let k = rand_tensor(dtype, &[b, sk, hk, d], seed + 1);
                 let v = rand_tensor(dtype, &[b, sk, hk, d], seed + 2);
                 let opts = AttnOptions::new().causal(causal);
-                let qkv = Qkv::dense(&q, &k, &v);
-                let problem = Problem::new(&qkv, &opts).unwrap();
                 let label = format!(
                     "{} d={d} g={g} sq={sq} sk={sk} causal={causal}",
                     dtype.name()
                 );
-                let pack = fa3::Variant::for_problem(&problem, false).pack;
-                let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
-                let (dq, dk, dv) = (up(&q), up(&k), up(&v));
-                let packed = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "");
-                let plain = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "pack=0");
-                let (e, le) = errs_vs_ref(&qkv, &opts, &packed);
-                let same = matches!((&packed, &plain), (Ok(a), Ok(b)) if a == b);
-                tally.record(
-                    pack == g && e <= tol(dtype) && le <= 1e-3 && same,
-                    format!(
-                        "{label}: pack {pack}, rel_err {e:.2e}, lse_err {le:.2e}, {}",
-                        if same {
-                            "bit-identical unpacked"
-                        } else {
-                            "DIFFERS from unpacked"
-                        }
-                    ),
-                );
+                let (ok, msg) = check_packed(&gpu, &Qkv::dense(&q, &k, &v), &opts, g);
+                tally.record(ok, format!("{label}: {msg}"));
             }
             // Varlen (a decode batch: sequences of different query and cache lengths, one of
             // them with more queries than keys, causal rows without keys).
             for causal in [true, false] {
                 let seqs = [(1usize, 300usize), (4, 77), (16, 129), (3, 1)];
                 let hk = 2;
-                let (tq, tk) = seqs.iter().fold((0, 0), |(a, b), s| (a + s.0, b + s.1));
-                let mut cq = vec![0i32];
-                let mut ck = vec![0i32];
-                for (q, k) in seqs {
-                    cq.push(cq.last().unwrap() + q as i32);
-                    ck.push(ck.last().unwrap() + k as i32);
-                }
+                let (cq, ck) = cu_seqlens(&seqs);
+                let (tq, tk) = (cq[seqs.len()] as usize, ck[seqs.len()] as usize);
                 let seed = rng.next_u64() % 1_000_000;
                 let q = rand_tensor(dtype, &[tq, hk * g, d], seed);
                 let k = rand_tensor(dtype, &[tk, hk, d], seed + 1);
                 let v = rand_tensor(dtype, &[tk, hk, d], seed + 2);
                 let opts = AttnOptions::new().causal(causal);
-                let qkv = Qkv::varlen(&q, &k, &v, &cq, &ck);
-                let problem = Problem::new(&qkv, &opts).unwrap();
                 let label = format!("{} varlen d={d} g={g} causal={causal}", dtype.name());
-                let pack = fa3::Variant::for_problem(&problem, false).pack;
-                let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
-                let (dq, dk, dv) = (up(&q), up(&k), up(&v));
-                let packed = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "");
-                let plain = run_bits(&gpu, &problem, [&dq, &dk, &dv], None, "pack=0");
-                let (e, le) = errs_vs_ref(&qkv, &opts, &packed);
-                let same = matches!((&packed, &plain), (Ok(a), Ok(b)) if a == b);
-                tally.record(
-                    pack == g && e <= tol(dtype) && le <= 1e-3 && same,
-                    format!(
-                        "{label}: pack {pack}, rel_err {e:.2e}, lse_err {le:.2e}, {}",
-                        if same {
-                            "bit-identical unpacked"
-                        } else {
-                            "DIFFERS from unpacked"
-                        }
-                    ),
-                );
+                let qkv = Qkv::varlen(&q, &k, &v, &cq, &ck);
+                let (ok, msg) = check_packed(&gpu, &qkv, &opts, g);
+                tally.record(ok, format!("{label}: {msg}"));
             }
         }
     }
     tally.finish("fa3 GQA packing");
+}
+
+/// cu_seqlens (q, k) of sequences with these (query, key) lengths.
+fn cu_seqlens(seqs: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
+    let (mut cq, mut ck) = (vec![0i32], vec![0i32]);
+    for &(q, k) in seqs {
+        cq.push(cq.last().unwrap() + q as i32);
+        ck.push(ck.last().unwrap() + k as i32);
+    }
+    (cq, ck)
+}
+
+/// Runs `qkv` with GQA packing (the shipped choice) and with `pack=0`: passes when the packed
+/// variant (groups of `g`) is the one selected, matches the f64 reference and is bit-identical
+/// to the unpacked run; the message says how it went.
+fn check_packed(gpu: &Gpu, qkv: &Qkv<'_>, opts: &AttnOptions, g: usize) -> (bool, String) {
+    let problem = Problem::new(qkv, opts).unwrap();
+    let pack = fa3::Variant::for_problem(&problem, false).pack;
+    let up = |t: &Tensor| DeviceTensor::upload(gpu, t).unwrap();
+    let (dq, dk, dv) = (up(qkv.q), up(qkv.k), up(qkv.v));
+    let packed = run_bits(gpu, &problem, [&dq, &dk, &dv], None, "");
+    let plain = run_bits(gpu, &problem, [&dq, &dk, &dv], None, "pack=0");
+    let (e, le) = errs_vs_ref(qkv, opts, &packed);
+    let same = matches!((&packed, &plain), (Ok(a), Ok(b)) if a == b);
+    let dtype = qkv.q.dtype();
+    (
+        pack == g && e <= tol(dtype) && le <= 1e-3 && same,
+        format!(
+            "pack {pack}, rel_err {e:.2e}, lse_err {le:.2e}, {}",
+            if same {
+                "bit-identical unpacked"
+            } else {
+                "DIFFERS from unpacked"
+            }
+        ),
+    )
+}
+
+/// Microseconds per call of `qkv` with GQA packing (the shipped choice) and with `pack=0`.
+fn time_packed_unpacked(gpu: &Gpu, qkv: &Qkv<'_>, opts: &AttnOptions) -> (f64, f64) {
+    let problem = Problem::new(qkv, opts).unwrap();
+    let up = |t: &Tensor| DeviceTensor::upload(gpu, t).unwrap();
+    let (dq, dk, dv) = (up(qkv.q), up(qkv.k), up(qkv.v));
+    let out = DeviceTensor::alloc(gpu, DType::BF16, &problem.q_shape).unwrap();
+    let lse = DeviceTensor::alloc(gpu, DType::F32, &problem.lse_shape()).unwrap();
+    let time = |tune: &str| {
+        1e3 * event_median_ms(gpu, 50, 10, || {
+            fa3::forward_into_with(gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune).unwrap()
+        })
+    };
+    (time(""), time("pack=0"))
 }
 
 /// Decode-shaped GQA timings, packed vs unpacked (only with `FA3_PACK_BENCH=1`): batch 8,
@@ -892,20 +903,7 @@ fn fa3_gqa_packing_bench() {
                     let k = rand_tensor(DType::BF16, &[b, sk, hk, d], 2);
                     let v = rand_tensor(DType::BF16, &[b, sk, hk, d], 3);
                     let opts = AttnOptions::new().causal(true);
-                    let problem = Problem::new(&Qkv::dense(&q, &k, &v), &opts).unwrap();
-                    let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
-                    let (dq, dk, dv) = (up(&q), up(&k), up(&v));
-                    let out = DeviceTensor::alloc(&gpu, DType::BF16, &problem.q_shape).unwrap();
-                    let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape()).unwrap();
-                    let time = |tune: &str| {
-                        1e3 * event_median_ms(&gpu, 50, 10, || {
-                            fa3::forward_into_with(
-                                &gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune,
-                            )
-                            .unwrap()
-                        })
-                    };
-                    let (p, u) = (time(""), time("pack=0"));
+                    let (p, u) = time_packed_unpacked(&gpu, &Qkv::dense(&q, &k, &v), &opts);
                     println!(
                         "{d:>3} {hk:>3} {sq:>3} {sk:>6} {p:>10.1} {u:>12.1} {:>8.2}",
                         u / p
@@ -920,32 +918,15 @@ fn fa3_gqa_packing_bench() {
         for hk in [4usize, 8] {
             for sq in [1usize, 16] {
                 let hq = 32;
-                let sks: Vec<usize> = (0..8).map(|i| 4096 + 1024 * i).collect();
-                let mut cq = vec![0i32];
-                let mut ck = vec![0i32];
-                for &sk in &sks {
-                    cq.push(cq.last().unwrap() + sq as i32);
-                    ck.push(ck.last().unwrap() + sk as i32);
-                }
-                let (tq, tk) = (8 * sq, sks.iter().sum::<usize>());
+                let seqs: Vec<(usize, usize)> = (0..8).map(|i| (sq, 4096 + 1024 * i)).collect();
+                let (cq, ck) = cu_seqlens(&seqs);
+                let (tq, tk) = (cq[8] as usize, ck[8] as usize);
                 let q = rand_tensor(DType::BF16, &[tq, hq, d], 1);
                 let k = rand_tensor(DType::BF16, &[tk, hk, d], 2);
                 let v = rand_tensor(DType::BF16, &[tk, hk, d], 3);
                 let opts = AttnOptions::new().causal(true);
-                let problem = Problem::new(&Qkv::varlen(&q, &k, &v, &cq, &ck), &opts).unwrap();
-                let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
-                let (dq, dk, dv) = (up(&q), up(&k), up(&v));
-                let out = DeviceTensor::alloc(&gpu, DType::BF16, &problem.q_shape).unwrap();
-                let lse = DeviceTensor::alloc(&gpu, DType::F32, &problem.lse_shape()).unwrap();
-                let time = |tune: &str| {
-                    1e3 * event_median_ms(&gpu, 50, 10, || {
-                        fa3::forward_into_with(
-                            &gpu, &problem, &dq, &dk, &dv, &out, &lse, None, tune,
-                        )
-                        .unwrap()
-                    })
-                };
-                let (p, u) = (time(""), time("pack=0"));
+                let qkv = Qkv::varlen(&q, &k, &v, &cq, &ck);
+                let (p, u) = time_packed_unpacked(&gpu, &qkv, &opts);
                 println!(
                     "varlen {d:>3} {hk:>3} {sq:>3} {tk:>8} {p:>10.1} {u:>12.1} {:>8.2}",
                     u / p
