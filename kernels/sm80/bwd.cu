@@ -90,52 +90,6 @@ FA_DEVICE void st_shared_u32(u32 addr, u32 v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v));
 }
 
-// Adds one warp's m16 x (8·CQ) block of dQ (mma accumulator: rows g, g + 8, columns 8nt + 2t)
-// into dq_accum rows row0.., columns col0... Reduced straight from the fragments, each warp
-// instruction would touch eight rows with 8 or 16 bytes each (one L2 request per 8–16 bytes
-// of data; sm_90 vector reductions: per 32). So the block goes through `buf` (512·CQ bytes of
-// free shared memory, 16-byte units XOR-swizzled by row) and comes back row-contiguous: on
-// sm_90 8·CQ/4 lanes cover a row with 16-byte vector reductions, before sm_90 lanes cover
-// consecutive floats of a row with scalar atomics — one request per row segment of up to
-// 128 bytes either way. Rows at or past `rows` (the sequence's sq) are skipped.
-template <int CQ>
-FA_DEVICE void dq_red_staged(const float (&acc)[CQ][4], u32 buf, float* dq_accum, int row0,
-                             int rows, i64 row_stride, int col0, int lane) {
-  constexpr int C = CQ * 8, U = C / 4;  // floats and 16-byte units per row
-  const int g = lane >> 2, t = lane & 3;
-  auto unit_addr = [&](int r, int u) { return buf + r * (C * 4) + ((u ^ (r & (U - 1))) << 4); };
-#pragma unroll
-  for (int nt = 0; nt < CQ; ++nt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = g + 8 * hh;
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(unit_addr(r, 2 * nt + t / 2) + (t % 2) * 8),
-                   "f"(acc[nt][2 * hh]), "f"(acc[nt][2 * hh + 1])
-                   : "memory");
-    }
-  __syncwarp();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#pragma unroll
-  for (int k = 0; k < 16 * U / 32; ++k) {
-    const int i = lane + 32 * k, r = i / U, u = i % U;
-    float v0, v1, v2, v3;
-    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v0), "=f"(v1), "=f"(v2), "=f"(v3)
-                 : "r"(unit_addr(r, u))
-                 : "memory");
-    if (row0 + r < rows) red_add_f32x4(dq_accum + (row0 + r) * row_stride + col0 + 4 * u, v0, v1, v2, v3);
-  }
-#else
-#pragma unroll
-  for (int k = 0; k < 16 * C / 32; ++k) {
-    const int j = lane + 32 * k, r = j / C, c = j % C;
-    float v;
-    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(unit_addr(r, c / 4) + (c % 4) * 4) : "memory");
-    if (row0 + r < rows) atomicAdd(dq_accum + (row0 + r) * row_stride + col0 + c, v);
-  }
-#endif
-  __syncwarp();
-}
 
 // The per-element part of the backward: from the S and dP accumulators of one warp tile to
 // Pd (optional, TRANS only) and dS (scaled by `scale`) in shared memory.
@@ -419,9 +373,13 @@ extern "C" __global__ void __launch_bounds__(kNTH, FA_MINB) fa2_bwd_main(const B
         const int nc0 = wc_n * NT_C * 8 + ch * CQ * 8;
         gemm_nn<kBF16, true, MT_C, CQ, kBC, kWBR, kWD>(acc, sdS, wc_m * MT_C * 16, sK, nc0, lane);
 #pragma unroll
-        for (int mt = 0; mt < MT_C; ++mt)
-          dq_red_staged<CQ>(acc[mt], stage, dq_head, m0 + wc_m * MT_C * 16 + mt * 16, si.sq,
-                            (i64)p.heads_q * kD, nc0, lane);
+        for (int mt = 0; mt < MT_C; ++mt) {
+          const int row0 = m0 + wc_m * MT_C * 16 + mt * 16;
+          const i64 row_stride = (i64)p.heads_q * kD;
+          red_add_staged<CQ>([&](int nt, int i) { return acc[mt][nt][i]; },
+                             [&](int r) { return dq_head + (row0 + r) * row_stride + nc0; }, row0,
+                             si.sq, stage, lane);
+        }
       }
     }
     if (kStages == 1) {

@@ -336,46 +336,22 @@ __device__ __forceinline__ void ds_tile(float* dp, const float* pf, const u32 (*
 }
 
 // Adds this warp's 16 rows x N columns of dQ (accumulator rows g, g + 8 from the tile's row
-// row0; columns col0 + 8j + 2t) into dq_accum. Straight from the fragments, each reduction would
-// touch eight rows with 32 bytes each — eight L2 requests per 256 bytes, which made the L2 the
-// bottleneck at d = 256. So the warp stages 32 columns at a time in its 2 KiB of shared memory
-// (`buf`; 16-byte units XOR-swizzled by row, conflict-free both ways) and reads them back so that
-// eight lanes cover one row's 128 bytes: one request per line, a quarter as many. Rows past the
-// sequence's sq are skipped (varlen: they belong to the next one). `buf` must be free: the caller
-// has synchronised both consumer warpgroups after their last reads of it.
+// row0; columns col0 + 8j + 2t) into dq_accum, 32 columns at a time through the warp's 2 KiB of
+// shared memory (`buf`) with `red_add_staged` (common/red.cuh): straight from the fragments each
+// reduction would touch eight rows with 32 bytes each, which made the L2 the bottleneck at
+// d = 256. Rows past the sequence's sq are skipped (varlen: they belong to the next one). `buf`
+// must be free: the caller has synchronised both consumer warpgroups after their last reads of it.
 template <int N>
 __device__ __forceinline__ void dq_red(const float* dq, const Fa3BwdParams& p, const Seq& s,
                                        int hh, int row0, int col0, u32 buf, int lane) {
   float* dq_accum = (float*)p.dq_accum;
-  const int g = lane / 4, tq = lane % 4;
-  const int rrow = lane / 8, rcol = lane % 8;  // read-back: row rrow + 4i, 16-byte unit rcol
 #pragma unroll
-  for (int c = 0; c < N / 32; ++c) {
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int j = 4 * c + jj, row = g + 8 * r;
-        const u32 a = buf + row * 128 + (((2 * jj + tq / 2) ^ (row & 7)) << 4) + (tq % 2) * 8;
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a), "f"(dq[4 * j + 2 * r]),
-                     "f"(dq[4 * j + 2 * r + 1])
-                     : "memory");
-      }
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = rrow + 4 * i;
-      float v0, v1, v2, v3;
-      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(v0), "=f"(v1), "=f"(v2), "=f"(v3)
-                   : "r"(buf + row * 128 + ((rcol ^ (row & 7)) << 4))
-                   : "memory");
-      if (row0 + row < s.sq)
-        red_add_f32x4(dq_accum + ((i64)(s.qrow0 + row0 + row) * p.heads_q + hh) * D + col0 + 32 * c + 4 * rcol,
-                      v0, v1, v2, v3);
-    }
-    __syncwarp();
-  }
+  for (int c = 0; c < N / 32; ++c)
+    red_add_staged<4>([&](int nt, int i) { return dq[4 * (4 * c + nt) + i]; },
+                      [&](int row) {
+                        return dq_accum + ((i64)(s.qrow0 + row0 + row) * p.heads_q + hh) * D + col0 + 32 * c;
+                      },
+                      row0, s.sq, buf, lane);
 }
 
 // Shared-memory buffers and barriers of the consumers.
