@@ -996,7 +996,7 @@ fn fa3_variants_compile_without_spills() {
             eprintln!("options: {:?}", jit::options(spec, "sm_90a"));
         }
     }
-    let bad = hopper_compile_audit(&specs, std::env::var("FA3_CUBIN_DIR").ok().as_deref(), &[]);
+    let bad = hopper_compile_audit(&specs, std::env::var("FA3_CUBIN_DIR").ok().as_deref());
     assert!(fa3::all_variants("sm_80").is_empty());
     assert!(
         bad.is_empty(),

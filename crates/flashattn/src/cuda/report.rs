@@ -25,11 +25,42 @@ pub struct KernelReport {
 }
 
 impl KernelReport {
-    /// Spills in a forward kernel (sources `sm80/fwd*` and `sm90/*`), where they are not allowed.
+    /// Spills in a forward kernel (sources `sm80/fwd*` and `sm90/*`), where they are not allowed
+    /// beyond [`accepted_spill_bytes`].
     pub fn is_forward_spill(&self) -> bool {
         let fwd = self.source.starts_with("sm80/fwd") || self.source.starts_with("sm90/");
-        fwd && matches!(&self.result, Ok(r) if r.spills())
+        fwd && matches!(&self.result, Ok(r) if !spill_accepted(&self.name, r))
     }
+}
+
+/// Spill (and stack) bytes accepted for the kernel labelled `label` (`entry[DEFINE=..]`): only
+/// where the spilling variant measured faster than its spill-free alternative; the bound keeps
+/// it from growing. One entry: the FP8 d = 256 causal kernel with the dynamic scheduler, 16 bytes
+/// (two values around its PV issue, L1-resident; +5% at 4k, +4..9% at 8k over one CTA per tile,
+/// bench/RESULTS.md "Step 10" / "Step 11b").
+pub fn accepted_spill_bytes(label: &str) -> u32 {
+    const ACCEPTED: &[(&[&str], u32)] = &[(
+        &[
+            "fa3_fwd[",
+            "FA3_D=256,",
+            "FA3_DT=2,",
+            "FA3_CAUSAL=1,",
+            "FA3_PERSISTENT=2,",
+        ],
+        16,
+    )];
+    ACCEPTED
+        .iter()
+        .filter(|(frags, _)| frags.iter().all(|f| label.contains(f)))
+        .map(|&(_, bytes)| bytes)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether `r` spills no more than [`accepted_spill_bytes`] allows for `label`.
+pub fn spill_accepted(label: &str, r: &Resources) -> bool {
+    let allowed = accepted_spill_bytes(label);
+    r.spill_stores <= allowed && r.spill_loads <= allowed && r.stack_bytes <= allowed
 }
 
 /// All variants of every family, compiled for some architectures.

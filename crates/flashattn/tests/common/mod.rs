@@ -69,14 +69,9 @@ pub fn event_median_ms(
 /// returns one line per variant with spills, a stack frame, an ignored `setmaxnreg` (C7508) or
 /// serialised wgmma. Writes every cubin to `cubin_dir` when given (for `cuobjdump -sass`).
 #[cfg(feature = "cuda")]
-/// Spill-store bytes accepted for the variants whose label contains every fragment of an
-/// entry (measured faster than their spill-free alternative; the bound keeps them from growing).
-pub type AcceptedSpills<'a> = &'a [(&'a [&'a str], u32)];
-
 pub fn hopper_compile_audit(
     specs: &[flashattn::cuda::KernelSpec],
     cubin_dir: Option<&str>,
-    accepted: AcceptedSpills<'_>,
 ) -> Vec<String> {
     let mut bad = Vec::new();
     for spec in specs {
@@ -91,17 +86,8 @@ pub fn hopper_compile_audit(
             r.spill_loads,
             r.stack_bytes
         );
-        let label = spec.label();
-        let allowed = accepted
-            .iter()
-            .filter(|(frags, _)| frags.iter().all(|f| label.contains(f)))
-            .map(|&(_, bytes)| bytes)
-            .max()
-            .unwrap_or(0);
-        let within =
-            r.spill_stores <= allowed && r.spill_loads <= allowed && r.stack_bytes <= allowed;
-        if (allowed == 0 && (r.spills() || r.stack_bytes > 0))
-            || (allowed > 0 && !within)
+        // Spills (and stack) only where the library accepts them (report::accepted_spill_bytes).
+        if !flashattn::cuda::report::spill_accepted(&spec.label(), r)
             || c.log.contains("C7508")
             || c.log.contains("serialized")
         {
