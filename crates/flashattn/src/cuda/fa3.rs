@@ -4,9 +4,11 @@
 //! (Bq 192, d=64 bf16) wgmma consumer warpgroups of 64 query rows (see the kernel's header
 //! comment for the math and the pipeline); persistent modes (one CTA per SM walking the tiles
 //! with a static stride — default for plain problems with ≤ 1024 keys — or taking them from a
-//! global counter, longest first — default for dense causal; `persist=0|1|2` overrides); GQA
-//! packing (the query heads of a group share a tile's rows, 5-D Q/O maps) where it cuts the
-//! tiles of a group, i.e. short query lengths (`pack=0` turns it off). The host encodes one
+//! global counter, longest first — default for dense causal, plain dense d = 256 and plain dense
+//! d = 96/128 beyond 1024 keys; `persist=0|1|2` overrides); QKᵀ with Q's fragments in registers
+//! at d = 96/128 (`qrs`); GQA packing (the query heads of a group share a tile's rows, 5-D Q/O
+//! maps; dense or varlen) where it cuts the tiles of a group, i.e. short query lengths (`pack=0`
+//! turns it off). The host encodes one
 //! tensor map per input (`cuTensorMapEncodeTiled`, 4-D
 //! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
 //! passes them by value in one `__grid_constant__` parameter struct.
