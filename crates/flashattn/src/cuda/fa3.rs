@@ -1089,6 +1089,56 @@ mod tests {
         assert_eq!(v.o_staging(), Some(OStaging::QSlice));
     }
 
+    /// The variant `for_problem` picks (without `FLASHATTN_FA3_TUNE`) for bf16 q [b, sq, hq, d],
+    /// k/v [b, sk, hk, d] (dense) or the varlen batch `seqs`.
+    fn pick(d: usize, sq: usize, sk: usize, hq: usize, hk: usize, causal: bool) -> Variant {
+        let t = |s: usize, h: usize| crate::Tensor::zeros(DType::BF16, &[2, s, h, d]);
+        let (q, k, v) = (t(sq, hq), t(sk, hk), t(sk, hk));
+        let opts = AttnOptions::new().causal(causal);
+        let p = Problem::new(&crate::Qkv::dense(&q, &k, &v), &opts).unwrap();
+        Variant::for_problem(&p, false)
+    }
+
+    #[test]
+    fn for_problem_picks_the_measured_defaults_and_they_are_compiled() {
+        let compiled: Vec<String> = all_variants("sm_90a").iter().map(|s| s.label()).collect();
+        let check = |v: Variant, what: &str| {
+            assert!(
+                compiled.contains(&v.spec().label()),
+                "{what}: {} is not in the compile-all set",
+                v.spec().label()
+            );
+            v
+        };
+        // Plain d = 128: static persistent up to 1024 keys, dynamic beyond; Q in registers.
+        let v = check(pick(128, 512, 512, 2, 2, false), "plain d128 short");
+        assert!(v.persistent && !v.dynamic && v.qrs == 1);
+        let v = check(pick(128, 2048, 2048, 2, 2, false), "plain d128");
+        assert!(v.persistent && v.dynamic && v.qrs == 1);
+        let v = check(pick(96, 4096, 4096, 2, 2, false), "plain d96");
+        assert!(v.dynamic && v.qrs == 1);
+        // d = 192: one CTA per tile, no Q in registers; d = 256: dynamic.
+        let v = check(pick(192, 4096, 4096, 2, 2, false), "plain d192");
+        assert!(!v.persistent && v.qrs == 0);
+        let v = check(pick(256, 4096, 4096, 2, 2, false), "plain d256");
+        assert!(v.dynamic && v.qrs == 0);
+        // Causal d = 64: two consumers with Q in registers up to 1024 queries, three beyond.
+        let v = check(pick(64, 1024, 1024, 2, 2, true), "causal d64 short");
+        assert!(v.dynamic && v.nc == 2 && v.qrs == 1);
+        let v = check(pick(64, 2048, 2048, 2, 2, true), "causal d64");
+        assert!(v.dynamic && v.nc == 3 && v.qrs == 0);
+        // Decode-shaped GQA: packed, dense and varlen.
+        let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
+        assert!(v.pack == 4 && !v.persistent);
+        let q = crate::Tensor::zeros(DType::BF16, &[6, 32, 128]);
+        let kv = crate::Tensor::zeros(DType::BF16, &[700, 8, 128]);
+        let (cq, ck) = ([0, 1, 4, 6], [0, 300, 500, 700]);
+        let opts = AttnOptions::new().causal(true);
+        let p = Problem::new(&crate::Qkv::varlen(&q, &kv, &kv, &cq, &ck), &opts).unwrap();
+        let v = check(Variant::for_problem(&p, false), "varlen decode d128");
+        assert!(v.pack == 4 && v.varlen && !v.persistent);
+    }
+
     #[test]
     fn every_shipped_variant_stages_o_through_tma() {
         let specs = all_variants("sm_90a");
