@@ -44,8 +44,8 @@ __device__ __forceinline__ void red_add_staged(Frag frag, RowPtr row_ptr, int ro
     }
   __syncwarp();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#pragma unroll
   static_assert(32 % U == 0, "whole rows per 32 lanes");
+#pragma unroll
   for (int k = 0; k < 16 * U / 32; ++k) {
     const int r = lane / U + (32 / U) * k, u = lane % U;
     float v0, v1, v2, v3;

@@ -66,11 +66,12 @@
 // (varlen: [d, G, total, heads_k, 1], rows from the sequence's start); the masks, tile ranges and
 // LSE use r / G. Dense or varlen, plain or causal, one CTA per tile, 16-bit.
 // FA3_QRS=1 — S = Q Kᵀ takes Q from registers (A fragments loaded once per tile with ldmatrix)
-// instead of shared memory (FA3_QRS=2 or 4: the first half or quarter of d only, where all of Q does not fit): the QKᵀ wgmma then reads only K from shared memory, whose bandwidth
-// (128 B per SM and clock, shared with TMA writes) the SS form nearly fills at d <= 128.
+// instead of shared memory, so the QKᵀ wgmma reads only K there, and the consumers release Q
+// right after loading it (a persistent producer loads the next tile's Q early). FA3_QRS=2 or 4:
+// the first half or quarter of d only, where all of Q does not fit (benchmarks).
 // FA3_EMU = E — E of every 8 n8-blocks of a score row take their exponentials from a polynomial
-// on the FMA pipe (exp2_poly) instead of the MUFU, whose 16 per SM and clock bound the loop where
-// the GEMMs are short (d = 64; FP8).
+// on the FMA pipe (exp2_poly) instead of the MUFU: where the MUFU bounds the loop (FP8 d = 64)
+// the two pipes share the work; 16-bit loops are issue-bound and lose (bench/RESULTS.md Step 10).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's

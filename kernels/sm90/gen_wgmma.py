@@ -43,7 +43,8 @@ __device__ __forceinline__ void wgmma_rs_{name}_n{N}(float* d, const unsigned* a
     "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{name}.{name} {{{regs}}}, {{%{R}, %{R+1}, %{R+2}, %{R+3}}}, %{R+4}, p, 1, 1, 1;\\n}}\\n"
     : {outs}
     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}}__device__ __forceinline__ void wgmma_rs_kb_{name}_n{N}(float* d, const unsigned* a, unsigned long long db, int scale_d) {{
+}}
+__device__ __forceinline__ void wgmma_rs_kb_{name}_n{N}(float* d, const unsigned* a, unsigned long long db, int scale_d) {{
   asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R+5}, 0;\\n"
     "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{name}.{name} {{{regs}}}, {{%{R}, %{R+1}, %{R+2}, %{R+3}}}, %{R+4}, p, 1, 1, 0;\\n}}\\n"
     : {outs}

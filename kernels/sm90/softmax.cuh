@@ -9,7 +9,7 @@
 #define FA3_NEG_INF (__int_as_float(0xff800000))
 
 // EMU of every 8 n8-blocks of a row take their exponentials from exp2_poly (FMA pipe), the rest
-// from the MUFU: where the MUFU bounds the loop (d = 64, FP8) the two pipes share the work.
+// from the MUFU: where the MUFU bounds the loop (FP8 d = 64) the two pipes share the work.
 template <int NB, int EMU = 0>
 struct OnlineSoftmax {
   float m[2], l[2];
