@@ -208,14 +208,19 @@ impl Variant {
             && problem.head_dim == 64
             && problem.max_sq <= SHORT_CAUSAL_SQ
         {
-            v.nc = 2;
-            v.qrs = 1;
+            v.short_causal_tile();
         }
         v.full = full;
         v.varlen = problem.varlen;
         v.apply_env();
         v.fix_full();
         v
+    }
+
+    /// The short dense causal d = 64 tile: two consumers (Bq 128) with Q in registers.
+    fn short_causal_tile(&mut self) {
+        self.nc = 2;
+        self.qrs = 1;
     }
 
     /// The full mode needs the registers of two consumers (three spill at d = 64).
@@ -375,8 +380,7 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
                     var.persistent = mode >= 3;
                     var.dynamic = mode >= 4;
                     if mode == 6 {
-                        var.nc = 2;
-                        var.qrs = 1;
+                        var.short_causal_tile();
                     }
                     var.varlen = varlen;
                     var.fix_full();
@@ -1089,8 +1093,8 @@ mod tests {
         assert_eq!(v.o_staging(), Some(OStaging::QSlice));
     }
 
-    /// The variant `for_problem` picks (without `FLASHATTN_FA3_TUNE`) for bf16 q [b, sq, hq, d],
-    /// k/v [b, sk, hk, d] (dense) or the varlen batch `seqs`.
+    /// The variant `for_problem` picks (without `FLASHATTN_FA3_TUNE`) for dense bf16 q
+    /// [2, sq, hq, d], k/v [2, sk, hk, d].
     fn pick(d: usize, sq: usize, sk: usize, hq: usize, hk: usize, causal: bool) -> Variant {
         let t = |s: usize, h: usize| crate::Tensor::zeros(DType::BF16, &[2, s, h, d]);
         let (q, k, v) = (t(sq, hq), t(sk, hk), t(sk, hk));
