@@ -9,8 +9,9 @@
 //! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. Two
 //! ways, chosen by [`in_kernel_transpose`]: a **separate pre-pass kernel** (`fa3_fp8_vt`, one
 //! extra read and write of V, launched before the attention kernel on the same stream; the
-//! default above 1024 keys and at d = 256), or the **in-kernel transpose** (`FA3_VTK=1`: the producer warpgroup TMA-loads V as
-//! stored and transposes it in shared memory; [`attention_into_raw_v`]).
+//! default above 1024 keys and at d = 256), or the **in-kernel transpose** (`FA3_VTK=1`: the
+//! producer warpgroup TMA-loads V as stored and transposes it in shared memory;
+//! [`attention_into_raw_v`]).
 //!
 //! Envelope: sm 9.0; head dims 64, 128, 256; dense (no cu_seqlens); no mask or causal
 //! (bottom-right); GQA/MQA; any lengths; a positive finite scale. Sliding windows, softcap,
@@ -81,9 +82,9 @@ pub struct Fp8Variant {
 }
 
 impl Fp8Variant {
-    /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0"`
-    /// overrides the ring depth and the TMA-store epilogue (benchmarks) when it fits in shared
-    /// memory.
+    /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0,
+    /// persist=0|2,emu=E,qrs=N"` overrides the ring depth, the TMA-store epilogue, the scheduler,
+    /// the exp2 emulation and Q in registers (benchmarks) when it fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
@@ -96,9 +97,10 @@ impl Fp8Variant {
             stages: if d <= 128 { 3 } else { 2 },
             vtk,
             otma: true,
-            // H100 (bench/RESULTS.md "Step 10", alternating A/B under clock drift): the
-            // dynamic scheduler at d = 256 on balance +2..5% at 4k, +1..9% at 8k; exp2 on the
-            // FMA pipe for 2 of every 8 n8-blocks at d = 64 +0..4% (the MUFU binds there).
+            // H100 (bench/RESULTS.md "Step 10" / "Step 11b", A/B under clock drift): the
+            // dynamic scheduler at d = 256 causal +4..5% at 4k and +4..9% at 8k, plain −1.4..+1.8%
+            // at 4k and +1..5% at 8k; exp2 on the FMA pipe for 2 of every 8 n8-blocks at d = 64
+            // +0..4% (the MUFU binds there).
             dynamic: d == 256 && !vtk,
             emu: if d == 64 { 2 } else { 0 },
             qrs: 0,
