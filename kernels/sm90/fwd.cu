@@ -72,6 +72,8 @@
 // FA3_EMU = E — E of every 8 n8-blocks of a score row take their exponentials from a polynomial
 // on the FMA pipe (exp2_poly) instead of the MUFU: where the MUFU bounds the loop (FP8 d = 64)
 // the two pipes share the work; 16-bit loops are issue-bound and lose (bench/RESULTS.md Step 10).
+// FA3_LAZY = T — lazy rescaling (softmax.cuh): a row's softmax base moves only when its maximum
+// grows by more than 2^T, and O is rescaled only when a row of the warp moved it.
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -140,6 +142,9 @@
 #endif
 #ifndef FA3_QRS
 #define FA3_QRS 0
+#endif
+#ifndef FA3_LAZY
+#define FA3_LAZY 0
 #endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
@@ -624,7 +629,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  OnlineSoftmax<BK / 8, FA3_EMU> sm;
+  OnlineSoftmax<BK / 8, FA3_EMU, FA3_LAZY> sm;
   sm.init();
   const u32 sQw = sQ + cw * 64 * 128;
 
@@ -683,11 +688,19 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       float alpha[2];
-      sm.step(sc, c, alpha);
-      wgmma_wait<0>();
-      fence_regs<D / 2>(o);
+      // PV's wait sits in both arms of a branch on the softmax's warp vote: ptxas then cannot
+      // hoist it above the exponentials (straight-line code gets it right after the QKᵀ wait,
+      // and the softmax no longer overlaps PV).
+      const bool rescale = sm.step(sc, c, alpha);
+      if (rescale) {
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        rescale_o<D / 8>(o, alpha);
+      } else {
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+      }
       warp_release(v_empty + 8 * sp, lane);
-      rescale_o<D / 8>(o, alpha);
       to_pfrag(sc, pf);
     }
     {
@@ -723,8 +736,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       float alpha[2];
-      sm.step(sc, c, alpha);
-      rescale_o<D / 8>(o, alpha);
+      if (sm.step(sc, c, alpha)) rescale_o<D / 8>(o, alpha);
       u32 pf[BK / KSTEP][4];
       to_pfrag(sc, pf);
       mbar_wait(v_full + 8 * s, ph);

@@ -10,16 +10,28 @@
 
 // EMU of every 8 n8-blocks of a row take their exponentials from exp2_poly (FMA pipe), the rest
 // from the MUFU: where the MUFU bounds the loop (FP8 d = 64) the two pipes share the work.
-template <int NB, int EMU = 0>
+// The running output needs rescaling only when some row's base moved: step() says whether any
+// row of the warp did (a warp vote), and the caller skips rescale_o otherwise. The branch on that
+// warp-uniform answer also keeps ptxas from hoisting the PV wgmma wait above the exponentials
+// (without it the wait lands right after the QKᵀ wait and softmax no longer overlaps PV).
+// LAZY = 0: the base is the row maximum (it moves whenever the maximum grows; exact skip).
+// LAZY = T > 0: a row keeps its old base while the new row maximum exceeds it by at most T in
+// log2 units (p ≤ 2^T then: exact in f32, bf16, f16 and e4m3 for T ≤ 8), so after the first
+// tiles the D/2 multiplies of rescale_o are almost never needed. m is the base actually used, so
+// l, O and the LSE stay consistent with it: the result is the same softmax.
+template <int NB, int EMU = 0, int LAZY = 0>
 struct OnlineSoftmax {
+  static_assert(LAZY >= 0 && LAZY <= 8, "p <= 2^LAZY must stay inside e4m3's range (448)");
   float m[2], l[2];
   __device__ __forceinline__ void init() {
     m[0] = m[1] = FA3_NEG_INF;
     l[0] = l[1] = 0.f;
   }
   // s: 4*NB scores of this thread. On return s holds p (unnormalised), alpha[r] the factor to
-  // apply to the running output of row r.
-  __device__ __forceinline__ void step(float* s, float c, float* alpha) {
+  // apply to the running output of row r; the result says whether any row of the warp needs it
+  // (warp-uniform).
+  __device__ __forceinline__ bool step(float* s, float c, float* alpha) {
+    bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = m[r];
@@ -27,9 +39,20 @@ struct OnlineSoftmax {
       for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float base = (mx == FA3_NEG_INF) ? 0.f : mx * c;
-      alpha[r] = fast_exp2(m[r] * c - base);
-      m[r] = mx;
+      // Keep the old base (alpha = 1) while the new maximum is within 2^LAZY of it; never while
+      // it is −inf (the difference is then +inf or NaN; LAZY = 0 tests that explicitly).
+      const float old = m[r] * c;
+      const bool keep = LAZY ? mx * c - old <= (float)LAZY : (mx == m[r] && mx != FA3_NEG_INF);
+      float base;
+      if (keep) {
+        base = old;
+        alpha[r] = 1.f;
+      } else {
+        base = (mx == FA3_NEG_INF) ? 0.f : mx * c;
+        alpha[r] = fast_exp2(old - base);
+        m[r] = mx;
+        moved = true;
+      }
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < NB; ++j) {
@@ -43,6 +66,7 @@ struct OnlineSoftmax {
       }
       l[r] = l[r] * alpha[r] + sum;
     }
+    return __any_sync(0xffffffff, moved);
   }
   // Final row sums (quad-reduced) -> 1/l (0 for empty rows) and the natural-log LSE.
   __device__ __forceinline__ void finish(float c, float* inv, float* lse) {

@@ -77,6 +77,9 @@ pub struct Variant {
     /// S = Q Kᵀ with Q's A fragments in registers (`FA3_QRS`) instead of shared memory: 0 off,
     /// 1 all of Q, 2 or 4 the first half or quarter of the head dim (where all would spill).
     pub qrs: usize,
+    /// Lazy rescaling (`FA3_LAZY`): a row's softmax base moves only when its maximum grows by
+    /// more than 2^lazy, and O is rescaled only then; 0 = rescale on every key tile.
+    pub lazy: usize,
     /// Window + softcap + ALiBi compiled in (run-time switches); excludes `causal`.
     pub full: bool,
     /// Packed q/k/v with cu_seqlens.
@@ -86,6 +89,12 @@ pub struct Variant {
     /// ([`Variant::o_staging`]).
     pub otma: bool,
 }
+
+/// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
+/// base moves only when its maximum grows by more than 2^8, so O is almost never rescaled after
+/// the first key tiles (H100, bench/RESULTS.md "Step 12": +0..9% over rescaling on every tile;
+/// the warp-uniform branch it adds also keeps ptxas from hoisting the PV wait above the softmax).
+pub const LAZY_RESCALE: usize = 8;
 
 /// Longest key sequence for which the plain mode runs persistent CTAs by default.
 pub const PERSIST_MAX_SK: usize = 1024;
@@ -156,6 +165,7 @@ impl Variant {
             nc,
             emu: 0,
             qrs,
+            lazy: LAZY_RESCALE,
             full: false,
             varlen: false,
             otma: true,
@@ -223,10 +233,15 @@ impl Variant {
         self.qrs = 1;
     }
 
-    /// The full mode needs the registers of two consumers (three spill at d = 64).
+    /// The full mode needs the registers of two consumers (three spill at d = 64), and at
+    /// d = 128 those of Q's fragments too (with them its run-time switches spill beside the
+    /// overlapped softmax's live P fragments).
     fn fix_full(&mut self) {
         if self.full {
             self.nc = 2;
+            if self.d == 128 {
+                self.qrs = 0;
+            }
         }
     }
 
@@ -265,6 +280,7 @@ impl Variant {
                 "otma" => self.otma = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
+                "lazy" if n <= 8 => self.lazy = n,
                 // Three consumers get 160 registers each: not enough for d = 256.
                 "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
                 _ => {}
@@ -343,6 +359,7 @@ impl Variant {
             .define("FA3_PACK", self.pack)
             .define("FA3_EMU", self.emu)
             .define("FA3_QRS", self.qrs)
+            .define("FA3_LAZY", self.lazy)
             .define("FA3_WINDOW", u32::from(self.full))
             .define("FA3_SOFTCAP", u32::from(self.full))
             .define("FA3_ALIBI", u32::from(self.full))

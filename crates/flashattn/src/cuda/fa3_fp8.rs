@@ -79,12 +79,14 @@ pub struct Fp8Variant {
     pub emu: usize,
     /// S = Q Kᵀ with Q's A fragments in registers (`FA3_QRS`: 0 off, 1 all, 2 / 4 half / quarter).
     pub qrs: usize,
+    /// Lazy rescaling threshold in log2 units (`FA3_LAZY`; 0 = rescale O on every key tile).
+    pub lazy: usize,
 }
 
 impl Fp8Variant {
     /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0,
-    /// persist=0|2,emu=E,qrs=N"` overrides the ring depth, the TMA-store epilogue, the scheduler,
-    /// the exp2 emulation and Q in registers (benchmarks) when it fits in shared memory.
+    /// persist=0|2,emu=E,qrs=N,lazy=T"` overrides the ring depth, the TMA-store epilogue, the
+    /// scheduler, the exp2 emulation, Q in registers and lazy rescaling (benchmarks) when it fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
@@ -104,6 +106,8 @@ impl Fp8Variant {
             dynamic: d == 256 && !vtk,
             emu: if d == 64 { 2 } else { 0 },
             qrs: 0,
+            // Lazy rescaling as the 16-bit kernels (p ≤ 2^8 stays inside e4m3's range).
+            lazy: super::fa3::LAZY_RESCALE,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for kv in s.split(',') {
@@ -118,6 +122,7 @@ impl Fp8Variant {
                     "otma" => Fp8Variant { otma: n != 0, ..v },
                     "emu" if n <= 8 => Fp8Variant { emu: n, ..v },
                     "qrs" if matches!(n, 0 | 1 | 2 | 4) => Fp8Variant { qrs: n, ..v },
+                    "lazy" if n <= 8 => Fp8Variant { lazy: n, ..v },
                     "persist" if !v.vtk => Fp8Variant {
                         dynamic: n == 2,
                         ..v
@@ -179,6 +184,7 @@ impl Fp8Variant {
             .define("FA3_VTK", u32::from(self.vtk))
             .define("FA3_EMU", self.emu)
             .define("FA3_QRS", self.qrs)
+            .define("FA3_LAZY", self.lazy)
             .define("FA3_OTMA", u32::from(self.otma))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             .define("FA3_SMEM", self.smem_bytes())

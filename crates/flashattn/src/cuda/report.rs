@@ -34,21 +34,29 @@ impl KernelReport {
 }
 
 /// Spill (and stack) bytes accepted for the kernel labelled `label` (`entry[DEFINE=..]`): only
-/// where the spilling variant measured faster than its spill-free alternative; the bound keeps
-/// it from growing. One entry: the FP8 d = 256 causal kernel with the dynamic scheduler, 16 bytes
-/// (two values around its PV issue, L1-resident; +4..5% at 4k, +4..9% at 8k over one CTA per tile,
-/// bench/RESULTS.md "Step 10" / "Step 11b").
+/// where the spilling variant measured faster than its spill-free alternative, and only values
+/// kept across a tile's main loop (stored before it, reloaded in the epilogue: a few L1-resident
+/// accesses per tile, none per key tile — checked in the SASS); the bound keeps it from growing.
+/// With the softmax overlapping the PV wgmma (its P fragments live beside the new scores), the
+/// d = 256 kernels that keep the most state across a tile hold 8–16 bytes there: FP8 with the
+/// dynamic scheduler (plain and causal; +4..9% at 4k–8k over one CTA per tile, bench/RESULTS.md
+/// "Step 10" / "Step 11b") and the 16-bit static persistent varlen kernel (short varlen batches).
 pub fn accepted_spill_bytes(label: &str) -> u32 {
-    const ACCEPTED: &[(&[&str], u32)] = &[(
-        &[
-            "fa3_fwd[",
-            "FA3_D=256,",
-            "FA3_DT=2,",
-            "FA3_CAUSAL=1,",
-            "FA3_PERSISTENT=2,",
-        ],
-        16,
-    )];
+    const ACCEPTED: &[(&[&str], u32)] = &[
+        (
+            &["fa3_fwd[", "FA3_D=256,", "FA3_DT=2,", "FA3_PERSISTENT=2,"],
+            16,
+        ),
+        (
+            &[
+                "fa3_fwd[",
+                "FA3_D=256,",
+                "FA3_PERSISTENT=1,",
+                "FA3_VARLEN=1,",
+            ],
+            12,
+        ),
+    ];
     ACCEPTED
         .iter()
         .filter(|(frags, _)| frags.iter().all(|f| label.contains(f)))
