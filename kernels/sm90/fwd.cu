@@ -22,8 +22,10 @@
 // batch) with a static stride, longest-first for causal; the K/V ring and its barrier phases
 // continue across tiles, and Q is reloaded once consumers release it (q_empty), so the
 // producer prefetches the next tile while the consumers run the epilogue. FA3_PERSISTENT=2:
-// the same, but each CTA takes its next tile from a global counter (p.tile_ctr, zeroed by the
-// host) when its producer is done issuing the current one — dynamic load balance for causal
+// the same, but each CTA takes its next tile from a global counter (p.tile_ctr[0]; zero at
+// launch, and the last CTA to finish taking tiles — counted in p.tile_ctr[1] — zeroes both for
+// the next launch, so the host keeps one buffer and never clears it) when its producer is done
+// issuing the current one — dynamic load balance for causal
 // tiles of unequal length; the producer thread hands the tile index to the consumers through
 // a two-slot ring in shared memory (tile_full / tile_empty barriers). Causal persistent order:
 // longest first within groups of p.sched_group (head, batch) pairs, so that the CTAs running
@@ -233,7 +235,7 @@ struct __align__(64) Fa3Params {
   int qd_b, qd_h, kd_b, kd_h, vd_b, vd_h;
   int o_tma;            // 1: om addresses out (FA3_OTMA); 0: out's layout is not TMA-addressable
   int sched_group;      // persistent causal order: (head, batch) pairs per longest-first group
-  u64 tile_ctr;         // int, zeroed before the launch (FA3_PERSISTENT == 2)
+  u64 tile_ctr;         // int[2] {next tile, CTAs done}, zero at launch and left zero (FA3_PERSISTENT == 2)
 };
 static_assert(sizeof(Fa3Params) == 4 * 128 + 256, "mirrored by Fa3Params in fa3.rs");
 
@@ -982,6 +984,16 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
           ++jq;
         }
       }
+#if FA3_PERSISTENT == 2
+      // This CTA's last atomicAdd on the tile counter is done (it returned an index past the
+      // end). The last CTA to get here resets both counters for the next launch on the stream.
+      __threadfence();
+      if (atomicAdd((int*)p.tile_ctr + 1, 1) == (int)gridDim.x - 1) {
+        __threadfence();
+        atomicExch((int*)p.tile_ctr, 0);
+        atomicExch((int*)p.tile_ctr + 1, 0);
+      }
+#endif
     }
   } else {
     reg_alloc<CONSUMER_REGS>();

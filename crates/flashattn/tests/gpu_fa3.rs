@@ -641,7 +641,9 @@ fn fa3_tma_store_epilogue() {
 /// each tile is computed by the same code whichever CTA takes it — and that output is checked
 /// against the f64 reference on a sample of query heads. Dense causal (sq ≠ sk) with GQA, dense
 /// plain, varlen causal with unequal sequences; longest-first groups of 1, 5 and all (head,
-/// batch) pairs.
+/// batch) pairs. The dynamic launches follow each other on one device with different tile
+/// counts and share its one pair of scheduler counters, which each launch must leave zero: a
+/// counter left behind would make the next launch skip tiles (poisoned rows, not identical).
 #[test]
 fn fa3_persistent_schedulers() {
     let Some(gpu) = hopper_or_skip("fa3 GPU test") else {

@@ -8,6 +8,7 @@
 
 use super::jit::{self, KernelSpec};
 use super::loader;
+use super::tensor::DeviceBuffer;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
@@ -91,6 +92,8 @@ pub struct Gpu {
     max_smem_optin: u32,
     total_mem: usize,
     functions: Mutex<HashMap<u64, Arc<CudaFunction>>>,
+    /// The dynamic tile scheduler's counters (allocated and zeroed on first use).
+    sched: Mutex<Option<DeviceBuffer>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -184,6 +187,7 @@ impl Gpu {
             stream,
             ctx,
             functions: Mutex::new(HashMap::new()),
+            sched: Mutex::new(None),
         })
     }
 
@@ -192,6 +196,17 @@ impl Gpu {
     }
     pub fn ctx(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+    /// Device address of the dynamic tile scheduler's two `i32` counters (next tile, CTAs
+    /// done), zeroed once when first asked for. Kernels that use them leave them zero (the last
+    /// CTA resets both), and every launch runs on [`Gpu::stream`], so launches never overlap on
+    /// them: no allocation or memset per launch.
+    pub(crate) fn sched_counters(&self) -> Result<u64> {
+        let mut c = self.sched.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_none() {
+            *c = Some(DeviceBuffer::zeros(self, 8)?);
+        }
+        Ok(c.as_ref().map_or(0, |b| b.ptr()))
     }
     /// The stream every launch and copy of this crate uses.
     pub fn stream(&self) -> &Arc<CudaStream> {

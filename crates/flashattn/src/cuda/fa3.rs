@@ -670,14 +670,13 @@ pub(crate) fn sched_group(
     }
 }
 
-/// The dynamic scheduler's tile counter (one zeroed i32, freed stream-ordered when dropped
-/// after the launch), when `dynamic`.
-pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<Option<DeviceBuffer>> {
-    Ok(if dynamic {
-        Some(DeviceBuffer::zeros(gpu, 4)?)
+/// The dynamic scheduler's counters ([`Gpu::sched_counters`]) when `dynamic`, else 0.
+pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<u64> {
+    if dynamic {
+        gpu.sched_counters()
     } else {
-        None
-    })
+        Ok(0)
+    }
 }
 
 /// Mirrors `struct Fa3Params` in kernels/sm90/fwd.cu (C layout, 64-byte aligned).
@@ -727,7 +726,8 @@ pub(crate) struct Fa3Params {
     pub(crate) o_tma: i32,
     /// Persistent causal order: (head, batch) pairs per longest-first group.
     pub(crate) sched_group: i32,
-    /// Tile counter (an i32, zeroed before the launch) of the dynamic scheduler.
+    /// The dynamic scheduler's counters (`[i32; 2]`, zero at launch; the kernel leaves them
+    /// zero), [`Gpu::sched_counters`]; 0 without the dynamic scheduler.
     pub(crate) tile_ctr: u64,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
@@ -1007,7 +1007,7 @@ pub fn forward_into_with(
         pad2: 0,
         o_tma,
         sched_group: sched_group.min(i32::MAX as usize) as i32,
-        tile_ctr: tile_ctr.as_ref().map_or(0, |c| c.ptr()),
+        tile_ctr,
         ..Fa3Params::zeroed()
     };
     if !var.persistent
@@ -1055,7 +1055,7 @@ pub fn forward_into_with(
     unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd", e))?;
     // cu_seqlens, slopes and the tile counter are freed stream-ordered, after the launch (as
     // fa2 does).
-    drop((cu, slopes, tile_ctr));
+    drop((cu, slopes));
     Ok(())
 }
 

@@ -565,7 +565,7 @@ fn launch(
         vd_b: vd.0,
         vd_h: vd.1,
         sched_group: super::fa3::sched_group(0, true, m_tiles, hq * b, sms) as i32,
-        tile_ctr: tile_ctr.as_ref().map_or(0, |c| c.ptr()),
+        tile_ctr,
         ..Fa3Params::zeroed()
     };
     let cfg = LaunchConfig {
@@ -585,7 +585,6 @@ fn launch(
     // outlive the launch on this stream; out/lse were checked to be contiguous with the
     // shapes the kernel writes.
     unsafe { lb.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd (fp8)", e))?;
-    drop(tile_ctr); // freed stream-ordered, after the launch
     Ok(())
 }
 
