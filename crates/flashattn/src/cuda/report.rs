@@ -34,13 +34,14 @@ impl KernelReport {
 }
 
 /// Spill (and stack) bytes accepted for the kernel labelled `label` (`entry[DEFINE=..]`): only
-/// where the spilling variant measured faster than its spill-free alternative, and only values
-/// kept across a tile's main loop (stored before it, reloaded in the epilogue: a few L1-resident
-/// accesses per tile, none per key tile — checked in the SASS); the bound keeps it from growing.
-/// With the softmax overlapping the PV wgmma (its P fragments live beside the new scores), the
-/// d = 256 kernels that keep the most state across a tile hold 8–16 bytes there: FP8 with the
-/// dynamic scheduler (plain and causal; +4..9% at 4k–8k over one CTA per tile, bench/RESULTS.md
-/// "Step 10" / "Step 11b") and the 16-bit static persistent varlen kernel (short varlen batches).
+/// where the spilling variant measured faster than its spill-free alternative; the bound keeps
+/// it from growing. With the softmax overlapping the PV wgmma (its P fragments live beside the
+/// new scores), the d = 256 kernels that keep the most state hold 8–16 bytes in local memory:
+/// FP8 with the dynamic scheduler (plain: values kept across a tile's main loop, stored before it
+/// and reloaded in the epilogue; causal: also two values around its PV issue, 3–4 L1-resident
+/// accesses per key tile; +4..9% at 4k–8k over one CTA per tile, bench/RESULTS.md "Step 10" /
+/// "Step 11b"), and the 16-bit static persistent varlen kernel (values kept across the main
+/// loop only; short varlen batches). SASS checked with cuobjdump.
 pub fn accepted_spill_bytes(label: &str) -> u32 {
     const ACCEPTED: &[(&[&str], u32)] = &[
         (
