@@ -22,11 +22,11 @@
 // batch) with a static stride, longest-first for causal; the K/V ring and its barrier phases
 // continue across tiles, and Q is reloaded once consumers release it (q_empty), so the
 // producer prefetches the next tile while the consumers run the epilogue. FA3_PERSISTENT=2:
-// the same, but each CTA takes its next tile from a global counter (p.tile_ctr[0]; zero at
-// launch, and the last CTA to finish taking tiles — counted in p.tile_ctr[1] — zeroes both for
-// the next launch, so the host keeps one buffer and never clears it) when its producer is done
-// issuing the current one — dynamic load balance for causal
-// tiles of unequal length; the producer thread hands the tile index to the consumers through
+// the same, but each CTA takes its next tile from a global counter when its producer is done
+// issuing the current one — dynamic load balance for causal tiles of unequal length (the
+// counter p.tile_ctr[0] is zero at launch; the last CTA to finish taking tiles, counted in
+// p.tile_ctr[1], zeroes both for the next launch, so the host keeps one buffer per device and
+// never clears it); the producer thread hands the tile index to the consumers through
 // a two-slot ring in shared memory (tile_full / tile_empty barriers). Causal persistent order:
 // longest first within groups of p.sched_group (head, batch) pairs, so that the CTAs running
 // together share the K/V of few heads in L2.

@@ -1053,8 +1053,7 @@ pub fn forward_into_with(
     // the tensor maps address q/k/v, which outlive the launch (the stream is synchronized
     // before they can be dropped by callers that download), and out/lse are sized by Problem.
     unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd", e))?;
-    // cu_seqlens, slopes and the tile counter are freed stream-ordered, after the launch (as
-    // fa2 does).
+    // cu_seqlens and slopes are freed stream-ordered, after the launch (as fa2 does).
     drop((cu, slopes));
     Ok(())
 }

@@ -86,7 +86,8 @@ pub struct Fp8Variant {
 impl Fp8Variant {
     /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0,
     /// persist=0|2,emu=E,qrs=N,lazy=T"` overrides the ring depth, the TMA-store epilogue, the
-    /// scheduler, the exp2 emulation, Q in registers and lazy rescaling (benchmarks) when it fits in shared memory.
+    /// scheduler, the exp2 emulation, Q in registers and lazy rescaling (benchmarks) when it
+    /// fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
