@@ -16,7 +16,7 @@
 // FA3_OVERLAP=1 issues S_{j+1} = Q K_{j+1}ᵀ before P_j V_j and runs the softmax of tile j+1 while
 // P_j V_j is in flight (wgmma.wait_group 1). FA3_PINGPONG=1 (needs overlap) makes the
 // consumers take turns, round robin, issuing their GEMMs (named barriers 2..1+NC), so one's
-// softmax overlaps the others' GEMMs.
+// softmax overlaps the others' GEMMs; the round robin runs on across a persistent CTA's tiles.
 //
 // FA3_PERSISTENT=1: a grid of (at most) one CTA per SM walks the work tiles (query tile, head,
 // batch) with a static stride, longest-first for causal; the K/V ring and its barrier phases
@@ -644,9 +644,6 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       // released after the epilogue).
       if (FA3_QRS == 1 && !Q_HOLDS_O) warp_release(q_empty, lane);
     }
-#if FA3_PINGPONG
-    if (cw == NC - 1) named_arrive(2, 256);  // consumer 0 takes the first turn
-#endif
 #if FA3_OVERLAP
     u32 pf[BK / KSTEP][4];
     {
@@ -719,9 +716,6 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       fence_regs<D / 2>(o);
       warp_release(v_empty + 8 * sp, lane);
     }
-#if FA3_PINGPONG
-    if (cw == 0) named_sync(2, 256);  // balance the last consumer's opening arrive
-#endif
 #else
     for (int it = 0; it < n_end; ++it) {
       const int tile = w.n_hi - 1 - it;
@@ -997,6 +991,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     }
   } else {
     reg_alloc<CONSUMER_REGS>();
+#if FA3_PINGPONG
+    // The GEMM turns run round robin across all of this CTA's tiles (every consumer takes
+    // n_end + 1 per tile): the last consumer's opening arrive gives consumer 0 its first turn,
+    // and consumer 0's closing sync takes the last consumer's final hand-off. Between tiles the
+    // last consumer's final PV hands the turn straight to consumer 0's next QKᵀ, which so need
+    // not wait for the other consumers' epilogues.
+    if (wg == NC) named_arrive(2, 256);
+#endif
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
       consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full, k_full, v_full, k_empty, v_empty,
@@ -1006,6 +1008,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
         ++jq;
       }
     }
+#if FA3_PINGPONG
+    if (wg == 1) named_sync(2, 256);  // the last consumer's final hand-off
+#endif
     // Shared memory must outlive the reads of a deferred O store (OWN_O, persistent).
     if (FA3_OTMA && threadIdx.x % 128 == 0) bulk_wait_read<0>();
   }
