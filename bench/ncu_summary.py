@@ -3,6 +3,9 @@
 reasons, and the SASS lines holding the most stall samples.
 
     python3 bench/ncu_summary.py REPORT.ncu-rep
+
+Also writes REPORT.lines.tsv: every SASS line (index, share of the stall samples, its two main
+stall reasons, the instruction), for bucketing by region (main loop, epilogue, tile hand-off).
 """
 import csv
 import io
@@ -60,6 +63,12 @@ for s0 in starts[:1]:
     reasons = [i for i, n in enumerate(head) if n.startswith('stall_') and '(Not' not in n]
     total = sum(float(r[isamp] or 0) for r in data)
     print('SASS lines', len(data), 'samples', total)
+    with open(REP.replace('.ncu-rep', '') + '.lines.tsv', 'w') as f:
+        for k, r in enumerate(data):
+            samples = float(r[isamp] or 0)
+            why = sorted(((float(r[i] or 0), head[i][6:]) for i in reasons), reverse=True)[:2]
+            f.write(f"{k}\t{samples / total * 100 if total else 0:.3f}\t"
+                    + ' '.join(f'{n}:{x:.0f}' for x, n in why if x) + f"\t{r[isrc].strip()}\n")
     for k, r in enumerate(data):
         samples = float(r[isamp] or 0)
         if total and samples / total >= 0.006:
