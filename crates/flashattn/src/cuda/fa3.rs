@@ -1130,9 +1130,11 @@ mod tests {
             );
             v
         };
-        // Plain d = 128: static persistent up to 1024 keys, dynamic beyond; Q in registers.
+        // Plain d = 128: static persistent up to 1024 keys, dynamic beyond; Q in registers;
+        // lazy rescaling everywhere (also what keeps the PV wait below the softmax).
         let v = check(pick(128, 512, 512, 2, 2, false), "plain d128 short");
-        assert!(v.persistent && !v.dynamic && v.qrs == 1);
+        assert!(v.persistent && !v.dynamic && v.qrs == 1 && v.lazy == LAZY_RESCALE);
+        assert!(v.spec().label().contains("FA3_LAZY=8,"));
         let v = check(pick(128, 2048, 2048, 2, 2, false), "plain d128");
         assert!(v.persistent && v.dynamic && v.qrs == 1);
         let v = check(pick(96, 4096, 4096, 2, 2, false), "plain d96");

@@ -650,6 +650,15 @@ mod tests {
     }
 
     #[test]
+    fn fp8_kernels_rescale_lazily() {
+        for d in HEAD_DIMS {
+            let v = Fp8Variant::new(d, true);
+            assert_eq!(v.lazy, super::super::fa3::LAZY_RESCALE);
+            assert!(v.spec().label().contains("FA3_LAZY=8,"));
+        }
+    }
+
+    #[test]
     fn variants_and_smem() {
         assert!(all_variants("sm_80").is_empty());
         let v = all_variants("sm_90a");
