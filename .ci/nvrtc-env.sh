@@ -27,10 +27,17 @@ PY
             echo "nvrtc-env: pip install of the NVRTC 13.0 wheels failed" >&2
         _fa_cu13="$("$_fa_py" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null || true)"
     fi
+    # nvdisasm (its own wheel, into the same bin/): the SASS-order test of the Hopper forward
+    # (tests/gpu_fa3.rs, fa3_softmax_overlaps_pv_in_sass) reads the kernels' instructions.
+    if [ -n "$_fa_cu13" ] && [ ! -x "$_fa_cu13/bin/nvdisasm" ]; then
+        "$_fa_py" -m pip install -q --disable-pip-version-check "nvidia-cuda-nvdisasm>=13.0,<14" >&2 || \
+            echo "nvrtc-env: pip install of nvdisasm failed (the SASS-order test will skip)" >&2
+    fi
     if [ -n "$_fa_cu13" ] && [ -d "$_fa_cu13/lib" ]; then
         export FLASHATTN_NVRTC_DIR="$_fa_cu13/lib"
         export FLASHATTN_CUDA_INCLUDE="$_fa_cu13/include"
-        # ptxas/nvcc for anyone inspecting kernels by hand; flashattn itself does not need them.
+        # nvdisasm for the SASS-order test; ptxas/nvcc for anyone inspecting kernels by hand
+        # (flashattn itself needs none of them).
         case ":$PATH:" in *":$_fa_cu13/bin:"*) ;; *) export PATH="$PATH:$_fa_cu13/bin" ;; esac
     fi
 else

@@ -10,8 +10,8 @@
 mod common;
 
 use common::{
-    event_median_ms, hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor, ref_forward,
-    rel_err, Rng, Tally,
+    event_median_ms, exps_under_pv, hopper_compile_audit, hopper_or_skip, lse_err, rand_tensor,
+    ref_forward, rel_err, sass, Rng, Tally,
 };
 use flashattn::cuda::{fa3, jit, DeviceTensor, Family, Gpu};
 use flashattn::{AlibiSlopes, AttnOptions, DType, Problem, Qkv, Tensor};
@@ -1003,6 +1003,57 @@ fn fa3_variants_compile_without_spills() {
     assert!(
         bad.is_empty(),
         "variants with spills or serialized wgmma:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// Every shipped forward variant (bf16 and FP8 — f16 differs only in its conversions — without
+/// GQA packing, whose loop is the same; NVRTC and nvdisasm, no GPU needed) keeps the softmax
+/// under the in-flight PV wgmma: at least a quarter of a key tile's exponentials (the softmax
+/// issues Bk/2 per thread) sit between the QKᵀ wait and the PV wait in the SASS.
+#[test]
+fn fa3_softmax_overlaps_pv_in_sass() {
+    if let Err(e) = flashattn::cuda::loader::nvrtc() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let probe = jit::compile(&fa3::all_variants("sm_90a")[0], "sm_90a").expect("compiles");
+    if sass(&probe.cubin).is_none() {
+        eprintln!("skipping: nvdisasm is not on PATH (.ci/nvrtc-env.sh installs it)");
+        return;
+    }
+    let specs: Vec<_> = fa3::all_variants("sm_90a")
+        .into_iter()
+        .chain(flashattn::cuda::fa3_fp8::all_variants("sm_90a"))
+        .filter(|s| {
+            let l = s.label();
+            s.entry == fa3::ENTRY
+                && (l.contains("FA3_DT=2,") || l.contains("FA3_DT=0,") && l.contains("FA3_PACK=1,"))
+        })
+        .collect();
+    let mut bad = Vec::new();
+    for spec in &specs {
+        let label = spec.label();
+        let bk: usize = label
+            .split("FA3_BK=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .expect("FA3_BK in the label");
+        let c = jit::compile(spec, "sm_90a").expect("compiles");
+        match exps_under_pv(&sass(&c.cubin).expect("disassembles")) {
+            Ok(n) if n >= bk / 4 => {}
+            Ok(n) => bad.push(format!(
+                "{label}: {n} MUFU.EX2 under PV, want >= {}",
+                bk / 4
+            )),
+            Err(e) => bad.push(format!("{label}: {e}")),
+        }
+    }
+    eprintln!("{} variants checked", specs.len());
+    assert!(
+        bad.is_empty(),
+        "softmax not overlapping PV:\n{}",
         bad.join("\n")
     );
 }

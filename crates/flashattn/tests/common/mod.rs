@@ -106,6 +106,47 @@ pub fn hopper_compile_audit(
     bad
 }
 
+/// The SASS of `cubin` from `nvdisasm` (on PATH: `.ci/nvrtc-env.sh` installs it next to
+/// NVRTC), or `None` when the disassembler is missing or fails.
+#[cfg(feature = "cuda")]
+pub fn sass(cubin: &[u8]) -> Option<String> {
+    let path = std::env::temp_dir().join(format!(
+        "flashattn_sass_{}_{:?}.cubin",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&path, cubin).ok()?;
+    let out = std::process::Command::new("nvdisasm").arg(&path).output();
+    let _ = std::fs::remove_file(&path);
+    let out = out.ok().filter(|o| o.status.success())?;
+    String::from_utf8(out.stdout).ok()
+}
+
+/// The forward main loop's intra-warpgroup overlap, read from its SASS: after the QKᵀ wait
+/// that leaves PV in flight (`WARPGROUP.DEPBAR.LE gsb0, 0x1`) at least `min_exp` MUFU.EX2 must
+/// come before the PV wait (`... 0x0`) — the softmax runs under PV. ptxas has hoisted that wait
+/// to right after the QKᵀ wait when nothing held it down (bench/RESULTS.md "Step 12").
+/// Returns the smallest count between the two over the kernel's loops, or why it cannot tell.
+#[cfg(feature = "cuda")]
+pub fn exps_under_pv(sass: &str) -> Result<usize, String> {
+    let mut fewest: Option<usize> = None;
+    let mut open: Option<usize> = None;
+    for line in sass.lines() {
+        if line.contains("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
+            open = Some(0);
+        } else if line.contains("MUFU.EX2") {
+            if let Some(n) = open.as_mut() {
+                *n += 1;
+            }
+        } else if line.contains("WARPGROUP.DEPBAR.LE gsb0, 0x0") {
+            if let Some(n) = open.take() {
+                fewest = Some(fewest.map_or(n, |f: usize| f.min(n)));
+            }
+        }
+    }
+    fewest.ok_or_else(|| "no QKᵀ wait with PV in flight (DEPBAR.LE gsb0, 0x1) found".into())
+}
+
 /// GPU 0 if it is sm 9.0 (the Hopper kernels), or `None` after printing why `what` skips.
 #[cfg(feature = "cuda")]
 pub fn hopper_or_skip(what: &str) -> Option<std::sync::Arc<flashattn::cuda::Gpu>> {
