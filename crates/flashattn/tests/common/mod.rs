@@ -122,11 +122,11 @@ pub fn sass(cubin: &[u8]) -> Option<String> {
     String::from_utf8(out.stdout).ok()
 }
 
-/// The forward main loop's intra-warpgroup overlap, read from its SASS: after the QKᵀ wait
-/// that leaves PV in flight (`WARPGROUP.DEPBAR.LE gsb0, 0x1`) at least `min_exp` MUFU.EX2 must
-/// come before the PV wait (`... 0x0`) — the softmax runs under PV. ptxas has hoisted that wait
-/// to right after the QKᵀ wait when nothing held it down (bench/RESULTS.md "Step 12").
-/// Returns the smallest count between the two over the kernel's loops, or why it cannot tell.
+/// The forward main loop's intra-warpgroup overlap, read from its SASS: the number of MUFU.EX2
+/// between the QKᵀ wait that leaves PV in flight (`WARPGROUP.DEPBAR.LE gsb0, 0x1`) and the PV
+/// wait (`... 0x0`) — the exponentials that run under PV (the smallest count over the kernel's
+/// loops), or why it cannot tell. ptxas has hoisted that wait to right after the QKᵀ wait when
+/// nothing held it down (bench/RESULTS.md "Step 12"): then it is 0.
 #[cfg(feature = "cuda")]
 pub fn exps_under_pv(sass: &str) -> Result<usize, String> {
     let mut fewest: Option<usize> = None;
