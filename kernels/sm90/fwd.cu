@@ -248,29 +248,42 @@ struct WorkTile {
   __device__ __forceinline__ int count() const { return n_hi - n_lo; }
 };
 
-__device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
-                                         u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
-                                         u32 q_empty, const WorkTile& w, int hk, int g0, int jq) {
-  const int m = w.m, h = w.h, b = w.tb, n_end = w.count();
+// Q of work tile w (its Q use number jq), once the consumers have released the previous one.
+__device__ __forceinline__ void load_q(const Fa3Params& p, u32 sQ, u32 q_full, u32 q_empty,
+                                       const WorkTile& w, int jq) {
   if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
   mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
     if (PACK > 1)
-      tma_load_5d(sQ + c * QCHUNK, &p.q, q_full, c * CH, 0, w.qs + m * (BQ / PACK), h / PACK, b);
+      tma_load_5d(sQ + c * QCHUNK, &p.q, q_full, c * CH, 0, w.qs + w.m * (BQ / PACK), w.h / PACK, w.tb);
     else
-      tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
+      tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + w.m * BQ, w.h, w.tb);
   }
+}
+
+// K of key tile `tile` of w into ring position g, once its slot's previous use is released.
+__device__ __forceinline__ void load_k(const Fa3Params& p, u32 sK, u32 k_full, u32 k_empty,
+                                       const WorkTile& w, int hk, int tile, int g) {
+  const int s = g % STAGES;
+  if (g >= STAGES) mbar_wait(k_empty + 8 * s, ((g / STAGES) + 1) & 1);
+  mbar_expect_tx(k_full + 8 * s, K_BYTES);
+#pragma unroll
+  for (int c = 0; c < NCH; ++c)
+    tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, w.tb);
+}
+
+__device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
+                                         u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
+                                         u32 q_empty, const WorkTile& w, int hk, int g0, int jq) {
+  const int b = w.tb, n_end = w.count();
+  load_q(p, sQ, q_full, q_empty, w, jq);
   for (int it = 0; it < n_end; ++it) {
     const int tile = w.n_hi - 1 - it;
     const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
     const int s = g % STAGES;
     const u32 par = ((g / STAGES) + 1) & 1;  // parity of the previous use of slot s
-    if (g >= STAGES) mbar_wait(k_empty + 8 * s, par);
-    mbar_expect_tx(k_full + 8 * s, K_BYTES);
-#pragma unroll
-    for (int c = 0; c < NCH; ++c)
-      tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, b);
+    load_k(p, sK, k_full, k_empty, w, hk, tile, g);
     if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
     mbar_expect_tx(v_full + 8 * s, V_BYTES);
     if constexpr (FP8) {
@@ -327,7 +340,7 @@ __device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK,
                                              u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
                                              u32 v_empty, u32 q_empty, u32 r_full,
                                              const WorkTile& w, int hk, int g0, int jq) {
-  const int m = w.m, h = w.h, b = w.tb, n_end = w.count();
+  const int b = w.tb, n_end = w.count();
   const bool leader = threadIdx.x == 0;
   auto load_raw = [&](int tile, int g) {
     const int rs = g % 2;
@@ -336,21 +349,10 @@ __device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK,
     for (int c = 0; c < NCH; ++c)
       tma_load_4d(sR + rs * K_BYTES + c * KCHUNK, &p.v, r_full + 8 * rs, c * CH, w.ks + tile * BK, hk, b);
   };
-  auto load_k = [&](int tile, int g) {
-    const int s = g % STAGES;
-    if (g >= STAGES) mbar_wait(k_empty + 8 * s, ((g / STAGES) + 1) & 1);
-    mbar_expect_tx(k_full + 8 * s, K_BYTES);
-#pragma unroll
-    for (int c = 0; c < NCH; ++c)
-      tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, b);
-  };
   if (leader) {
-    if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);
-    mbar_expect_tx(q_full, Q_BYTES);
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + m * BQ, h, b);
+    load_q(p, sQ, q_full, q_empty, w, jq);
     if (n_end > 0) {
-      load_k(w.n_hi - 1, g0);
+      load_k(p, sK, k_full, k_empty, w, hk, w.n_hi - 1, g0);
       load_raw(w.n_hi - 1, g0);
     }
   }
@@ -364,7 +366,7 @@ __device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK,
     // K slot (g+1) % STAGES frees with QKᵀ(g+1−STAGES), which completes before that PV; staging
     // slot (g+1) % 2 was last read in iteration it−1, which ended in a barrier.
     if (leader && it + 1 < n_end) {
-      load_k(tile - 1, g + 1);
+      load_k(p, sK, k_full, k_empty, w, hk, tile - 1, g + 1);
       load_raw(tile - 1, g + 1);
     }
     mbar_wait(r_full + 8 * (g % 2), (g / 2) & 1);

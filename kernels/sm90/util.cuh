@@ -34,11 +34,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// 2^x for x <= 0 on the FMA pipe instead of the MUFU (which does 16 exp2 per SM and clock
-// against 128 FMAs): x = n + f with n = round(x) by the 1.5·2^23 trick, 2^f on [-1/2, 1/2] by a
-// cubic minimax polynomial (relative error 7.5e-5, below 16-bit P's rounding), 2^n added to the
-// exponent field. x is clamped at -126 so that the exponent cannot wrap: masked scores (-inf)
-// give ~1e-38 instead of 0, which a row with a finite score (its sum is >= 1) cannot notice.
+// 2^x for -inf <= x < 128 on the FMA pipe instead of the MUFU (which does 16 exp2 per SM and
+// clock against 128 FMAs); the softmax passes x <= 2^FA3_LAZY's exponent (8). x = n + f with
+// n = round(x) by the 1.5·2^23 trick (the low bits of the sum hold n, either sign), 2^f on
+// [-1/2, 1/2] by a cubic minimax polynomial (relative error 7.5e-5, below 16-bit P's rounding),
+// 2^n added to the exponent field. x is clamped at -126 so that the exponent cannot wrap: masked
+// scores (-inf) give ~1e-38 instead of 0, which a row with a finite score (its sum is >= 1)
+// cannot notice.
 __device__ __forceinline__ float exp2_poly(float x) {
   x = fmaxf(x, -126.f);
   const float t = __fadd_rn(x, 12582912.f);
