@@ -256,15 +256,8 @@ impl Variant {
     /// [`apply_env`](Self::apply_env) on the knob string `s`.
     fn apply_tune(&mut self, s: &str) {
         let orig = *self;
-        for kv in s.split(',') {
-            let mut it = kv.splitn(2, '=');
-            let (Some(k), Some(val)) = (it.next(), it.next()) else {
-                continue;
-            };
-            let Ok(n) = val.trim().parse::<usize>() else {
-                continue;
-            };
-            match k.trim() {
+        for (k, n) in tune_knobs(s) {
+            match k {
                 "bk" if BK_CHOICES.contains(&n) => self.bk = n,
                 "stages" if (1..=4).contains(&n) => self.stages = n,
                 "overlap" => self.overlap = n != 0,
@@ -369,6 +362,15 @@ impl Variant {
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
     }
+}
+
+/// The `name=N` pairs of a tuning string (`FLASHATTN_FA3_TUNE`, `FLASHATTN_FP8_TUNE`), trimmed;
+/// malformed entries are skipped (benchmark knobs, not an API).
+pub(crate) fn tune_knobs(s: &str) -> impl Iterator<Item = (&str, usize)> {
+    s.split(',').filter_map(|kv| {
+        let (k, n) = kv.split_once('=')?;
+        Some((k.trim(), n.trim().parse().ok()?))
+    })
 }
 
 /// Every shipped variant for `arch` (compile-all; only sm_90a has any). All of them have
@@ -1093,6 +1095,12 @@ mod tests {
         let mut v = Variant::base(128, false, false);
         v.persistent = true;
         assert_eq!(v.smem_bytes(), 32768 + 4 * 32768 + 32768 + 80 + 1024);
+    }
+
+    #[test]
+    fn tune_strings_parse_trimmed_and_skip_malformed_entries() {
+        let knobs: Vec<_> = tune_knobs(" lazy = 0,bk=x,qrs,emu=2 ,").collect();
+        assert_eq!(knobs, [("lazy", 0), ("emu", 2)]);
     }
 
     #[test]

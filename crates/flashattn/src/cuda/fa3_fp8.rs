@@ -111,13 +111,7 @@ impl Fp8Variant {
             lazy: super::fa3::LAZY_RESCALE,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
-            for kv in s.split(',') {
-                let Some((k, n)) = kv.trim().split_once('=') else {
-                    continue;
-                };
-                let Ok(n) = n.parse::<usize>() else {
-                    continue;
-                };
+            for (k, n) in super::fa3::tune_knobs(&s) {
                 let t = match k {
                     "stages" if (1..=4).contains(&n) => Fp8Variant { stages: n, ..v },
                     "otma" => Fp8Variant { otma: n != 0, ..v },
