@@ -76,12 +76,6 @@
 // the two pipes share the work; 16-bit loops are issue-bound and lose (bench/RESULTS.md Step 10).
 // FA3_LAZY = T — lazy rescaling (softmax.cuh): a row's softmax base moves only when its maximum
 // grows by more than 2^T, and O is rescaled only when a row of the warp moved it.
-// FA3_CHAIN=1 — a persistent consumer chains its tiles: the last P V of one tile goes out in the
-// same turn as the next tile's first Q Kᵀ, and the first tile's epilogue runs after the next
-// one's first softmax, so the tensor cores see one unbroken stream of paired GEMMs (without it
-// a tile opens with a lone Q Kᵀ and closes with a lone P V, each with nothing to overlap). Needs
-// Q in registers (FA3_QRS=1, so the next Q is loaded during the current tile) and O staged in a
-// buffer of its own (FA3_OBUF=1); 16-bit only.
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -154,9 +148,6 @@
 #ifndef FA3_LAZY
 #define FA3_LAZY 0
 #endif
-#ifndef FA3_CHAIN
-#define FA3_CHAIN 0
-#endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
@@ -209,8 +200,6 @@ constexpr bool OWN_O = FA3_OTMA && FA3_OBUF == 1;
 constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
 constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
 static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
-static_assert(!FA3_CHAIN || (FA3_PERSISTENT && FA3_OVERLAP && !FP8 && FA3_QRS == 1 && OWN_O),
-              "chained tiles: persistent, overlapped, 16-bit, Q in registers, O in its own buffer");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
                            8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
 static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 2, "O staging: Q slice, own buffer, VTK ring");
@@ -252,10 +241,6 @@ static_assert(sizeof(Fa3Params) == 4 * 128 + 256, "mirrored by Fa3Params in fa3.
 
 // Which (query tile, head, batch) work item t is, its sequence, and its key-tile range
 // [n_lo, n_hi) (visited from n_hi − 1 down to n_lo).
-template <bool B> struct Flag {
-  static constexpr bool value = B;
-};
-
 struct WorkTile {
   int m, h, b, n_lo, n_hi;
   int sq, sk, qs, ks;  // this sequence's lengths and packed start rows (0 dense)
@@ -615,95 +600,11 @@ __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, cons
 
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t);
 
-// Epilogue of work tile w (has_keys: it had key tiles, O and the softmax sums inv/lse are
-// final): normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are not
-// written (varlen: they belong to the next sequence).
-__device__ __forceinline__ void epilogue(const Fa3Params& p, const float* o, float* inv, const float* lse,
-                                         const WorkTile& w, bool has_keys, int cw, u32 sQ, u32 sO,
-                                         u32 q_empty) {
-  const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-  const int row0 = w.m * BQ + cw * 64 + warp * 16 + g;
-  if constexpr (FP8) {
-    // Read here rather than before the main loop: one register less across it.
-    const float v_descale = ((const float*)p.vd)[w.b * p.vd_b + (w.h / p.group) * p.vd_h];
-    inv[0] *= v_descale, inv[1] *= v_descale;
-  }
-#if FA3_OTMA
-  if (!has_keys) {
-    // No keys: O = 0, written directly (Q is not this tile's to stage in, see the header).
-    const u32 zero[D / 4] = {};
-    store_o_direct(p, zero, w, row0, tq);
-  } else {
-    const u32 o_base = Q_HOLDS_O ? sQ : sO;
-    const int wrow = w.m * BQ + cw * 64;
-    u32 ob[D / 4];
-    pack_o(o, inv, ob);
-    stage_o(ob, o_base, cw);
-    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > w.sq * PACK))
-      tma_store_o(p, o_base, w, cw, wrow);
-    else
-      copy_o_rows(p, o_base, w, cw, wrow);
-  }
-#else
-  {
-    u32 ob[D / 4];
-    pack_o(o, inv, ob);
-    store_o_direct(p, ob, w, row0, tq);
-  }
-#endif
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = qrow(row0 + 8 * r), hr = w.h + (row0 + 8 * r) % PACK;
-    if (row < w.sq && tq == 0) ((float*)p.lse)[(i64)w.b * p.lse_b + (i64)hr * p.lse_h + w.qs + row] = lse[r];
-  }
-  // Q holds O: thread 0 waited for its TMA store to read the slice (tma_store_o) before its
-  // warp's arrival; the other warps' arrivals cannot complete the phase without it.
-  if (Q_HOLDS_O && has_keys) warp_release(q_empty, lane);
-}
-
-// A tile whose last P V and epilogue are still to do (FA3_CHAIN): its index (re-decoded for
-// the epilogue rather than kept across the next tile's main loop), the V slot of its last key
-// tile, and its final softmax sums.
-struct Carry {
-  bool pending;
-  int wt, sp;
-  u32 php;
-  float inv[2], lse[2];
-};
-
-// The epilogue of the carried tile, once its last P V has completed into o; o starts over.
-__device__ __forceinline__ void retire(const Fa3Params& p, float* o, Carry& cy, int cw, u32 sQ, u32 sO,
-                                       u32 q_empty) {
-  int wt_opaque = cy.wt;
-  asm volatile("" : "+r"(wt_opaque));
-  const WorkTile we = decode_tile(p, wt_opaque);
-  epilogue(p, o, cy.inv, cy.lse, we, true, cw, sQ, sO, q_empty);
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  cy.pending = false;
-}
-
-// A tile's last O += P V on its own (its turn, issue, wait, release of V slot sp).
-__device__ __forceinline__ void last_pv(float* o, const u32 (*pf)[4], u32 sV, u32 v_full, u32 v_empty,
-                                        int sp, u32 php, int cw, int lane) {
-  mbar_wait(v_full + 8 * sp, php);
-  turn_take(cw);
-  fence_regs<D / 2>(o);
-  wgmma_fence();
-  issue_pv(o, pf, sV + sp * V_BYTES);
-  wgmma_commit();
-  turn_pass(cw);
-  wgmma_wait<0>();
-  fence_regs<D / 2>(o);
-  warp_release(v_empty + 8 * sp, lane);
-}
-
-// w is work tile wt (its index, for the epilogue's re-derivation). o (and with FA3_OVERLAP pf)
-// are the caller's so that FA3_CHAIN can carry them into the next tile with cy.
+// w is work tile wt (its index, for the epilogue's re-derivation).
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sO,
                                          u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
                                          u32 v_empty, u32 q_empty, const WorkTile& w, int wt,
-                                         int cw, int g0, int jq, float* o, u32 (*pf)[4], Carry& cy) {
+                                         int cw, int g0, int jq) {
   const int m = w.m, h = w.h, b = w.b, n_end = w.count();
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
@@ -729,11 +630,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     if (PRESCALE) prescale(sc, tile, row0, sq, sk, tq, p.scale_log2, p.sc_in, p.sc_out, slope);
     if (need_mask(tile)) apply_mask(sc, tile, row0, sq, sk, tq, wl, wr);
   };
-  // Chained tiles: o is zero already (at the start, and after every retire()).
-  if (!FA3_CHAIN) {
+  float o[D / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  }
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   OnlineSoftmax<BK / 8, FA3_EMU, FA3_LAZY> sm;
   sm.init();
   const u32 sQw = sQ + cw * 64 * 128;
@@ -748,52 +647,26 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       if (FA3_QRS == 1 && !Q_HOLDS_O) warp_release(q_empty, lane);
     }
 #if FA3_OVERLAP
-    // The first key tile: a lone Q Kᵀ, or (chained) together with the carried tile's last P V.
-    // Two straight-line versions: a wgmma in flight across a branch merge makes ptxas
-    // serialize every wgmma of the kernel.
-    auto first_tile = [&](auto carry) {
-      constexpr bool CARRIED = decltype(carry)::value;
+    u32 pf[BK / KSTEP][4];
+    {
       float sc[BK / 2];
       const int s0 = g0 % STAGES;
       mbar_wait(k_full + 8 * s0, (g0 / STAGES) & 1);
-      if (CARRIED) mbar_wait(v_full + 8 * cy.sp, cy.php);
       turn_take(cw);
       fence_regs<BK / 2>(sc);
-      if (CARRIED) fence_regs<D / 2>(o);
       wgmma_fence();
       issue_qk(sc, sQw, qf, sK + s0 * K_BYTES);
       wgmma_commit();
-      if (CARRIED) {
-        issue_pv(o, pf, sV + cy.sp * V_BYTES);
-        wgmma_commit();
-      }
       turn_pass(cw);
-      wgmma_wait<CARRIED ? 1 : 0>();
+      wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
       warp_release(k_empty + 8 * s0, lane);
-      transform(sc, w.n_hi - 1);
+      const int tile = w.n_hi - 1;
+      transform(sc, tile);
       float alpha[2];
-      const bool moved = sm.step(sc, c, alpha);
-      if (CARRIED) {
-        // As in the main loop, a branch keeps ptxas from hoisting P V's wait above the
-        // exponentials; the arms differ (empty asm markers) so that they are not merged.
-        if (moved) {
-          asm volatile("// carried P V, a row moved");
-          wgmma_wait<0>();
-        } else {
-          asm volatile("// carried P V, no row moved");
-          wgmma_wait<0>();
-        }
-        fence_regs<D / 2>(o);
-        warp_release(v_empty + 8 * cy.sp, lane);
-      }
+      sm.step(sc, c, alpha);
       to_pfrag(sc, pf);
-      if (CARRIED) retire(p, o, cy, cw, sQ, sO, q_empty);
-    };
-    if (FA3_CHAIN && __any_sync(0xffffffff, cy.pending))  // the vote: uniform to ptxas
-      first_tile(Flag<FA3_CHAIN != 0>{});
-    else
-      first_tile(Flag<false>{});
+    }
     for (int it = 1; it < n_end; ++it) {
       const int tile = w.n_hi - 1 - it;
       const int g = g0 + it;
@@ -831,17 +704,20 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(v_empty + 8 * sp, lane);
       to_pfrag(sc, pf);
     }
-    const int g_last = g0 + n_end - 1;
-    if constexpr (FA3_CHAIN) {
-      // The last P V goes out with the next tile's first Q Kᵀ (or alone, flush_carry()).
-      cy.pending = true;
-      cy.wt = wt;
-      cy.sp = g_last % STAGES;
-      cy.php = (g_last / STAGES) & 1;
-      sm.finish(c, cy.inv, cy.lse);
-      return;
+    {
+      const int sp = (g0 + n_end - 1) % STAGES;
+      const u32 php = ((g0 + n_end - 1) / STAGES) & 1;
+      mbar_wait(v_full + 8 * sp, php);
+      turn_take(cw);
+      fence_regs<D / 2>(o);
+      wgmma_fence();
+      issue_pv(o, pf, sV + sp * V_BYTES);
+      wgmma_commit();
+      turn_pass(cw);
+      wgmma_wait<0>();
+      fence_regs<D / 2>(o);
+      warp_release(v_empty + 8 * sp, lane);
     }
-    last_pv(o, pf, sV, v_full, v_empty, g_last % STAGES, (g_last / STAGES) & 1, cw, lane);
 #else
     for (int it = 0; it < n_end; ++it) {
       const int tile = w.n_hi - 1 - it;
@@ -859,50 +735,75 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       transform(sc, tile);
       float alpha[2];
       if (sm.step(sc, c, alpha)) rescale_o<D / 8>(o, alpha);
-      u32 pfl[BK / KSTEP][4];
-      to_pfrag(sc, pfl);
+      u32 pf[BK / KSTEP][4];
+      to_pfrag(sc, pf);
       mbar_wait(v_full + 8 * s, ph);
       fence_regs<D / 2>(o);
       wgmma_fence();
-      issue_pv(o, pfl, sV + s * V_BYTES);
+      issue_pv(o, pf, sV + s * V_BYTES);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
       warp_release(v_empty + 8 * s, lane);
     }
-    (void)pf;
 #endif
     // Q may be overwritten (persistent CTAs); when it stages O, only after the epilogue.
     if (!Q_HOLDS_O && FA3_QRS != 1) warp_release(q_empty, lane);
-  } else if (FA3_CHAIN && cy.pending) {
-    // A tile without keys: the carried tile's last P V goes out alone.
-    last_pv(o, pf, sV, v_full, v_empty, cy.sp, cy.php, cw, lane);
-    retire(p, o, cy, cw, sQ, sO, q_empty);
   }
 
-  // Persistent FP8 CTAs re-derive the tile's coordinates here (a little integer math) instead
-  // of keeping them live across the main loop, where the d = 256 consumers would otherwise
-  // spill (16-bit kernels: no need, and their SASS stays as it was).
+  // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are
+  // not written (varlen: they belong to the next sequence). Persistent FP8 CTAs re-derive the
+  // tile's coordinates here (a little integer math) instead of keeping them live across the main
+  // loop, where the d = 256 consumers would otherwise spill (16-bit kernels: no need, and their
+  // SASS stays as it was).
 #if FA3_PERSISTENT && FA3_DT == 2
   int wt_opaque = wt;
   asm volatile("" : "+r"(wt_opaque));
   const WorkTile we = decode_tile(p, wt_opaque);
+  const int erow0 = we.m * BQ + cw * 64 + warp * 16 + g;
 #else
   (void)wt;
   const WorkTile& we = w;
+  const int erow0 = row0;
 #endif
   float inv[2], lse[2];
   sm.finish(c, inv, lse);
-  epilogue(p, o, inv, lse, we, n_end > 0, cw, sQ, sO, q_empty);
-}
-
-// FA3_CHAIN: after a CTA's last tile, its carried last P V goes out alone.
-__device__ __forceinline__ void flush_carry(const Fa3Params& p, float* o, const u32 (*pf)[4], Carry& cy,
-                                            u32 sQ, u32 sV, u32 sO, u32 v_full, u32 v_empty,
-                                            u32 q_empty, int cw) {
-  if (!cy.pending) return;
-  last_pv(o, pf, sV, v_full, v_empty, cy.sp, cy.php, cw, threadIdx.x % 32);
-  retire(p, o, cy, cw, sQ, sO, q_empty);
+  if constexpr (FP8) {
+    // Read here rather than before the main loop: one register less across it.
+    const float v_descale = ((const float*)p.vd)[we.b * p.vd_b + (we.h / p.group) * p.vd_h];
+    inv[0] *= v_descale, inv[1] *= v_descale;
+  }
+#if FA3_OTMA
+  if (n_end == 0) {
+    // No keys: O = 0, written directly (Q is not this tile's to stage in, see the header).
+    const u32 zero[D / 4] = {};
+    store_o_direct(p, zero, we, erow0, tq);
+  } else {
+    const u32 o_base = Q_HOLDS_O ? sQ : sO;
+    const int wrow = we.m * BQ + cw * 64;
+    u32 ob[D / 4];
+    pack_o(o, inv, ob);
+    stage_o(ob, o_base, cw);
+    if (p.o_tma && !(FA3_VARLEN && wrow + 64 > we.sq * PACK))
+      tma_store_o(p, o_base, we, cw, wrow);
+    else
+      copy_o_rows(p, o_base, we, cw, wrow);
+  }
+#else
+  {
+    u32 ob[D / 4];
+    pack_o(o, inv, ob);
+    store_o_direct(p, ob, we, erow0, tq);
+  }
+#endif
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = qrow(erow0 + 8 * r), hr = we.h + (erow0 + 8 * r) % PACK;
+    if (row < we.sq && tq == 0) ((float*)p.lse)[(i64)we.b * p.lse_b + (i64)hr * p.lse_h + we.qs + row] = lse[r];
+  }
+  // Q holds O: thread 0 waited for its TMA store to read the slice (tma_store_o) before its
+  // warp's arrival; the other warps' arrivals cannot complete the phase without it.
+  if (Q_HOLDS_O && n_end > 0) warp_release(q_empty, lane);
 }
 
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
@@ -1100,25 +1001,15 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     // not wait for the other consumers' epilogues.
     if (wg == NC) named_arrive(2, 256);
 #endif
-    const u32 sOc = FA3_OBUF == 2 ? sR : sO;
-    float o[D / 2];
-    u32 pf[BK / KSTEP][4];
-    Carry cy;
-    cy.pending = false;
-    if (FA3_CHAIN) {
-#pragma unroll
-      for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    }
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
-      consumer(p, sQ, sK, sV, sOc, q_full, k_full, v_full, k_empty, v_empty, q_empty, w, t, wg - 1,
-               g0, jq, o, pf, cy);
+      consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full, k_full, v_full, k_empty, v_empty,
+               q_empty, w, t, wg - 1, g0, jq);
       if (w.count() > 0) {
         g0 += w.count();
         ++jq;
       }
     }
-    if (FA3_CHAIN) flush_carry(p, o, pf, cy, sQ, sV, sOc, v_full, v_empty, q_empty, wg - 1);
 #if FA3_PINGPONG
     if (wg == 1) named_sync(2, 256);  // the last consumer's final hand-off
 #endif

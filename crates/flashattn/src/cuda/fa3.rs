@@ -6,8 +6,7 @@
 //! with a static stride — default for plain problems with ≤ 1024 keys — or taking them from a
 //! global counter, longest first — default for dense causal, plain dense d = 256 and plain dense
 //! d = 96/128 beyond 1024 keys; `persist=0|1|2` overrides); QKᵀ with Q's fragments in registers
-//! at d = 96/128 (`qrs`), where persistent CTAs also chain their tiles (a tile's last P V goes
-//! out with the next tile's first Q Kᵀ, `chain=0` turns it off); GQA packing (the query heads of a group share a tile's rows, 5-D Q/O
+//! at d = 96/128 (`qrs`); GQA packing (the query heads of a group share a tile's rows, 5-D Q/O
 //! maps; dense or varlen) where it cuts the tiles of a group, i.e. short query lengths (`pack=0`
 //! turns it off). The host encodes one
 //! tensor map per input (`cuTensorMapEncodeTiled`, 4-D
@@ -81,9 +80,6 @@ pub struct Variant {
     /// Lazy rescaling (`FA3_LAZY`): a row's softmax base moves only when its maximum grows by
     /// more than 2^lazy, and O is rescaled only then; 0 = rescale on every key tile.
     pub lazy: usize,
-    /// Chained tiles (`FA3_CHAIN`) where the kernel allows them ([`Variant::chains`]): a
-    /// persistent consumer issues a tile's last P V with the next tile's first Q Kᵀ.
-    pub chain: bool,
     /// Window + softcap + ALiBi compiled in (run-time switches); excludes `causal`.
     pub full: bool,
     /// Packed q/k/v with cu_seqlens.
@@ -170,7 +166,6 @@ impl Variant {
             emu: 0,
             qrs,
             lazy: LAZY_RESCALE,
-            chain: true,
             full: false,
             varlen: false,
             otma: true,
@@ -250,7 +245,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,chain=0"`
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0"`
     /// overrides knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -279,7 +274,6 @@ impl Variant {
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
-                "chain" => self.chain = n != 0,
                 // Three consumers get 160 registers each: not enough for d = 256.
                 "nc" if n == 2 || (n == 3 && self.d <= 192) => self.nc = n,
                 _ => {}
@@ -297,17 +291,6 @@ impl Variant {
         if self.smem_bytes() > SMEM_LIMIT {
             *self = orig;
         }
-    }
-
-    /// Whether the kernel chains its tiles (`FA3_CHAIN`): the next tile's Q must load during
-    /// the current one (all of Q in registers) and O must not be staged in Q's slice, which
-    /// only persistent CTAs with a buffer of their own have; overlapped GEMMs only.
-    pub fn chains(&self) -> bool {
-        self.chain
-            && self.persistent
-            && self.overlap
-            && self.qrs == 1
-            && self.o_staging() == Some(OStaging::Own)
     }
 
     /// Query rows per CTA.
@@ -370,7 +353,6 @@ impl Variant {
             .define("FA3_EMU", self.emu)
             .define("FA3_QRS", self.qrs)
             .define("FA3_LAZY", self.lazy)
-            .define("FA3_CHAIN", u32::from(self.chains()))
             .define("FA3_WINDOW", u32::from(self.full))
             .define("FA3_SOFTCAP", u32::from(self.full))
             .define("FA3_ALIBI", u32::from(self.full))
@@ -1161,29 +1143,20 @@ mod tests {
         let v = check(pick(128, 512, 512, 2, 2, false), "plain d128 short");
         assert!(v.persistent && !v.dynamic && v.qrs == 1 && v.lazy == LAZY_RESCALE);
         assert!(v.spec().label().contains("FA3_LAZY=8,"));
-        // Chained tiles wherever Q sits in registers and O has a buffer of its own.
-        let chained = |v: &Variant| v.spec().label().contains("FA3_CHAIN=1,");
-        assert!(v.chains() && chained(&v));
         let v = check(pick(128, 2048, 2048, 2, 2, false), "plain d128");
-        assert!(v.persistent && v.dynamic && v.qrs == 1 && chained(&v));
-        let v = check(pick(128, 4096, 4096, 2, 2, true), "causal d128");
-        assert!(v.dynamic && v.qrs == 1 && chained(&v));
+        assert!(v.persistent && v.dynamic && v.qrs == 1);
         let v = check(pick(96, 4096, 4096, 2, 2, false), "plain d96");
-        assert!(v.dynamic && v.qrs == 1 && chained(&v));
-        // d = 192: one CTA per tile, no Q in registers; d = 256: dynamic, O staged in Q's slice.
+        assert!(v.dynamic && v.qrs == 1);
+        // d = 192: one CTA per tile, no Q in registers; d = 256: dynamic.
         let v = check(pick(192, 4096, 4096, 2, 2, false), "plain d192");
-        assert!(!v.persistent && v.qrs == 0 && !chained(&v));
+        assert!(!v.persistent && v.qrs == 0);
         let v = check(pick(256, 4096, 4096, 2, 2, false), "plain d256");
-        assert!(v.dynamic && v.qrs == 0 && !chained(&v));
+        assert!(v.dynamic && v.qrs == 0);
         // Causal d = 64: two consumers with Q in registers up to 1024 queries, three beyond.
         let v = check(pick(64, 1024, 1024, 2, 2, true), "causal d64 short");
-        assert!(v.dynamic && v.nc == 2 && v.qrs == 1 && chained(&v));
+        assert!(v.dynamic && v.nc == 2 && v.qrs == 1);
         let v = check(pick(64, 2048, 2048, 2, 2, true), "causal d64");
-        assert!(v.dynamic && v.nc == 3 && v.qrs == 0 && !chained(&v));
-        // The knob turns it off (A/B benchmarks).
-        let mut v = pick(128, 2048, 2048, 2, 2, false);
-        v.apply_tune("chain=0");
-        assert!(!v.chains() && v.spec().label().contains("FA3_CHAIN=0,"));
+        assert!(v.dynamic && v.nc == 3 && v.qrs == 0);
         // Decode-shaped GQA: packed, dense and varlen.
         let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
         assert!(v.pack == 4 && !v.persistent);
