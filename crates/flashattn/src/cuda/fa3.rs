@@ -3,15 +3,15 @@
 //! One CTA per (query tile, query head, batch): a TMA producer warp and two (Bq 128) or three
 //! (Bq 192, d=64 bf16) wgmma consumer warpgroups of 64 query rows (see the kernel's header
 //! comment for the math and the pipeline); persistent modes (one CTA per SM walking the tiles
-//! with a static stride — default for plain problems with ≤ 1024 keys — or taking them from a
-//! global counter, longest first — default for dense causal, plain dense d = 256 and plain dense
-//! d = 96/128 beyond 1024 keys; `persist=0|1|2` overrides); QKᵀ with Q's fragments in registers
-//! at d = 96/128 (`qrs`); GQA packing (the query heads of a group share a tile's rows, 5-D Q/O
-//! maps; dense or varlen) where it cuts the tiles of a group, i.e. short query lengths (`pack=0`
-//! turns it off). The host encodes one
-//! tensor map per input (`cuTensorMapEncodeTiled`, 4-D
-//! `[d, rows, heads, batch]`, 64-column boxes, 128-byte swizzle, zero fill out of bounds) and
-//! passes them by value in one `__grid_constant__` parameter struct.
+//! with a static stride — default for plain problems with ≤ 1024 keys and dense plain d = 64 —
+//! or taking them from a global counter, longest first — default for dense causal, plain dense
+//! d = 256 and plain dense d = 96/128 beyond 1024 keys; `persist=0|1|2` overrides); QKᵀ with
+//! Q's fragments in registers at d = 96/128 (`qrs`); GQA packing (the query heads of a group
+//! share a tile's rows, 5-D Q/O maps; dense or varlen) where it cuts the tiles of a group, i.e.
+//! short query lengths (`pack=0` turns it off). The host encodes one tensor map per input
+//! (`cuTensorMapEncodeTiled`, 4-D `[d, rows, heads, batch]`, 64-column boxes, 128-byte
+//! swizzle, zero fill out of bounds) and passes them by value in one `__grid_constant__`
+//! parameter struct.
 //!
 //! The epilogue writes O through shared memory and TMA stores (`FA3_OTMA`, [`Variant::otma`];
 //! on by default). Where TMA cannot address the caller's output view (a row, head or batch
@@ -175,8 +175,8 @@ impl Variant {
     /// The variant that runs `problem` (with ALiBi when `alibi`). Plain (unmasked, no softcap
     /// or ALiBi) problems with at most [`PERSIST_MAX_SK`] keys run persistent CTAs: the
     /// prologue and epilogue of one tile hide behind the next (H100, 2026-11-26: +6% d=64,
-    /// +16% d=128 and d=256 at 1k non-causal; at 16k the static stride loses, so longer plain
-    /// problems keep one CTA per tile). Dense causal problems, and plain dense ones at d = 256,
+    /// +16% d=128 and d=256 at 1k non-causal); so do dense plain d = 64 problems of any length
+    /// (+2..5% at 2k–16k against one CTA per tile). Dense causal problems, and plain dense ones at d = 256,
     /// run persistent CTAs that take their tiles from a global counter, causal longest first
     /// (H100 against one CTA per tile: causal +2..8% at 1k–8k, except −1..2% for d = 128 from
     /// 4k and d = 256 at 1k; d = 256 plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8"), and so
@@ -185,7 +185,11 @@ impl Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
         let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
-        v.persistent = !full && !causal && problem.max_sk <= PERSIST_MAX_SK;
+        // Plain d = 64 keeps the static stride at every length (H100, 2026-11-26, "Step 13":
+        // +2..5% over one CTA per tile at 2k–16k, ahead of the dynamic scheduler).
+        v.persistent = !full
+            && !causal
+            && (problem.max_sk <= PERSIST_MAX_SK || (problem.head_dim == 64 && !problem.varlen));
         // Dynamic persistent CTAs: dense causal; plain dense d = 256; plain dense d = 96/128
         // past the static stride's range, where Q in registers lets a CTA's next Q load early
         // (H100, "Step 11": d = 128 +2..4% at 2k–4k, d = 96 +2..6% at 2k–8k).
@@ -1153,6 +1157,9 @@ mod tests {
         let v = check(pick(256, 4096, 4096, 2, 2, false), "plain d256");
         assert!(v.dynamic && v.qrs == 0);
         // Causal d = 64: two consumers with Q in registers up to 1024 queries, three beyond.
+        // Plain d = 64: the static stride at every length.
+        let v = check(pick(64, 8192, 8192, 2, 2, false), "plain d64");
+        assert!(v.persistent && !v.dynamic && v.nc == 3);
         let v = check(pick(64, 1024, 1024, 2, 2, true), "causal d64 short");
         assert!(v.dynamic && v.nc == 2 && v.qrs == 1);
         let v = check(pick(64, 2048, 2048, 2, 2, true), "causal d64");
