@@ -1007,8 +1007,8 @@ fn fa3_variants_compile_without_spills() {
     );
 }
 
-/// Every shipped forward variant (bf16 and FP8 — f16 differs only in its conversions — without
-/// GQA packing, whose loop is the same; NVRTC and nvdisasm, no GPU needed) keeps the softmax
+/// Every shipped overlapped forward variant (bf16 and FP8 — f16 differs only in its conversions —
+/// without GQA packing, whose loop is the same; NVRTC and nvdisasm, no GPU needed) keeps the softmax
 /// under the in-flight PV wgmma: at least a quarter of a key tile's exponentials (the softmax
 /// issues Bk/2 per thread) sit between the QKᵀ wait and the PV wait in the SASS.
 #[test]
@@ -1028,6 +1028,7 @@ fn fa3_softmax_overlaps_pv_in_sass() {
         .filter(|s| {
             let l = s.label();
             s.entry == fa3::ENTRY
+                && l.contains("FA3_OVERLAP=1,")
                 && (l.contains("FA3_DT=2,") || l.contains("FA3_DT=0,") && l.contains("FA3_PACK=1,"))
         })
         .collect();
