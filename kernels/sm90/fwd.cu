@@ -28,8 +28,8 @@
 // p.tile_ctr[1], zeroes both for the next launch, so the host keeps one buffer per device and
 // never clears it); the producer thread hands the tile index to the consumers through
 // a two-slot ring in shared memory (tile_full / tile_empty barriers). Causal persistent order:
-// longest first within groups of p.sched_group (head, batch) pairs, so that the CTAs running
-// together share the K/V of few heads in L2.
+// longest first within groups of p.sched_group (head, batch) pairs (a smaller leftover group
+// first), so that the CTAs running together share the K/V of few heads in L2.
 //
 // Feature switches (JIT): FA3_WINDOW=1 — sliding window (p.wl, p.wr; bottom-right aligned, see
 // SPEC §1), key tiles outside the window are skipped; FA3_SOFTCAP=1 / FA3_ALIBI=1 — scores are
@@ -815,10 +815,18 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   // that the CTAs take one tile of every length class (G = all pairs: the static stride's
   // order) while those running together read the K/V of at most about 2·G heads.
 #if FA3_CAUSAL
+  // A smaller group of the hb mod G leftover pairs comes first: its longest tiles then start
+  // with the launch instead of running alone at its end.
   const int hb = p.heads_q * p.batch, G = p.sched_group;
-  const int gi = t / (G * p.m_tiles), t0 = t - gi * G * p.m_tiles;
-  const int gs = min(G, hb - gi * G);  // the last group may be smaller
-  const int mi = t0 / gs, r = gi * G + t0 % gs;
+  const int rem = hb % G, head = rem * p.m_tiles;
+  int gs = rem, base = 0, t0 = t;
+  if (t >= head) {
+    const int tt = t - head, gi = tt / (G * p.m_tiles);
+    gs = G;
+    base = rem + gi * G;
+    t0 = tt - gi * G * p.m_tiles;
+  }
+  const int mi = t0 / gs, r = base + t0 % gs;
   w.m = p.m_tiles - 1 - mi;
 #else
   const int mi = t % p.m_tiles, r = t / p.m_tiles;

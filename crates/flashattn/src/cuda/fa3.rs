@@ -686,25 +686,35 @@ fn encode_tiled(
 }
 
 /// (head, batch) pairs per longest-first group of the persistent causal order (`Fa3Params::
-/// sched_group`): `knob` when set (> 0).
+/// sched_group`): `knob` when set (> 0). `kv_pair_bytes` is what one pair's K and V occupy.
 pub(crate) fn sched_group(
     knob: usize,
     dynamic: bool,
     m_tiles: usize,
     pairs: usize,
     sms: usize,
+    kv_pair_bytes: usize,
 ) -> usize {
-    match (knob, dynamic) {
-        (g, _) if g > 0 => g.min(pairs),
-        // Short sequences: groups of enough tiles for two waves of CTAs, so that the CTAs
-        // running together read the K/V of a few heads (L2). Long ones (> 32 query tiles):
-        // longest first over the whole grid balances better, and a head's K/V is read by
-        // many tiles in any order (H100 A/B, bench/RESULTS.md "Step 8").
-        (_, true) if m_tiles <= 32 => (2 * sms).div_ceil(m_tiles).clamp(1, pairs),
+    let g = match (knob, dynamic) {
+        (g, _) if g > 0 => return g.min(pairs),
         // Static stride: longest first over the whole grid.
-        _ => pairs,
-    }
+        (_, false) => return pairs,
+        // Short sequences: groups of enough tiles for two waves of CTAs, so that the CTAs
+        // running together read the K/V of a few heads (L2).
+        _ if m_tiles <= 32 => (2 * sms).div_ceil(m_tiles),
+        // Long ones: longest first over as many pairs as keep their K/V within a budget of L2
+        // (H100, "Step 13": causal 8k +3..5% over the whole grid, which streams the K/V of
+        // every head at once).
+        _ => usize::MAX,
+    };
+    let g = g.min((SCHED_L2_BYTES / kv_pair_bytes.max(1)).max(1)).clamp(1, pairs);
+    // Groups of (nearly) equal size: a small last group would leave its longest tiles for the
+    // end of the launch (the kernel runs a smaller group first anyway).
+    pairs.div_ceil(pairs.div_ceil(g))
 }
+
+/// K/V bytes the CTAs running together should stay within (H100: 50 MB of L2).
+const SCHED_L2_BYTES: usize = 32 << 20;
 
 /// The dynamic scheduler's counters ([`Gpu::sched_counters`]) when `dynamic`, else 0.
 pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<u64> {
@@ -987,7 +997,8 @@ pub fn forward_into_with(
     };
     let sms = gpu.sm_count() as usize;
     let pairs = problem.heads_q * problem.batch;
-    let sched_group = sched_group(var.sched_group, var.dynamic, m_tiles, pairs, sms);
+    let kv_pair = 2 * problem.max_sk * problem.head_dim * 2;
+    let sched_group = sched_group(var.sched_group, var.dynamic, m_tiles, pairs, sms, kv_pair);
     let tile_ctr = tile_counter(gpu, var.persistent && var.dynamic)?;
     let params = Fa3Params {
         q: if var.pack > 1 {
@@ -1211,6 +1222,22 @@ mod tests {
         let p = Problem::new(&crate::Qkv::varlen(&q, &kv, &kv, &cq, &ck), &opts).unwrap();
         let v = check(Variant::for_problem(&p, false), "varlen decode d128");
         assert!(v.pack == 4 && v.varlen && !v.persistent);
+    }
+
+    #[test]
+    fn causal_groups_fit_l2_and_split_the_pairs_evenly() {
+        const MIB: usize = 1 << 20;
+        // d = 128 causal 4k (Bq 128): two waves want 9 pairs of 64; 8 groups of 8 instead of
+        // 7 of 9 and one of 1.
+        assert_eq!(sched_group(0, true, 32, 64, 132, 2 * MIB), 8);
+        // Long: as many pairs as keep their K/V within 32 MiB (8k: d = 128 on Bq 192, d = 256).
+        assert_eq!(sched_group(0, true, 43, 32, 132, 4 * MIB), 8);
+        assert_eq!(sched_group(0, true, 64, 16, 132, 8 * MIB), 4);
+        assert_eq!(sched_group(0, true, 128, 16, 132, 64 * MIB), 1);
+        // Few pairs, a knob, the static stride.
+        assert_eq!(sched_group(0, true, 10, 3, 132, MIB), 3);
+        assert_eq!(sched_group(5, true, 64, 128, 132, 64 * MIB), 5);
+        assert_eq!(sched_group(0, false, 64, 128, 132, 64 * MIB), 128);
     }
 
     #[test]

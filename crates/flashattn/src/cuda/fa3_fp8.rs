@@ -559,7 +559,7 @@ fn launch(
         kd_h: kd.1,
         vd_b: vd.0,
         vd_h: vd.1,
-        sched_group: super::fa3::sched_group(0, true, m_tiles, hq * b, sms) as i32,
+        sched_group: super::fa3::sched_group(0, true, m_tiles, hq * b, sms, 2 * sk * d) as i32,
         tile_ctr,
         ..Fa3Params::zeroed()
     };
