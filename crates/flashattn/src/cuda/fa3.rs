@@ -707,7 +707,9 @@ pub(crate) fn sched_group(
         // every head at once).
         _ => usize::MAX,
     };
-    let g = g.min((SCHED_L2_BYTES / kv_pair_bytes.max(1)).max(1)).clamp(1, pairs);
+    let g = g
+        .min((SCHED_L2_BYTES / kv_pair_bytes.max(1)).max(1))
+        .clamp(1, pairs);
     // Groups of (nearly) equal size: a small last group would leave its longest tiles for the
     // end of the launch (the kernel runs a smaller group first anyway).
     pairs.div_ceil(pairs.div_ceil(g))
