@@ -180,9 +180,9 @@ impl Variant {
     /// or ALiBi) problems with at most [`PERSIST_MAX_SK`] keys run persistent CTAs: the
     /// prologue and epilogue of one tile hide behind the next (H100, 2026-11-26: +6% d=64,
     /// +16% d=128 and d=256 at 1k non-causal); so do dense plain d = 64 problems of any length
-    /// (+2..5% at 2k–16k against one CTA per tile). Dense causal problems, and plain dense ones at d = 256,
-    /// run persistent CTAs that take their tiles from a global counter, causal longest first
-    /// (H100 against one CTA per tile: causal +2..8% at 1k–8k, except −1..2% for d = 128 from
+    /// (+2..5% at 2k–8k against one CTA per tile, 16k within its noise). Dense causal problems,
+    /// and plain dense ones at d = 256, run persistent CTAs that take their tiles from a global
+    /// counter, causal longest first (H100 against one CTA per tile: causal +2..8% at 1k–8k, except −1..2% for d = 128 from
     /// 4k and d = 256 at 1k; d = 256 plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8"), and so
     /// do plain dense d = 96/128 problems with more keys than that ("Step 11").
     pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
@@ -190,7 +190,7 @@ impl Variant {
         let causal = !full && is_causal(problem);
         let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
         // Plain d = 64 keeps the static stride at every length (H100, 2026-11-26, "Step 13":
-        // +2..5% over one CTA per tile at 2k–16k, ahead of the dynamic scheduler).
+        // +2..5% over one CTA per tile at 2k–8k, ahead of the dynamic scheduler).
         v.persistent = !full
             && !causal
             && (problem.max_sk <= PERSIST_MAX_SK || (problem.head_dim == 64 && !problem.varlen));
@@ -1206,10 +1206,10 @@ mod tests {
         let v = check(pick(128, 8192, 8192, 2, 2, true), "causal d128 long");
         assert!(v.dynamic && v.nc == 3 && v.qrs == 0 && !v.overlap && !v.pingpong);
         assert_eq!(v.o_staging(), Some(OStaging::Own));
-        // Causal d = 64: two consumers with Q in registers up to 1024 queries, three beyond.
         // Plain d = 64: the static stride at every length.
         let v = check(pick(64, 8192, 8192, 2, 2, false), "plain d64");
         assert!(v.persistent && !v.dynamic && v.nc == 3);
+        // Causal d = 64: two consumers with Q in registers up to 1024 queries, three beyond.
         let v = check(pick(64, 1024, 1024, 2, 2, true), "causal d64 short");
         assert!(v.dynamic && v.nc == 2 && v.qrs == 1);
         let v = check(pick(64, 2048, 2048, 2, 2, true), "causal d64");
