@@ -88,6 +88,8 @@ pub struct Variant {
     /// slice of Q, or in a buffer of its own for persistent CTAs where shared memory allows
     /// ([`Variant::o_staging`]).
     pub otma: bool,
+    /// Allows [`Variant::skips`] (`skip=0` turns it off for A/B runs).
+    pub skip: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -173,6 +175,7 @@ impl Variant {
             full: false,
             varlen: false,
             otma: true,
+            skip: true,
         }
     }
 
@@ -274,7 +277,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0"`
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0"`
     /// overrides knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -300,6 +303,7 @@ impl Variant {
                 // pack=0 turns GQA packing off (benchmarks).
                 "pack" if n == 0 => self.pack = 1,
                 "otma" => self.otma = n != 0,
+                "skip" => self.skip = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -320,6 +324,16 @@ impl Variant {
         if self.smem_bytes() > SMEM_LIMIT {
             *self = orig;
         }
+    }
+
+    /// Each consumer skips the key tiles its own 64 rows cannot see (`FA3_SKIP`): past their
+    /// causal diagonal (or all but one where its rows lie past the sequence's end). Only where
+    /// that happens on the diagonal of every query tile — causal tiles taller than a key tile,
+    /// i.e. three consumers (H100, bench/RESULTS.md "Step 14": d = 64 +9% at 2k–4k, +2..4% at
+    /// 8k–16k; d = 128 from 8k +1%); elsewhere its per-tile bookkeeping measured −1..2% (plain
+    /// and short causal d = 64 at 1k). Not at d = 256, whose persistent consumers would spill.
+    pub fn skips(&self) -> bool {
+        self.skip && self.causal && self.bq() > self.bk && self.d != 256
     }
 
     /// Query rows per CTA.
@@ -387,6 +401,7 @@ impl Variant {
             .define("FA3_ALIBI", u32::from(self.full))
             .define("FA3_VARLEN", u32::from(self.varlen))
             .define("FA3_OTMA", u32::from(self.otma))
+            .define("FA3_SKIP", u32::from(self.skips()))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
@@ -1214,6 +1229,17 @@ mod tests {
         assert!(v.dynamic && v.nc == 2 && v.qrs == 1);
         let v = check(pick(64, 2048, 2048, 2, 2, true), "causal d64");
         assert!(v.dynamic && v.nc == 3 && v.qrs == 0);
+        // Consumers skip the key tiles past their own diagonal only on three-consumer causal
+        // tiles (d = 64 from 2k, d = 128 from LONG_CAUSAL_SQ).
+        let skips = |d, s, causal| {
+            pick(d, s, s, 2, 2, causal)
+                .spec()
+                .label()
+                .contains("FA3_SKIP=1,")
+        };
+        assert!(skips(64, 2048, true) && skips(128, 8192, true));
+        assert!(!skips(64, 1024, true) && !skips(128, 4096, true) && !skips(256, 8192, true));
+        assert!(!skips(64, 4096, false) && !skips(128, 8192, false));
         // Decode-shaped GQA: packed, dense and varlen.
         let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
         assert!(v.pack == 4 && !v.persistent);
