@@ -679,12 +679,14 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       mbar_wait(v_full + 8 * s, ph);
       warp_release(v_empty + 8 * s, lane);
     }
+    // The rest as if the tile began after the skipped ones (no extra state across the loop).
+    const int g1 = g0 + skip, n1 = n_end - skip, hi1 = w.n_hi - skip;
 #if FA3_OVERLAP
     u32 pf[BK / KSTEP][4];
     {
       float sc[BK / 2];
-      const int s0 = (g0 + skip) % STAGES;
-      mbar_wait(k_full + 8 * s0, ((g0 + skip) / STAGES) & 1);
+      const int s0 = g1 % STAGES;
+      mbar_wait(k_full + 8 * s0, (g1 / STAGES) & 1);
       turn_take(cw);
       fence_regs<BK / 2>(sc);
       wgmma_fence();
@@ -694,15 +696,15 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
       warp_release(k_empty + 8 * s0, lane);
-      const int tile = w.n_hi - 1 - skip;
+      const int tile = hi1 - 1;
       transform(sc, tile);
       float alpha[2];
       sm.step(sc, c, alpha);
       to_pfrag(sc, pf);
     }
-    for (int it = skip + 1; it < n_end; ++it) {
-      const int tile = w.n_hi - 1 - it;
-      const int g = g0 + it;
+    for (int it = 1; it < n1; ++it) {
+      const int tile = hi1 - 1 - it;
+      const int g = g1 + it;
       const int s = g % STAGES, sp = (g - 1) % STAGES;
       const u32 ph = (g / STAGES) & 1, php = ((g - 1) / STAGES) & 1;
       float sc[BK / 2];
@@ -738,8 +740,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       to_pfrag(sc, pf);
     }
     {
-      const int sp = (g0 + n_end - 1) % STAGES;
-      const u32 php = ((g0 + n_end - 1) / STAGES) & 1;
+      const int sp = (g1 + n1 - 1) % STAGES;
+      const u32 php = ((g1 + n1 - 1) / STAGES) & 1;
       mbar_wait(v_full + 8 * sp, php);
       turn_take(cw);
       fence_regs<D / 2>(o);
@@ -752,10 +754,10 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(v_empty + 8 * sp, lane);
     }
 #else
-    for (int it = skip; it < n_end; ++it) {
-      const int tile = w.n_hi - 1 - it;
-      const int s = (g0 + it) % STAGES;
-      const u32 ph = ((g0 + it) / STAGES) & 1;
+    for (int it = 0; it < n1; ++it) {
+      const int tile = hi1 - 1 - it;
+      const int s = (g1 + it) % STAGES;
+      const u32 ph = ((g1 + it) / STAGES) & 1;
       float sc[BK / 2];
       mbar_wait(k_full + 8 * s, ph);
       fence_regs<BK / 2>(sc);
