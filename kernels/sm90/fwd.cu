@@ -604,6 +604,13 @@ __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, cons
 
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t);
 
+// Key tiles 0.. up to the one holding query `row`'s last visible key (right edge: causal
+// diagonal + wr, bottom-right aligned); 0 when the row sees no key.
+__device__ __forceinline__ int tiles_through(int row, int sq, int sk, int wr) {
+  const int jmax = row + sk - sq + wr;
+  return jmax < 0 ? 0 : jmax / BK + 1;
+}
+
 // w is work tile wt (its index, for the epilogue's re-derivation).
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sO,
                                          u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
@@ -651,8 +658,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     if (r0 >= sq * PACK) {
       skip = n_end - 1;
     } else if (HAS_RIGHT) {
-      const int jmax_w = qrow(min(sq * PACK, r0 + 64) - 1) + sk - sq + wr;
-      skip = max(0, min(n_end - 1, w.n_hi - (jmax_w < 0 ? 0 : jmax_w / BK + 1)));
+      const int own_hi = tiles_through(qrow(min(sq * PACK, r0 + 64) - 1), sq, sk, wr);
+      skip = max(0, min(n_end - 1, w.n_hi - own_hi));
     }
     // Warp-uniform, but ptxas only knows that of a broadcast: the ring positions derived from it
     // then stay in uniform registers (otherwise every stage address is moved over, +R2UR).
@@ -898,8 +905,7 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   }
   if (HAS_RIGHT) {
     const int last_row = qrow(min(sq * PACK, (w.m + 1) * BQ) - 1);
-    const int jmax = last_row + sk - sq + (FA3_WINDOW ? p.wr : 0);  // last visible key of the tile
-    w.n_hi = jmax < 0 ? 0 : min(w.n_hi, jmax / BK + 1);
+    w.n_hi = min(w.n_hi, tiles_through(last_row, sq, sk, FA3_WINDOW ? p.wr : 0));
   }
   if (HAS_LEFT) {
     const int jmin = w.m * BQ + sk - sq - p.wl;  // first visible key of the tile's first row

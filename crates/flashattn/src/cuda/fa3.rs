@@ -329,9 +329,9 @@ impl Variant {
     /// Each consumer skips the key tiles its own 64 rows cannot see (`FA3_SKIP`): past their
     /// causal diagonal (or all but one where its rows lie past the sequence's end). Only where
     /// that happens on the diagonal of most query tiles — causal tiles taller than a key tile
-    /// (H100, bench/RESULTS.md "Step 14": three consumers at d = 64 +9% at 2k–4k, +2..4% at
-    /// 8k–16k; d = 128 from 8k +1%); elsewhere its per-tile bookkeeping measured −1..2% (plain
-    /// and short causal d = 64 at 1k).
+    /// (H100, bench/RESULTS.md "Step 14": three consumers at d = 64 +8..9% at 2k–4k, +2..4% at
+    /// 8k–16k; d = 128 from 8k, d = 192, d = 256 up to 4k +1..2%); elsewhere its per-tile
+    /// bookkeeping measured −1..2% (plain and short causal d = 64 at 1k).
     pub fn skips(&self) -> bool {
         self.skip && self.causal && self.bq() > self.bk
     }
