@@ -77,6 +77,7 @@
 // FA3_LAZY = T — lazy rescaling (softmax.cuh): a row's softmax base moves only when its maximum
 // grows by more than 2^T, and O is rescaled only when a row of the warp moved it.
 // FA3_SKIP=1 — a consumer skips the key tiles its own 64 rows cannot see (see consumer()).
+// FA3_WGB=1 — the warpgroup index is a warp broadcast (see fa3_fwd).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -151,6 +152,9 @@
 #endif
 #ifndef FA3_SKIP
 #define FA3_SKIP 0
+#endif
+#ifndef FA3_WGB
+#define FA3_WGB 0
 #endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
@@ -995,7 +999,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
 #ifndef FA3_PRODUCER_LOOP
 #define FA3_PRODUCER_LOOP FA3_TILE_LOOP
 #endif
-  const int wg = threadIdx.x / 128;
+  // FA3_WGB: the warpgroup index broadcast from lane 0 — warp-uniform either way, but ptxas
+  // knows it only of a broadcast, and then keeps every address derived from it (Q slice, O
+  // staging, ring positions) in uniform registers: fewer R2UR moves in the main loops.
+  const int wg = FA3_WGB ? __shfl_sync(0xffffffffu, threadIdx.x / 128, 0) : threadIdx.x / 128;
   int g0 = 0, jq = 0;  // ring position and Q-load count, identical in every role
   if (wg == 0) {
     reg_dealloc<PRODUCER_REGS>();

@@ -90,6 +90,9 @@ pub struct Variant {
     pub otma: bool,
     /// Allows [`Variant::skips`] (`skip=0` turns it off for A/B runs).
     pub skip: bool,
+    /// The warpgroup index as a warp broadcast (`FA3_WGB`), so that ptxas keeps what derives
+    /// from it in uniform registers (`wgb=0` turns it off for A/B runs).
+    pub wgb: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -176,6 +179,7 @@ impl Variant {
             varlen: false,
             otma: true,
             skip: true,
+            wgb: true,
         }
     }
 
@@ -277,7 +281,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0"`
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0"`
     /// overrides knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -304,6 +308,7 @@ impl Variant {
                 "pack" if n == 0 => self.pack = 1,
                 "otma" => self.otma = n != 0,
                 "skip" => self.skip = n != 0,
+                "wgb" => self.wgb = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -334,6 +339,14 @@ impl Variant {
     /// bookkeeping measured −1..2% (plain and short causal d = 64 at 1k).
     pub fn skips(&self) -> bool {
         self.skip && self.causal && self.bq() > self.bk
+    }
+
+    /// The warpgroup index as a warp broadcast (`FA3_WGB`): its derived addresses then stay in
+    /// uniform registers (H100, bench/RESULTS.md "Step 15": main loops 1.5–2% fewer
+    /// instructions, d = 64 +1..5%, three-consumer d = 128 causal +3%, the rest +0..1%). Not
+    /// on the persistent d = 256 causal kernel with skipping, where NVRTC then spills 4 bytes.
+    pub fn broadcasts_wg(&self) -> bool {
+        self.wgb && !(self.d == 256 && self.persistent && self.skips())
     }
 
     /// Query rows per CTA.
@@ -402,6 +415,7 @@ impl Variant {
             .define("FA3_VARLEN", u32::from(self.varlen))
             .define("FA3_OTMA", u32::from(self.otma))
             .define("FA3_SKIP", u32::from(self.skips()))
+            .define("FA3_WGB", u32::from(self.broadcasts_wg()))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
@@ -1241,6 +1255,17 @@ mod tests {
         assert!(skips(256, 2048, true));
         assert!(!skips(64, 1024, true) && !skips(128, 4096, true));
         assert!(!skips(64, 4096, false) && !skips(128, 8192, false));
+        // The warpgroup index is a broadcast everywhere but on the persistent d = 256 causal
+        // kernel with skipping (NVRTC spills there).
+        let broadcasts = |d, s, causal| {
+            pick(d, s, s, 2, 2, causal)
+                .spec()
+                .label()
+                .contains("FA3_WGB=1,")
+        };
+        assert!(broadcasts(64, 2048, true) && broadcasts(64, 2048, false));
+        assert!(broadcasts(128, 8192, true) && broadcasts(256, 4096, false));
+        assert!(!broadcasts(256, 4096, true));
         // Decode-shaped GQA: packed, dense and varlen.
         let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
         assert!(v.pack == 4 && !v.persistent);
