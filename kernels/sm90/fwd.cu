@@ -666,7 +666,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       skip = max(0, min(n_end - 1, w.n_hi - own_hi));
     }
     // Warp-uniform, but ptxas only knows that of a broadcast: the ring positions derived from it
-    // then stay in uniform registers (otherwise every stage address is moved over, +R2UR).
+    // then stay in uniform registers (otherwise every stage address is moved over, +R2UR). With
+    // FA3_WGB the index is already one; this matters where it is off (d = 256, see the host).
     skip = __shfl_sync(0xffffffffu, skip, 0);
   }
   u32 qf[QF][4];

@@ -343,7 +343,7 @@ impl Variant {
 
     /// The warpgroup index as a warp broadcast (`FA3_WGB`): its derived addresses then stay in
     /// uniform registers (H100, bench/RESULTS.md "Step 15": main loops 1.5–2% fewer
-    /// instructions, d = 64 +1..5%, three-consumer d = 128 causal +3%, the rest +0..1%). Not
+    /// instructions, d = 64 +1..5%, three-consumer d = 128 causal +3%, the rest −0.2..+1%). Not
     /// on the persistent d = 256 causal kernel with skipping, where NVRTC then spills 4 bytes.
     pub fn broadcasts_wg(&self) -> bool {
         self.wgb && !(self.d == 256 && self.persistent && self.skips())
@@ -1245,24 +1245,17 @@ mod tests {
         assert!(v.dynamic && v.nc == 3 && v.qrs == 0);
         // Consumers skip the key tiles past their own diagonal only on causal tiles taller
         // than a key tile (d = 64 from 2k, d = 128 from LONG_CAUSAL_SQ, d = 256 with 80 keys).
-        let skips = |d, s, causal| {
-            pick(d, s, s, 2, 2, causal)
-                .spec()
-                .label()
-                .contains("FA3_SKIP=1,")
+        let labelled = |d, s, causal, define: &str| {
+            pick(d, s, s, 2, 2, causal).spec().label().contains(define)
         };
+        let skips = |d, s, causal| labelled(d, s, causal, "FA3_SKIP=1,");
         assert!(skips(64, 2048, true) && skips(128, 8192, true));
         assert!(skips(256, 2048, true));
         assert!(!skips(64, 1024, true) && !skips(128, 4096, true));
         assert!(!skips(64, 4096, false) && !skips(128, 8192, false));
         // The warpgroup index is a broadcast everywhere but on the persistent d = 256 causal
         // kernel with skipping (NVRTC spills there).
-        let broadcasts = |d, s, causal| {
-            pick(d, s, s, 2, 2, causal)
-                .spec()
-                .label()
-                .contains("FA3_WGB=1,")
-        };
+        let broadcasts = |d, s, causal| labelled(d, s, causal, "FA3_WGB=1,");
         assert!(broadcasts(64, 2048, true) && broadcasts(64, 2048, false));
         assert!(broadcasts(128, 8192, true) && broadcasts(256, 4096, false));
         assert!(!broadcasts(256, 4096, true));
