@@ -342,7 +342,7 @@ impl Variant {
     }
 
     /// The warpgroup index as a warp broadcast (`FA3_WGB`): its derived addresses then stay in
-    /// uniform registers (H100, bench/RESULTS.md "Step 15": main loops 1.5–2% fewer
+    /// uniform registers (H100, bench/RESULTS.md "Step 15": main loops up to 2% fewer
     /// instructions, d = 64 +1..5%, three-consumer d = 128 causal +3%, the rest −0.2..+1%). Not
     /// on the persistent d = 256 causal kernel with skipping, where NVRTC then spills 4 bytes.
     pub fn broadcasts_wg(&self) -> bool {
