@@ -89,6 +89,7 @@
 #include "sm90/wgmma.cuh"
 #include "sm90/softmax.cuh"
 #include "sm90/fp8.cuh"
+#include "sm90/split.cuh"
 
 #ifndef FA3_D
 #define FA3_D 128
@@ -156,6 +157,9 @@
 #ifndef FA3_WGB
 #define FA3_WGB 0
 #endif
+#ifndef FA3_SPLIT
+#define FA3_SPLIT 0
+#endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
@@ -207,6 +211,10 @@ constexpr bool Q_HOLDS_O = FA3_OTMA && FA3_OBUF == 0;
 constexpr bool OWN_O = FA3_OTMA && FA3_OBUF == 1;
 constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
 constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
+constexpr bool SPLIT = FA3_SPLIT;          // split tail (split.cuh)
+static_assert(!SPLIT || (DYN && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_VARLEN && !FP8 &&
+                         PACK == 1),
+              "split tail: plain dense 16-bit tiles from the dynamic scheduler");
 static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
                            8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
@@ -232,7 +240,7 @@ struct __align__(64) Fa3Params {
   int sq, sk, heads_q, group;
   int m_tiles;
   float scale_log2;
-  int batch, pad1;
+  int batch, zero;   // zero: 0, a value the compiler cannot see (split.cuh)
   u64 cu_q, cu_k;     // int32 [batch + 1] packed offsets (FA3_VARLEN)
   u64 alibi;          // f32 slopes (FA3_ALIBI; 0 = none)
   i64 lse_b, lse_h;   // LSE strides (elements) of batch and head; the row index adds q start
@@ -244,6 +252,12 @@ struct __align__(64) Fa3Params {
   int o_tma;            // 1: om addresses out (FA3_OTMA); 0: out's layout is not TMA-addressable
   int sched_group;      // persistent causal order: (head, batch) pairs per longest-first group
   u64 tile_ctr;         // int[2] {next tile, CTAs done}, zero at launch and left zero (FA3_PERSISTENT == 2)
+  // FA3_SPLIT (split.cuh; split_ranges 0 = off): work units are tiles 0..t_main−1, then ranges
+  // 0..split_ranges−1 of the split_w key tiles (split_n per tile) of tiles t_main..; a range's
+  // pieces have ids t_main + 2c + j. split_ws: the pieces' slots; split_ctr: one int per tail
+  // tile and consumer warp, zero at launch and left zero.
+  int t_main, split_ranges, split_w, split_n;
+  u64 split_ws, split_ctr;
 };
 static_assert(sizeof(Fa3Params) == 4 * 128 + 256, "mirrored by Fa3Params in fa3.rs");
 
@@ -813,6 +827,22 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   const WorkTile& we = w;
   const int erow0 = row0;
 #endif
+  // FA3_SPLIT: a piece of a tail tile leaves its partial state to the piece that completes the
+  // tile, which merges them and writes O and the LSE.
+  // The piece's tail tile is re-derived from its id here, not kept live across the main loop
+  // (d = 256 consumers would spill).
+#if FA3_SPLIT
+  if (p.split_ranges > 0 && wt >= p.t_main && n_end > 0) {
+    int u = wt - p.t_main, tail, lo, hi;
+    asm volatile("" : "+r"(u));
+    split_piece(u >> 1, u & 1, p.split_w, p.split_ranges, p.split_n, &tail, &lo, &hi);
+    if (!split_merge<D / 8, D == 256 ? 8 : D / 8>(o, sm.m, sm.l, c, p.split_ws, p.split_ctr, tail, u, n_end, NC, cw,
+                            2 + NC + cw, p.split_w, p.split_ranges, p.split_n, p.zero)) {
+      if (Q_HOLDS_O) warp_release(q_empty, lane);
+      return;
+    }
+  }
+#endif
   float inv[2], lse[2];
   sm.finish(c, inv, lse);
   if constexpr (FP8) {
@@ -855,6 +885,15 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   WorkTile w;
+#if FA3_SPLIT
+  // A piece of a split range (ids from t_main on): its tail tile, with its key range.
+  int tail = -1, piece_lo = 0, piece_hi = 0;
+  if (p.split_ranges > 0 && t >= p.t_main) {
+    const int u = t - p.t_main;
+    split_piece(u >> 1, u & 1, p.split_w, p.split_ranges, p.split_n, &tail, &piece_lo, &piece_hi);
+    t = p.t_main + tail;
+  }
+#endif
 #if FA3_PERSISTENT
   // Persistent: the query tiles of one (head, batch) are adjacent, so CTAs running together
   // share K/V in L2. Causal: longest-processing-time order within groups of G = sched_group
@@ -917,6 +956,12 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
     w.n_lo = jmin <= 0 ? 0 : min(jmin / BK, w.n_hi);
   }
   if (w.n_lo > w.n_hi) w.n_lo = w.n_hi;
+#if FA3_SPLIT
+  if (tail >= 0) {
+    w.n_lo = piece_lo;
+    w.n_hi = piece_hi;
+  }
+#endif
   return w;
 }
 
@@ -936,7 +981,10 @@ __device__ __forceinline__ int tile_take(u32 slots, u32 full, u32 empty, int k) 
   int t;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(t) : "r"(slots + 4 * s) : "memory");
   mbar_arrive(empty + 8 * s);
-  return t;
+  // Warp-uniform, but ptxas only knows that of a broadcast: the split tail branches on t after
+  // the main loop, and a branch it takes for divergent moves the next tile's ring positions out of
+  // the uniform registers (every wgmma descriptor then needs R2UR moves).
+  return __shfl_sync(0xffffffffu, t, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_constant__ Fa3Params p) {
@@ -984,21 +1032,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   __syncthreads();
 
 #if FA3_PERSISTENT == 2
+  // The producer thread takes work units from the counter and publishes each tile (a split
+  // range: its one or two pieces) before loading it, finally TILE_END; the consumers take them
+  // in the same order.
+  constexpr int TILE_END = 0x7fffffff;
   const int total = p.m_tiles * p.heads_q * p.batch;
-  // The producer thread publishes each tile (and finally an index ≥ total) before taking the
-  // next from the counter; the consumers take them in the same order.
-#define FA3_PRODUCER_LOOP                                                       \
-  for (int k = 0, t = blockIdx.x; tile_publish(t_slots, t_full, t_empty, k, t), t < total; \
-       ++k, t = gridDim.x + atomicAdd((int*)p.tile_ctr, 1))
-#define FA3_TILE_LOOP for (int k = 0, t; (t = tile_take(t_slots, t_full, t_empty, k)) < total; ++k)
+  const int units = SPLIT && p.split_ranges > 0 ? p.t_main + p.split_ranges : total;
+#define FA3_TILE_LOOP for (int k = 0, t; (t = tile_take(t_slots, t_full, t_empty, k)) != TILE_END; ++k)
 #elif FA3_PERSISTENT
   const int total = p.m_tiles * p.heads_q * p.batch;
 #define FA3_TILE_LOOP for (int t = blockIdx.x; t < total; t += gridDim.x)
 #else
 #define FA3_TILE_LOOP for (int t = 0; t < 1; ++t)
-#endif
-#ifndef FA3_PRODUCER_LOOP
-#define FA3_PRODUCER_LOOP FA3_TILE_LOOP
 #endif
   // FA3_WGB: the warpgroup index broadcast from lane 0 — warp-uniform either way, but ptxas
   // knows it only of a broadcast, and then keeps every address derived from it (Q slice, O
@@ -1028,7 +1073,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       tma_prefetch_map(&p.k);
       tma_prefetch_map(&p.v);
       if (FA3_OTMA && p.o_tma) tma_prefetch_map(&p.om);
-      FA3_PRODUCER_LOOP {
+      auto produce = [&](int t) {
         const WorkTile w = decode_tile(p, t);
         if (w.count() > 0) {
           producer(p, sQ, sK, sV, q_full, k_full, v_full, k_empty, v_empty, q_empty, w,
@@ -1036,7 +1081,27 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
           g0 += w.count();
           ++jq;
         }
+      };
+#if FA3_PERSISTENT == 2
+      int k = 0;
+      for (int u = blockIdx.x; u < units; u = gridDim.x + atomicAdd((int*)p.tile_ctr, 1)) {
+        if (!SPLIT || p.split_ranges == 0 || u < p.t_main) {
+          tile_publish(t_slots, t_full, t_empty, k++, u);
+          produce(u);
+        } else {
+          for (int j = 0; j < 2; ++j) {
+            int tail, lo, hi;
+            const int c = u - p.t_main;
+            if (!split_piece(c, j, p.split_w, p.split_ranges, p.split_n, &tail, &lo, &hi)) break;
+            tile_publish(t_slots, t_full, t_empty, k++, p.t_main + 2 * c + j);
+            produce(p.t_main + 2 * c + j);
+          }
+        }
       }
+      tile_publish(t_slots, t_full, t_empty, k, TILE_END);
+#else
+      FA3_TILE_LOOP produce(t);
+#endif
 #if FA3_PERSISTENT == 2
       // This CTA's last atomicAdd on the tile counter is done (it returned an index past the
       // end). The last CTA to get here resets both counters for the next launch on the stream.
@@ -1074,7 +1139,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     if (FA3_OTMA && threadIdx.x % 128 == 0) bulk_wait_read<0>();
   }
 #undef FA3_TILE_LOOP
-#undef FA3_PRODUCER_LOOP
 }
 
 // Host reads this to size the launch (bytes of dynamic shared memory).

@@ -748,6 +748,123 @@ fn fa3_persistent_schedulers() {
     tally.finish("fa3 persistent schedulers");
 }
 
+/// The split tail: plain dense tiles of the last, partly filled round cut along the keys into
+/// one range per CTA, the pieces merged by whichever finishes a tile last. Shapes whose tail has
+/// 2–3 pieces per tile, 12 pieces (ranges of ~3 key tiles) and ~22 (ranges of ~2), odd lengths
+/// (partial query and key tiles, sq ≠ sk), GQA, d = 96 / 128, bf16 / f16. Each must run split (`fa3::split_plan`);
+/// split and `split=0` are checked against the f64 reference (out and LSE) on every head that
+/// holds a tail tile and on head 0, with NaN-poisoned outputs that must come back finite
+/// everywhere. The merge order is fixed, so a split launch must be bit-identical when repeated
+/// after launches with other tails (each leaves its counters zero).
+#[test]
+fn fa3_split_tail() {
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    // (dtype, batch, sq, sk, heads_q, heads_k, d)
+    let cases = [
+        (DType::BF16, 1, 1500, 4001, 27, 9, 128),
+        (DType::F16, 1, 2048, 4096, 9, 9, 96),
+        (DType::BF16, 1, 1100, 5000, 30, 30, 128),
+    ];
+    let mut first: Option<(Problem, [DeviceTensor; 3], Bits)> = None;
+    for (dtype, b, sq, sk, hq, hk, d) in cases {
+        let label = format!("{dtype} b={b} sq={sq} sk={sk} hq={hq} hk={hk} d={d}");
+        let q = rand_tensor(dtype, &[b, sq, hq, d], 31 + d as u64);
+        let k = rand_tensor(dtype, &[b, sk, hk, d], 32 + d as u64);
+        let v = rand_tensor(dtype, &[b, sk, hk, d], 33 + d as u64);
+        let opts = AttnOptions::new();
+        let qkv = Qkv::dense(&q, &k, &v);
+        let problem = Problem::new(&qkv, &opts).unwrap();
+        let Some((t_main, ranges, w)) = fa3::split_plan(&gpu, &problem, "") else {
+            tally.record(false, format!("{label}: not split on {}", gpu.name()));
+            continue;
+        };
+        // The heads that hold tail tiles (tiles run query tile fastest, then head, then batch).
+        let m_tiles = sq.div_ceil(128);
+        let mut heads: Vec<(usize, usize)> = (t_main..m_tiles * hq * b)
+            .map(|t| (t / (m_tiles * hq), t / m_tiles % hq))
+            .collect();
+        heads.push((0, 0));
+        heads.dedup();
+        let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+        let dev = [up(&q), up(&k), up(&v)];
+        for tune in ["", "split=0"] {
+            let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
+            let (e, le, finite) = match &r {
+                Ok(bits) => head_errs(&qkv, &opts, bits, &heads),
+                Err(e) => {
+                    eprintln!("{label} [{tune}]: {e}");
+                    (f64::INFINITY, f64::INFINITY, false)
+                }
+            };
+            tally.record(
+                finite && e <= tol(dtype) && le <= common::lse_tol(dtype),
+                format!(
+                    "{label} [{tune}] tail from tile {t_main}, {ranges} ranges of {w} key tiles: \
+                     finite {finite}, rel_err {e:.2e}, lse_err {le:.2e} on {} heads",
+                    heads.len()
+                ),
+            );
+            if let (Ok(bits), "", None) = (r, tune, &first) {
+                first = Some((problem.clone(), dev.clone(), bits));
+            }
+        }
+    }
+    if let Some((problem, dev, bits)) = &first {
+        let again = run_bits(&gpu, problem, [&dev[0], &dev[1], &dev[2]], None, "");
+        tally.record(
+            matches!(&again, Ok(x) if x == bits),
+            "first case again after the others: bit-identical".into(),
+        );
+    }
+    tally.finish("fa3 split tail");
+}
+
+/// (out error, LSE error, all of out and LSE finite) of `bits` against the f64 reference on the
+/// (batch, head) pairs `heads` of a dense problem, each computed on that head alone.
+fn head_errs(
+    qkv: &Qkv<'_>,
+    opts: &AttnOptions,
+    bits: &Bits,
+    heads: &[(usize, usize)],
+) -> (f64, f64, bool) {
+    let (q, k, v) = (qkv.q, qkv.k, qkv.v);
+    let (sq, hq, d) = (q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (sk, hk) = (k.shape()[1], k.shape()[2]);
+    let out: Vec<f32> = bits.0.iter().map(|&x| f32::from_bits(x)).collect();
+    let lse: Vec<f32> = bits.1.iter().map(|&x| f32::from_bits(x)).collect();
+    let finite = out.iter().chain(&lse).all(|x| x.is_finite());
+    let (mut e, mut le) = (0f64, 0f64);
+    for &(b, h) in heads {
+        let pick = |x: &[f32], rows: usize, nh: usize, head: usize| -> Vec<f32> {
+            (0..rows)
+                .flat_map(|r| {
+                    let at = ((b * rows + r) * nh + head) * d;
+                    x[at..at + d].to_vec()
+                })
+                .collect()
+        };
+        let one = |t: &Tensor, rows: usize, nh: usize, head: usize| {
+            Tensor::from_f32(pick(&t.to_f32_vec(), rows, nh, head), &[1, rows, 1, d])
+                .unwrap()
+                .to_dtype(q.dtype())
+        };
+        let g = hq / hk;
+        let (qh, kh, vh) = (
+            one(q, sq, hq, h),
+            one(k, sk, hk, h / g),
+            one(v, sk, hk, h / g),
+        );
+        let (want, want_lse) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
+        e = e.max(rel_err(&pick(&out, sq, hq, h), &want));
+        let got_lse = &lse[(b * hq + h) * sq..(b * hq + h + 1) * sq];
+        le = le.max(lse_err(got_lse, &want_lse));
+    }
+    (e, le, finite)
+}
+
 /// `fa3::forward_into_with` into NaN-poisoned buffers (download waits for the stream); output
 /// and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
 type Bits = (Vec<u32>, Vec<u32>);

@@ -94,6 +94,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<u64, Arc<CudaFunction>>>,
     /// The dynamic tile scheduler's counters (allocated and zeroed on first use).
     sched: Mutex<Option<DeviceBuffer>>,
+    /// The split tail's counters and workspace ([`Gpu::split_workspace`]).
+    split: Mutex<Option<DeviceBuffer>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -188,6 +190,7 @@ impl Gpu {
             ctx,
             functions: Mutex::new(HashMap::new()),
             sched: Mutex::new(None),
+            split: Mutex::new(None),
         })
     }
 
@@ -207,6 +210,29 @@ impl Gpu {
             *c = Some(DeviceBuffer::zeros(self, 8)?);
         }
         Ok(c.as_ref().map_or(0, |b| b.ptr()))
+    }
+    /// Device addresses of the FA3 split tail's workspace (`ws_bytes`, no initial contents
+    /// needed) and its counters (`ctr_ints` of them: one per tail tile and consumer
+    /// warpgroup, fewer than 4 per multiprocessor; zeroed once, kernels leave them zero), in one
+    /// buffer that grows when a launch needs more. The counters have a fixed place at its start
+    /// (never workspace, so never dirty). Launches run in stream order on [`Gpu::stream`], so
+    /// they never share it, and a replaced buffer is freed after the launches queued before it.
+    pub(crate) fn split_workspace(&self, ws_bytes: usize, ctr_ints: usize) -> Result<(u64, u64)> {
+        let ctr_bytes = (16 * self.sm_count as usize).div_ceil(256) * 256;
+        if 4 * ctr_ints > ctr_bytes {
+            return Err(Error::invalid(
+                "split tail",
+                format!("{ctr_ints} counters"),
+                "fewer than 4 per multiprocessor",
+            ));
+        }
+        let need = ctr_bytes + ws_bytes;
+        let mut b = self.split.lock().unwrap_or_else(|e| e.into_inner());
+        if b.as_ref().is_none_or(|x| x.len() < need) {
+            *b = Some(DeviceBuffer::zeros(self, need)?);
+        }
+        let base = b.as_ref().map_or(0, |x| x.ptr());
+        Ok((base + ctr_bytes as u64, base))
     }
     /// The stream every launch and copy of this crate uses.
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -93,6 +93,11 @@ pub struct Variant {
     /// The warpgroup index as a warp broadcast (`FA3_WGB`), so that ptxas keeps what derives
     /// from it in uniform registers (`wgb=0` turns it off for A/B runs).
     pub wgb: bool,
+    /// Allows [`Variant::splits`]: 1 (shipped); 0 off; 2 compiled in but never planned (A/B runs
+    /// of the kernel code alone).
+    pub split: usize,
+    /// Ranges of the split tail; 0 = one per CTA (A/B runs).
+    pub split_ranges: usize,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -110,6 +115,12 @@ pub const SHORT_CAUSAL_SQ: usize = 1024;
 /// Shortest query sequence for which dense causal d = 128 runs three consumers without the
 /// intra-warpgroup overlap (measured at 4k, 8k, 16k; the crossover lies between 4k and 8k).
 pub const LONG_CAUSAL_SQ: usize = 8192;
+
+/// Fewest key tiles per work tile for which the split tail is compiled in and planned (H100,
+/// bench/RESULTS.md "Step 16", d = 128 against `split=0`: −1% at 16 key tiles (2k), +0.6% at
+/// 32, +0.9% at 64 — the merge costs about as much time at every length, the tail it saves
+/// grows with it).
+pub const SPLIT_MIN_KEY_TILES: usize = 32;
 
 /// Dynamic shared memory a block may opt into on sm 9.0 (227 KiB).
 pub const SMEM_LIMIT: usize = 227 * 1024;
@@ -180,6 +191,8 @@ impl Variant {
             otma: true,
             skip: true,
             wgb: true,
+            split: 1,
+            split_ranges: 0,
         }
     }
 
@@ -247,6 +260,9 @@ impl Variant {
         }
         v.full = full;
         v.varlen = problem.varlen;
+        if problem.max_sk.div_ceil(v.bk) < SPLIT_MIN_KEY_TILES {
+            v.split = 0;
+        }
         v.apply_env();
         v.fix_full();
         v
@@ -309,6 +325,8 @@ impl Variant {
                 "otma" => self.otma = n != 0,
                 "skip" => self.skip = n != 0,
                 "wgb" => self.wgb = n != 0,
+                "split" if n <= 2 => self.split = n,
+                "splitr" => self.split_ranges = n,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -347,6 +365,21 @@ impl Variant {
     /// on the persistent d = 256 causal kernel with skipping, where NVRTC then spills 4 bytes.
     pub fn broadcasts_wg(&self) -> bool {
         self.wgb && !(self.d == 256 && self.persistent && self.skips())
+    }
+
+    /// The split tail (`FA3_SPLIT`, kernels/sm90/split.cuh): a plain dense launch with the
+    /// dynamic scheduler cuts the tiles of its last, partly filled round along the keys into
+    /// one range per CTA and merges the pieces in the kernel (where [`split_tail`] finds it
+    /// pays). 16-bit only; FP8 builds its own variants.
+    pub fn splits(&self) -> bool {
+        self.split != 0
+            && self.d <= 128
+            && self.persistent
+            && self.dynamic
+            && !self.causal
+            && !self.full
+            && !self.varlen
+            && self.pack == 1
     }
 
     /// Query rows per CTA.
@@ -416,6 +449,7 @@ impl Variant {
             .define("FA3_OTMA", u32::from(self.otma))
             .define("FA3_SKIP", u32::from(self.skips()))
             .define("FA3_WGB", u32::from(self.broadcasts_wg()))
+            .define("FA3_SPLIT", u32::from(self.splits()))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
@@ -467,6 +501,10 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
                     var.varlen = varlen;
                     var.fix_full();
                     v.push(var.spec());
+                    // Plain dynamic: with the split tail (long keys) and without.
+                    if var.splits() {
+                        v.push(Variant { split: 0, ..var }.spec());
+                    }
                 }
                 // GQA packing (dense or varlen, plain or causal) for groups of 2, 4, 8.
                 for pack in [2, 4, 8] {
@@ -756,6 +794,54 @@ pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<u64> {
     }
 }
 
+/// The split tail of a launch (`Fa3Params::t_main` ..): `tiles` equal work tiles of `n` key
+/// tiles each on `grid` CTAs, the tail cut into `ranges` ranges (at most `grid`). `None` where it does not pay: no partly filled last round, or
+/// ranges so short that a piece's extra tile boundary and merge (counted as two key tiles)
+/// leave the tail no shorter than a whole tile, or more key tiles than the kernel's 32-bit range
+/// arithmetic takes. Else (t_main, ranges, key tiles in the tail).
+pub(crate) fn split_tail(
+    tiles: usize,
+    grid: usize,
+    ranges: usize,
+    n: usize,
+) -> Option<(usize, usize, usize)> {
+    if grid == 0 || ranges == 0 || tiles <= grid || tiles % grid == 0 {
+        return None;
+    }
+    let tail = tiles % grid;
+    let w = tail * n;
+    // The kernel's range arithmetic is 32-bit: W · ranges < 2^31.
+    (w.div_ceil(ranges) + 2 < n && w * ranges <= i32::MAX as usize).then_some((
+        tiles - tail,
+        ranges,
+        w,
+    ))
+}
+
+/// The split tail of `var` launched on `problem` with `sms` multiprocessors ([`split_tail`]).
+fn split_of(var: &Variant, problem: &Problem, sms: usize) -> Option<(usize, usize, usize)> {
+    if !var.splits() || var.split != 1 || problem.batch == 0 || problem.max_sq == 0 {
+        return None;
+    }
+    let tiles = (problem.max_sq * var.pack).div_ceil(var.bq()) * problem.heads_q * problem.batch;
+    let grid = tiles.min(sms);
+    let ranges = if var.split_ranges > 0 {
+        var.split_ranges.min(grid)
+    } else {
+        grid
+    };
+    split_tail(tiles, grid, ranges, problem.max_sk.div_ceil(var.bk))
+}
+
+/// The split tail that [`forward_into_with`] runs for `problem` with knobs `tune` on `gpu`
+/// (tests, benchmarks): (whole tiles before it, ranges, key tiles in it), `None` without one.
+pub fn split_plan(gpu: &Gpu, problem: &Problem, tune: &str) -> Option<(usize, usize, usize)> {
+    let mut var = Variant::for_problem(problem, false);
+    var.apply_tune(tune);
+    var.fix_full();
+    split_of(&var, problem, gpu.sm_count() as usize)
+}
+
 /// Mirrors `struct Fa3Params` in kernels/sm90/fwd.cu (C layout, 64-byte aligned).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -777,7 +863,7 @@ pub(crate) struct Fa3Params {
     pub(crate) m_tiles: i32,
     pub(crate) scale_log2: f32,
     pub(crate) batch: i32,
-    pub(crate) pad1: i32,
+    pub(crate) zero: i32,
     pub(crate) cu_q: u64,
     pub(crate) cu_k: u64,
     pub(crate) alibi: u64,
@@ -806,11 +892,21 @@ pub(crate) struct Fa3Params {
     /// The dynamic scheduler's counters (`[i32; 2]`, zero at launch; the kernel leaves them
     /// zero), [`Gpu::sched_counters`]; 0 without the dynamic scheduler.
     pub(crate) tile_ctr: u64,
+    /// The split tail ([`split_tail`]; `split_ranges` 0 = off): whole tiles before it, ranges,
+    /// key tiles in it, key tiles per tile; the pieces' workspace and per-(tail tile, consumer)
+    /// counters ([`Gpu::split_workspace`]).
+    pub(crate) t_main: i32,
+    pub(crate) split_ranges: i32,
+    pub(crate) split_w: i32,
+    pub(crate) split_n: i32,
+    pub(crate) split_ws: u64,
+    pub(crate) split_ctr: u64,
 }
 // SAFETY: plain old data with the kernel's C layout; passed by value as the one kernel argument.
 unsafe impl DeviceRepr for Fa3Params {}
-// The C struct: four 128-byte maps, then 200 bytes of scalars padded to its 64-byte alignment.
+// The C struct: four 128-byte maps, then 232 bytes of scalars padded to its 64-byte alignment.
 const _: () = assert!(std::mem::size_of::<Fa3Params>() == 4 * 128 + 256);
+const _: () = assert!(std::mem::offset_of!(Fa3Params, split_ctr) == 4 * 128 + 224);
 
 impl Fa3Params {
     /// All fields zero (null maps and pointers), to be filled in by a launch.
@@ -832,7 +928,7 @@ impl Fa3Params {
             m_tiles: 0,
             scale_log2: 0.0,
             batch: 0,
-            pad1: 0,
+            zero: 0,
             cu_q: 0,
             cu_k: 0,
             alibi: 0,
@@ -856,6 +952,12 @@ impl Fa3Params {
             o_tma: 0,
             sched_group: 0,
             tile_ctr: 0,
+            t_main: 0,
+            split_ranges: 0,
+            split_w: 0,
+            split_n: 0,
+            split_ws: 0,
+            split_ctr: 0,
         }
     }
 }
@@ -1031,7 +1133,7 @@ pub fn forward_into_with(
     let kv_pair = 2 * problem.max_sk * problem.head_dim * 2;
     let sched_group = sched_group(var.sched_group, var.dynamic, m_tiles, pairs, sms, kv_pair);
     let tile_ctr = tile_counter(gpu, var.persistent && var.dynamic)?;
-    let params = Fa3Params {
+    let mut params = Fa3Params {
         q: if var.pack > 1 {
             encode_packed(q, "q", var.bq(), var.pack)?
         } else {
@@ -1052,7 +1154,7 @@ pub fn forward_into_with(
         m_tiles: m_tiles as i32,
         scale_log2: problem.scale * std::f32::consts::LOG2_E,
         batch: problem.batch as i32,
-        pad1: 0,
+        zero: 0,
         cu_q: cu.as_ref().map_or(0, |c| c.0.ptr()),
         cu_k: cu.as_ref().map_or(0, |c| c.1.ptr()),
         alibi: slopes.as_ref().map_or(0, |s| s.ptr()),
@@ -1101,13 +1203,25 @@ pub fn forward_into_with(
         ));
     }
     let total = m_tiles * problem.heads_q * problem.batch;
+    if let Some((t_main, ranges, w)) = split_of(&var, problem, sms) {
+        // Two pieces' slots per range, one per consumer warp: its accumulator and (m, l).
+        let warp_slot = (var.d / 8 + 1) * 32 * 16;
+        let ws_bytes = 2 * ranges * 4 * var.nc * warp_slot;
+        let (ws, ctr) = gpu.split_workspace(ws_bytes, (total - t_main) * var.nc)?;
+        params.t_main = t_main as i32;
+        params.split_ranges = ranges as i32;
+        params.split_w = w as i32;
+        params.split_n = sk.div_ceil(var.bk) as i32;
+        params.split_ws = ws;
+        params.split_ctr = ctr;
+    }
     let grid_dim = if var.persistent {
-        // The dynamic counter runs up to total + grid − 1.
-        if total > i32::MAX as usize - sms {
+        // The dynamic counter runs up to total + grid − 1, split pieces' ids up to total + 2·grid.
+        if total > i32::MAX as usize - 2 * sms {
             return Err(Error::invalid(
                 "shape",
                 format!("{total} work tiles"),
-                "fewer than 2^31 - (multiprocessors)",
+                "fewer than 2^31 - 2 x (multiprocessors)",
             ));
         }
         (total.min(sms) as u32, 1, 1)
@@ -1204,6 +1318,21 @@ mod tests {
     }
 
     #[test]
+    fn split_tail_cuts_only_a_partly_filled_last_round_that_pays() {
+        // Every SPEC shape at d = 128: 2048 tiles of 16 key tiles (2k) on 132 SMs.
+        assert_eq!(split_tail(2048, 132, 132, 16), Some((1980, 132, 68 * 16)));
+        // d = 256 at 2k: 1024 tiles of 26 key tiles; ranges of 20, +2 < 26.
+        assert_eq!(split_tail(1024, 132, 132, 26), Some((924, 132, 2600)));
+        // No partly filled round, or a single one.
+        assert_eq!(split_tail(264, 132, 132, 16), None);
+        assert_eq!(split_tail(100, 132, 132, 16), None);
+        // Ranges (3 key tiles) + 2 not shorter than a tile (4): no gain.
+        assert_eq!(split_tail(2048, 132, 132, 4), None);
+        // W · ranges beyond the kernel's 32-bit arithmetic.
+        assert_eq!(split_tail(133, 132, 132, 20_000_000), None);
+    }
+
+    #[test]
     fn for_problem_picks_the_measured_defaults_and_they_are_compiled() {
         let compiled: Vec<String> = all_variants("sm_90a").iter().map(|s| s.label()).collect();
         let check = |v: Variant, what: &str| {
@@ -1259,6 +1388,11 @@ mod tests {
         assert!(broadcasts(64, 2048, true) && broadcasts(64, 2048, false));
         assert!(broadcasts(128, 8192, true) && broadcasts(256, 4096, false));
         assert!(!broadcasts(256, 4096, true));
+        // The split tail: plain dense d = 96 / 128 with the dynamic scheduler, from 32 key tiles.
+        let splits = |d, s, causal| labelled(d, s, causal, "FA3_SPLIT=1,");
+        assert!(splits(128, 4096, false) && splits(96, 8192, false));
+        assert!(!splits(128, 2048, false) && !splits(128, 4096, true));
+        assert!(!splits(64, 4096, false) && !splits(256, 4096, false));
         // Decode-shaped GQA: packed, dense and varlen.
         let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
         assert!(v.pack == 4 && !v.persistent);
