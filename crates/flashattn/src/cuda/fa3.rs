@@ -805,7 +805,7 @@ pub(crate) fn split_tail(
     ranges: usize,
     n: usize,
 ) -> Option<(usize, usize, usize)> {
-    if grid == 0 || ranges == 0 || tiles <= grid || tiles % grid == 0 {
+    if grid == 0 || ranges == 0 || tiles <= grid || tiles.is_multiple_of(grid) {
         return None;
     }
     let tail = tiles % grid;
