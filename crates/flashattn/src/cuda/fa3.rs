@@ -96,7 +96,8 @@ pub struct Variant {
     /// Allows [`Variant::splits`]: 1 (shipped); 0 off; 2 compiled in but never planned (A/B runs
     /// of the kernel code alone).
     pub split: usize,
-    /// Ranges of the split tail; 0 = one per CTA (A/B runs).
+    /// Ranges of the split tail (`splitr`, up to 8 per CTA); 0 = one per CTA, the shipped
+    /// choice (H100, bench/RESULTS.md "Step 16": 2–5 per CTA measured 1–10% slower).
     pub split_ranges: usize,
 }
 
@@ -297,7 +298,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0"`
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0,split=0,splitr=264"`
     /// overrides knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -369,8 +370,10 @@ impl Variant {
 
     /// The split tail (`FA3_SPLIT`, kernels/sm90/split.cuh): a plain dense launch with the
     /// dynamic scheduler cuts the tiles of its last, partly filled round along the keys into
-    /// one range per CTA and merges the pieces in the kernel (where [`split_tail`] finds it
-    /// pays). 16-bit only; FP8 builds its own variants.
+    /// one range per CTA and merges the pieces in the kernel (where [`split_plan`] finds it
+    /// pays). 16-bit, d ≤ 128 (at d = 256 the merge beside the 128-register accumulator makes
+    /// ptxas spill in the main loop), from [`SPLIT_MIN_KEY_TILES`] key tiles on; FP8 builds its
+    /// own variants.
     pub fn splits(&self) -> bool {
         self.split != 0
             && self.d <= 128
@@ -795,7 +798,7 @@ pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<u64> {
 }
 
 /// The split tail of a launch (`Fa3Params::t_main` ..): `tiles` equal work tiles of `n` key
-/// tiles each on `grid` CTAs, the tail cut into `ranges` ranges (at most `grid`). `None` where it does not pay: no partly filled last round, or
+/// tiles each on `grid` CTAs, the tail cut into `ranges` ranges. `None` where it does not pay: no partly filled last round, or
 /// ranges so short that a piece's extra tile boundary and merge (counted as two key tiles)
 /// leave the tail no shorter than a whole tile, or more key tiles than the kernel's 32-bit range
 /// arithmetic takes. Else (t_main, ranges, key tiles in the tail).
@@ -826,7 +829,7 @@ fn split_of(var: &Variant, problem: &Problem, sms: usize) -> Option<(usize, usiz
     let tiles = (problem.max_sq * var.pack).div_ceil(var.bq()) * problem.heads_q * problem.batch;
     let grid = tiles.min(sms);
     let ranges = if var.split_ranges > 0 {
-        var.split_ranges.min(grid)
+        var.split_ranges.min(8 * grid)
     } else {
         grid
     };
