@@ -78,6 +78,8 @@
 // grows by more than 2^T, and O is rescaled only when a row of the warp moved it.
 // FA3_SKIP=1 — a consumer skips the key tiles its own 64 rows cannot see (see consumer()).
 // FA3_WGB=1 — the warpgroup index is a warp broadcast (see fa3_fwd).
+// FA3_SPLIT=1 — the split tail (split.cuh): with FA3_PERSISTENT=2 on plain dense tiles, the
+// last, partly filled round's tiles are cut along the keys, one range per CTA, and merged.
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -213,8 +215,8 @@ constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
 constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
 constexpr bool SPLIT = FA3_SPLIT;          // split tail (split.cuh)
 static_assert(!SPLIT || (DYN && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_VARLEN && !FP8 &&
-                         PACK == 1),
-              "split tail: plain dense 16-bit tiles from the dynamic scheduler");
+                         PACK == 1 && D <= 128),
+              "split tail: plain dense 16-bit tiles from the dynamic scheduler, d <= 128");
 static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
                            8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
@@ -240,7 +242,7 @@ struct __align__(64) Fa3Params {
   int sq, sk, heads_q, group;
   int m_tiles;
   float scale_log2;
-  int batch, zero;   // zero: 0, a value the compiler cannot see (split.cuh)
+  int batch, pad1;
   u64 cu_q, cu_k;     // int32 [batch + 1] packed offsets (FA3_VARLEN)
   u64 alibi;          // f32 slopes (FA3_ALIBI; 0 = none)
   i64 lse_b, lse_h;   // LSE strides (elements) of batch and head; the row index adds q start
@@ -255,7 +257,7 @@ struct __align__(64) Fa3Params {
   // FA3_SPLIT (split.cuh; split_ranges 0 = off): work units are tiles 0..t_main−1, then ranges
   // 0..split_ranges−1 of the split_w key tiles (split_n per tile) of tiles t_main..; a range's
   // pieces have ids t_main + 2c + j. split_ws: the pieces' slots; split_ctr: one int per tail
-  // tile and consumer warp, zero at launch and left zero.
+  // tile and consumer warpgroup, zero at launch and left zero.
   int t_main, split_ranges, split_w, split_n;
   u64 split_ws, split_ctr;
 };
@@ -828,16 +830,15 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   const int erow0 = row0;
 #endif
   // FA3_SPLIT: a piece of a tail tile leaves its partial state to the piece that completes the
-  // tile, which merges them and writes O and the LSE.
-  // The piece's tail tile is re-derived from its id here, not kept live across the main loop
-  // (d = 256 consumers would spill).
+  // tile, which merges them and writes O and the LSE. The piece's tail tile is re-derived from
+  // its id here rather than kept live across the main loop.
 #if FA3_SPLIT
   if (p.split_ranges > 0 && wt >= p.t_main && n_end > 0) {
     int u = wt - p.t_main, tail, lo, hi;
     asm volatile("" : "+r"(u));
     split_piece(u >> 1, u & 1, p.split_w, p.split_ranges, p.split_n, &tail, &lo, &hi);
-    if (!split_merge<D / 8, D == 256 ? 8 : D / 8>(o, sm.m, sm.l, c, p.split_ws, p.split_ctr, tail, u, n_end, NC, cw,
-                            2 + NC + cw, p.split_w, p.split_ranges, p.split_n, p.zero)) {
+    if (!split_merge<D / 8>(o, sm.m, sm.l, c, p.split_ws, p.split_ctr, tail, u, n_end, NC, cw,
+                            2 + NC + cw, p.split_w, p.split_ranges, p.split_n)) {
       if (Q_HOLDS_O) warp_release(q_empty, lane);
       return;
     }

@@ -87,12 +87,12 @@ __device__ __forceinline__ bool named_sync_or(int id, int count, bool v) {
 // theirs) for piece `slot` of tail tile `tail` with `count` key tiles. o: ND4·4 accumulator
 // floats, m/l: the softmax state (two rows), c: the score scale (log2). The counter is the
 // warpgroup's (its epilogue is one TMA store). Returns true, on every thread, when this piece
-// completed the tile; o, m and l then hold the merged state. CHUNK: float4 of another piece's
-// slot in flight at a time; zero: 0 at run time (a kernel parameter).
-template <int ND4, int CHUNK = ND4>
+// completed the tile; o, m and l then hold the merged state. (With d = 256's 128-register
+// accumulator ptxas spills around this loop, in the main loop too: the split is d ≤ 128.)
+template <int ND4>
 __device__ __forceinline__ bool split_merge(float* o, float* m, float* l, float c, u64 ws, u64 ctr,
                                             int tail, int slot, int count, int nc, int cw, int bar,
-                                            int w, int nr, int n, int zero) {
+                                            int w, int nr, int n) {
   const int t = threadIdx.x % 128, wid = cw * 4 + t / 32, lane = t % 32;
   float4* mine = split_slot<ND4>(ws, slot, 4 * nc, wid, lane);
 #pragma unroll
@@ -146,10 +146,6 @@ __device__ __forceinline__ bool split_merge(float* o, float* m, float* l, float 
       o[4 * i + 1] = o[4 * i + 1] * fo[0] + v.y * fk[0];
       o[4 * i + 2] = o[4 * i + 2] * fo[1] + v.z * fk[1];
       o[4 * i + 3] = o[4 * i + 3] * fo[1] + v.w * fk[1];
-      // The next chunk's loads wait for this one's sums (an address plus their bits & zero, which
-      // ptxas cannot fold): at most CHUNK float4 in flight, else it hoists all ND4 of them beside
-      // the accumulator and the d = 256 consumers spill.
-      if ((i + 1) % CHUNK == 0 && i + 1 < ND4) other += __float_as_int(o[4 * i + 3]) & zero;
     }
   }
   return true;

@@ -750,11 +750,11 @@ fn fa3_persistent_schedulers() {
 
 /// The split tail: plain dense tiles of the last, partly filled round cut along the keys into
 /// one range per CTA, the pieces merged by whichever finishes a tile last. Shapes whose tail has
-/// 2–3 pieces per tile, 12 pieces (ranges of ~3 key tiles) and ~22 (ranges of ~2), odd lengths
-/// (partial query and key tiles, sq ≠ sk), GQA, d = 96 / 128, bf16 / f16. Each must run split (`fa3::split_plan`);
-/// split and `split=0` are checked against the f64 reference (out and LSE) on every head that
-/// holds a tail tile and on head 0, with NaN-poisoned outputs that must come back finite
-/// everywhere. The merge order is fixed, so a split launch must be bit-identical when repeated
+/// 2–3 pieces per tile, ~12 (ranges of ~3 key tiles) and ~22 (ranges of ~2), odd lengths
+/// (partial query and key tiles, sq ≠ sk), GQA, d = 96 / 128, bf16 / f16. Each must run split
+/// (`fa3::split_plan`); split and `split=0` are checked against the f64 reference (out and LSE)
+/// on every head that holds a tail tile and on head 0, with NaN-poisoned outputs that must come
+/// back finite everywhere. The merge order is fixed, so a split launch must be bit-identical when repeated
 /// after launches with other tails (each leaves its counters zero).
 #[test]
 fn fa3_split_tail() {
@@ -781,7 +781,8 @@ fn fa3_split_tail() {
             tally.record(false, format!("{label}: not split on {}", gpu.name()));
             continue;
         };
-        // The heads that hold tail tiles (tiles run query tile fastest, then head, then batch).
+        // The heads that hold tail tiles (tiles of 128 query rows at d = 96/128, query tile
+        // fastest, then head, then batch).
         let m_tiles = sq.div_ceil(128);
         let mut heads: Vec<(usize, usize)> = (t_main..m_tiles * hq * b)
             .map(|t| (t / (m_tiles * hq), t / m_tiles % hq))

@@ -798,10 +798,10 @@ pub(crate) fn tile_counter(gpu: &Gpu, dynamic: bool) -> Result<u64> {
 }
 
 /// The split tail of a launch (`Fa3Params::t_main` ..): `tiles` equal work tiles of `n` key
-/// tiles each on `grid` CTAs, the tail cut into `ranges` ranges. `None` where it does not pay: no partly filled last round, or
-/// ranges so short that a piece's extra tile boundary and merge (counted as two key tiles)
-/// leave the tail no shorter than a whole tile, or more key tiles than the kernel's 32-bit range
-/// arithmetic takes. Else (t_main, ranges, key tiles in the tail).
+/// tiles each on `grid` CTAs, the tail cut into `ranges` ranges. `None` where it cannot pay: no
+/// partly filled last round, or ranges so short that a piece's extra tile boundary and merge
+/// (counted as two key tiles) leave the tail no shorter than a whole tile, or more key tiles
+/// than the kernel's 32-bit range arithmetic takes. Else (t_main, ranges, key tiles in the tail).
 pub(crate) fn split_tail(
     tiles: usize,
     grid: usize,
@@ -866,7 +866,7 @@ pub(crate) struct Fa3Params {
     pub(crate) m_tiles: i32,
     pub(crate) scale_log2: f32,
     pub(crate) batch: i32,
-    pub(crate) zero: i32,
+    pub(crate) pad1: i32,
     pub(crate) cu_q: u64,
     pub(crate) cu_k: u64,
     pub(crate) alibi: u64,
@@ -931,7 +931,7 @@ impl Fa3Params {
             m_tiles: 0,
             scale_log2: 0.0,
             batch: 0,
-            zero: 0,
+            pad1: 0,
             cu_q: 0,
             cu_k: 0,
             alibi: 0,
@@ -1157,7 +1157,7 @@ pub fn forward_into_with(
         m_tiles: m_tiles as i32,
         scale_log2: problem.scale * std::f32::consts::LOG2_E,
         batch: problem.batch as i32,
-        zero: 0,
+        pad1: 0,
         cu_q: cu.as_ref().map_or(0, |c| c.0.ptr()),
         cu_k: cu.as_ref().map_or(0, |c| c.1.ptr()),
         alibi: slopes.as_ref().map_or(0, |s| s.ptr()),
@@ -1219,12 +1219,13 @@ pub fn forward_into_with(
         params.split_ctr = ctr;
     }
     let grid_dim = if var.persistent {
-        // The dynamic counter runs up to total + grid − 1, split pieces' ids up to total + 2·grid.
-        if total > i32::MAX as usize - 2 * sms {
+        // The dynamic counter runs up to total + grid − 1, split pieces' ids up to
+        // total + 2 · ranges (at most 8 per CTA, `split_of`).
+        if total > i32::MAX as usize - 16 * sms {
             return Err(Error::invalid(
                 "shape",
                 format!("{total} work tiles"),
-                "fewer than 2^31 - 2 x (multiprocessors)",
+                "fewer than 2^31 - 16 x (multiprocessors)",
             ));
         }
         (total.min(sms) as u32, 1, 1)
@@ -1324,7 +1325,7 @@ mod tests {
     fn split_tail_cuts_only_a_partly_filled_last_round_that_pays() {
         // Every SPEC shape at d = 128: 2048 tiles of 16 key tiles (2k) on 132 SMs.
         assert_eq!(split_tail(2048, 132, 132, 16), Some((1980, 132, 68 * 16)));
-        // d = 256 at 2k: 1024 tiles of 26 key tiles; ranges of 20, +2 < 26.
+        // 1024 tiles of 26 key tiles: a tail of 100, ranges of 20, +2 < 26.
         assert_eq!(split_tail(1024, 132, 132, 26), Some((924, 132, 2600)));
         // No partly filled round, or a single one.
         assert_eq!(split_tail(264, 132, 132, 16), None);
