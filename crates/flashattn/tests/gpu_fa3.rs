@@ -823,46 +823,18 @@ fn fa3_split_tail() {
     tally.finish("fa3 split tail");
 }
 
-/// (out error, LSE error, all of out and LSE finite) of `bits` against the f64 reference on the
-/// (batch, head) pairs `heads` of a dense problem, each computed on that head alone.
+/// (out error, LSE error, all of out and LSE finite) of `bits` of a dense problem against the
+/// f64 reference on the (batch, head) pairs `heads` ([`heads_err`]).
 fn head_errs(
     qkv: &Qkv<'_>,
     opts: &AttnOptions,
     bits: &Bits,
     heads: &[(usize, usize)],
 ) -> (f64, f64, bool) {
-    let (q, k, v) = (qkv.q, qkv.k, qkv.v);
-    let (sq, hq, d) = (q.shape()[1], q.shape()[2], q.shape()[3]);
-    let (sk, hk) = (k.shape()[1], k.shape()[2]);
     let out: Vec<f32> = bits.0.iter().map(|&x| f32::from_bits(x)).collect();
     let lse: Vec<f32> = bits.1.iter().map(|&x| f32::from_bits(x)).collect();
     let finite = out.iter().chain(&lse).all(|x| x.is_finite());
-    let (mut e, mut le) = (0f64, 0f64);
-    for &(b, h) in heads {
-        let pick = |x: &[f32], rows: usize, nh: usize, head: usize| -> Vec<f32> {
-            (0..rows)
-                .flat_map(|r| {
-                    let at = ((b * rows + r) * nh + head) * d;
-                    x[at..at + d].to_vec()
-                })
-                .collect()
-        };
-        let one = |t: &Tensor, rows: usize, nh: usize, head: usize| {
-            Tensor::from_f32(pick(&t.to_f32_vec(), rows, nh, head), &[1, rows, 1, d])
-                .unwrap()
-                .to_dtype(q.dtype())
-        };
-        let g = hq / hk;
-        let (qh, kh, vh) = (
-            one(q, sq, hq, h),
-            one(k, sk, hk, h / g),
-            one(v, sk, hk, h / g),
-        );
-        let (want, want_lse) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
-        e = e.max(rel_err(&pick(&out, sq, hq, h), &want));
-        let got_lse = &lse[(b * hq + h) * sq..(b * hq + h + 1) * sq];
-        le = le.max(lse_err(got_lse, &want_lse));
-    }
+    let (e, le) = heads_err(qkv, opts, &out, Some(&lse), heads, false);
     (e, le, finite)
 }
 
@@ -1069,37 +1041,60 @@ struct SchedCase {
 /// Relative error of `out` against the f64 reference on query heads 0, 1 and the last of the
 /// first batch element (dense) or sequence (varlen), computed on those heads alone.
 fn sample_err(qkv: &Qkv<'_>, opts: &AttnOptions, out: &Tensor, varlen: bool) -> f64 {
+    let hq = qkv.q.shape()[qkv.q.shape().len() - 2];
+    let heads = [(0, 0), (0, 1), (0, hq - 1)];
+    heads_err(qkv, opts, &out.to_f32_vec(), None, &heads, varlen).0
+}
+
+/// (out error, LSE error — 0 without `lse`) against the f64 reference on the (batch, head)
+/// pairs `heads`, each computed on that head alone. Dense [b, s, h, d] (LSE [b, h, sq]);
+/// varlen: batch 0 only, the first sequence (its rows lead the packed tensors; no LSE).
+fn heads_err(
+    qkv: &Qkv<'_>,
+    opts: &AttnOptions,
+    out: &[f32],
+    lse: Option<&[f32]>,
+    heads: &[(usize, usize)],
+    varlen: bool,
+) -> (f64, f64) {
     let (q, k, v) = (qkv.q, qkv.k, qkv.v);
     let hq = q.shape()[q.shape().len() - 2];
-    let group = hq / k.shape()[k.shape().len() - 2];
+    let hk = k.shape()[k.shape().len() - 2];
+    let d = q.shape()[q.shape().len() - 1];
     let (rows_q, rows_k) = match qkv.cu_seqlens {
         Some((cq, ck)) if varlen => (cq[1] as usize, ck[1] as usize),
         _ => (q.shape()[1], k.shape()[1]),
     };
-    let mut worst = 0f64;
-    for h in [0, 1, hq - 1] {
-        let pick = |t: &Tensor, rows: usize, head: usize| {
-            let s = t.shape();
-            let (nh, d) = (s[s.len() - 2], s[s.len() - 1]);
-            let x = t.to_f32_vec();
-            let mut o = Vec::with_capacity(rows * d);
-            for r in 0..rows {
-                o.extend_from_slice(&x[(r * nh + head) * d..(r * nh + head + 1) * d]);
-            }
-            Tensor::from_f32(o, &[1, rows, 1, d])
+    let (mut e, mut le) = (0f64, 0f64);
+    for &(b, h) in heads {
+        // Rows of (b, head) from a [b, rows, nh, d] (or packed [total, nh, d], b = 0) buffer.
+        let pick = |x: &[f32], rows: usize, nh: usize, head: usize| -> Vec<f32> {
+            (0..rows)
+                .flat_map(|r| {
+                    let at = ((b * rows + r) * nh + head) * d;
+                    x[at..at + d].to_vec()
+                })
+                .collect()
+        };
+        let one = |t: &Tensor, rows: usize, nh: usize, head: usize| {
+            Tensor::from_f32(pick(&t.to_f32_vec(), rows, nh, head), &[1, rows, 1, d])
                 .unwrap()
                 .to_dtype(q.dtype())
         };
+        let g = hq / hk;
         let (qh, kh, vh) = (
-            pick(q, rows_q, h),
-            pick(k, rows_k, h / group),
-            pick(v, rows_k, h / group),
+            one(q, rows_q, hq, h),
+            one(k, rows_k, hk, h / g),
+            one(v, rows_k, hk, h / g),
         );
-        let (want, _) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
-        let got = pick(out, rows_q, h).to_f32_vec();
-        worst = worst.max(rel_err(&got, &want));
+        let (want, want_lse) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
+        e = e.max(rel_err(&pick(out, rows_q, hq, h), &want));
+        if let Some(lse) = lse {
+            let at = (b * hq + h) * rows_q;
+            le = le.max(lse_err(&lse[at..at + rows_q], &want_lse));
+        }
     }
-    worst
+    (e, le)
 }
 
 /// Writes every shipped variant's cubin (NVRTC only, no GPU needed) and checks the ptxas report:

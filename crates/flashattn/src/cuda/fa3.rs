@@ -269,6 +269,14 @@ impl Variant {
         v
     }
 
+    /// [`for_problem`](Self::for_problem) with the knobs `tune` on top (what a launch with them runs).
+    fn tuned(problem: &Problem, alibi: bool, tune: &str) -> Variant {
+        let mut v = Variant::for_problem(problem, alibi);
+        v.apply_tune(tune);
+        v.fix_full();
+        v
+    }
+
     /// The short dense causal d = 64 tile: two consumers (Bq 128) with Q in registers.
     fn short_causal_tile(&mut self) {
         self.nc = 2;
@@ -839,10 +847,11 @@ fn split_of(var: &Variant, problem: &Problem, sms: usize) -> Option<(usize, usiz
 /// The split tail that [`forward_into_with`] runs for `problem` with knobs `tune` on `gpu`
 /// (tests, benchmarks): (whole tiles before it, ranges, key tiles in it), `None` without one.
 pub fn split_plan(gpu: &Gpu, problem: &Problem, tune: &str) -> Option<(usize, usize, usize)> {
-    let mut var = Variant::for_problem(problem, false);
-    var.apply_tune(tune);
-    var.fix_full();
-    split_of(&var, problem, gpu.sm_count() as usize)
+    split_of(
+        &Variant::tuned(problem, false, tune),
+        problem,
+        gpu.sm_count() as usize,
+    )
 }
 
 /// Mirrors `struct Fa3Params` in kernels/sm90/fwd.cu (C layout, 64-byte aligned).
@@ -1097,9 +1106,7 @@ pub fn forward_into_with(
             "at least one key (use fa3::forward)",
         ));
     }
-    let mut var = Variant::for_problem(problem, alibi.is_some());
-    var.apply_tune(tune);
-    var.fix_full();
+    let mut var = Variant::tuned(problem, alibi.is_some(), tune);
     // Packed tiles leave through 5-D TMA boxes only.
     if var.pack > 1 && !out_uses_tma(out) {
         var.pack = 1;
