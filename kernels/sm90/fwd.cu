@@ -837,7 +837,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     int u = wt - p.t_main, tail, lo, hi;
     asm volatile("" : "+r"(u));
     split_piece(u >> 1, u & 1, p.split_w, p.split_ranges, p.split_n, &tail, &lo, &hi);
-    if (!split_merge<D / 8>(o, sm.m, sm.l, c, p.split_ws, p.split_ctr, tail, u, n_end, NC, cw,
+    if (!split_merge<D / 8>(o, sm, c, p.split_ws, p.split_ctr, tail, u, n_end, NC, cw,
                             2 + NC + cw, p.split_w, p.split_ranges, p.split_n)) {
       if (Q_HOLDS_O) warp_release(q_empty, lane);
       return;

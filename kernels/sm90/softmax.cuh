@@ -68,6 +68,21 @@ struct OnlineSoftmax {
     }
     return __any_sync(0xffffffff, moved);
   }
+  // Folds in another partial state of the same rows (base mk, this thread's sums lk — a piece of
+  // the key range, split.cuh): the new base is the larger, with the same −inf rule as step();
+  // on return fo / fk scale this state's and the other's output rows.
+  __device__ __forceinline__ void merge(const float* mk, const float* lk, float c, float* fo,
+                                        float* fk) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mx = fmaxf(m[r], mk[r]);
+      const float base = mx == FA3_NEG_INF ? 0.f : mx * c;
+      fo[r] = fast_exp2(m[r] * c - base);
+      fk[r] = fast_exp2(mk[r] * c - base);
+      l[r] = l[r] * fo[r] + lk[r] * fk[r];
+      m[r] = mx;
+    }
+  }
   // Final row sums (quad-reduced) -> 1/l (0 for empty rows) and the natural-log LSE.
   __device__ __forceinline__ void finish(float c, float* inv, float* lse) {
 #pragma unroll

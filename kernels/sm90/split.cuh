@@ -16,7 +16,7 @@
 // a fixed order) into its registers and runs the ordinary epilogue. No piece ever waits for
 // another.
 #pragma once
-#include "sm90/softmax.cuh"  // FA3_NEG_INF
+#include "sm90/util.cuh"
 
 // Flattened key-tile indices stay in 32 bits: the host splits only where W · C < 2^31 (64-bit
 // divisions would cost the 24-register producer thread a spill).
@@ -85,19 +85,19 @@ __device__ __forceinline__ bool named_sync_or(int id, int count, bool v) {
 
 // One consumer warpgroup's part of the merge (all its 128 threads; named barrier `bar` is
 // theirs) for piece `slot` of tail tile `tail` with `count` key tiles. o: ND4·4 accumulator
-// floats, m/l: the softmax state (two rows), c: the score scale (log2). The counter is the
+// floats, sm: the OnlineSoftmax state of its rows, c: the score scale (log2). The counter is the
 // warpgroup's (its epilogue is one TMA store). Returns true, on every thread, when this piece
-// completed the tile; o, m and l then hold the merged state. (With d = 256's 128-register
+// completed the tile; o and sm then hold the merged state. (With d = 256's 128-register
 // accumulator ptxas spills around this loop, in the main loop too: the split is d ≤ 128.)
-template <int ND4>
-__device__ __forceinline__ bool split_merge(float* o, float* m, float* l, float c, u64 ws, u64 ctr,
+template <int ND4, class Softmax>
+__device__ __forceinline__ bool split_merge(float* o, Softmax& sm, float c, u64 ws, u64 ctr,
                                             int tail, int slot, int count, int nc, int cw, int bar,
                                             int w, int nr, int n) {
   const int t = threadIdx.x % 128, wid = cw * 4 + t / 32, lane = t % 32;
   float4* mine = split_slot<ND4>(ws, slot, 4 * nc, wid, lane);
 #pragma unroll
   for (int i = 0; i < ND4; ++i) st_cg(mine + 32 * i, make_float4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]));
-  st_cg(mine + 32 * ND4, make_float4(m[0], m[1], l[0], l[1]));
+  st_cg(mine + 32 * ND4, make_float4(sm.m[0], sm.m[1], sm.l[0], sm.l[1]));
   // The warpgroup's slot, then (thread 0) the count that publishes it: the barrier orders the
   // other threads' stores before thread 0's release fence, which is cumulative (as in CUTLASS's
   // semaphore); on the last piece its acquire fence orders the other pieces' slots before the
@@ -119,8 +119,7 @@ __device__ __forceinline__ bool split_merge(float* o, float* m, float* l, float 
   // which piece came last (bit-reproducible).
 #pragma unroll
   for (int i = 0; i < 4 * ND4; ++i) o[i] = 0.f;
-  m[0] = m[1] = FA3_NEG_INF;
-  l[0] = l[1] = 0.f;
+  sm.init();
   const int c_lo = split_range_of(tail * n, w, nr);
   const int c_hi = split_range_of(tail * n + n - 1, w, nr);
 #pragma unroll 1
@@ -130,15 +129,7 @@ __device__ __forceinline__ bool split_merge(float* o, float* m, float* l, float 
     const float4 ml = ld_cg(other + 32 * ND4);
     const float mk[2] = {ml.x, ml.y}, lk[2] = {ml.z, ml.w};
     float fo[2], fk[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float mx = fmaxf(m[r], mk[r]);
-      const float base = mx == FA3_NEG_INF ? 0.f : mx * c;
-      fo[r] = fast_exp2(m[r] * c - base);
-      fk[r] = fast_exp2(mk[r] * c - base);
-      l[r] = l[r] * fo[r] + lk[r] * fk[r];
-      m[r] = mx;
-    }
+    sm.merge(mk, lk, c, fo, fk);
 #pragma unroll
     for (int i = 0; i < ND4; ++i) {
       const float4 v = ld_cg(other + 32 * i);
