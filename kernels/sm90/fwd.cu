@@ -80,6 +80,13 @@
 // FA3_WGB=1 — the warpgroup index is a warp broadcast (see fa3_fwd).
 // FA3_SPLIT=1 — the split tail (split.cuh): with FA3_PERSISTENT=2 on plain dense tiles, the
 // last, partly filled round's tiles are cut along the keys, one range per CTA, and merged.
+// FA3_SUMB=1 — the sum bound (softmax.cuh at_base): after a tile's first key tile a consumer
+// takes the exponentials against its rows' current bases without their maxima (no max, no
+// shuffles, no serial dependence of the exponentials on a reduction) and keeps them if every
+// thread's partial row sums stay within 2^FA3_LAZY — which bounds each p as the lazy rule does.
+// Otherwise (a maximum grew, voted over the warpgroup: rare after the first tiles) the tile's
+// scores are computed again from the K slot, which is therefore released only after the vote,
+// and go through the full softmax with the bases moved to the maxima (rebase_tile).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -162,7 +169,11 @@
 #ifndef FA3_SPLIT
 #define FA3_SPLIT 0
 #endif
+#ifndef FA3_SUMB
+#define FA3_SUMB 0
+#endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
+static_assert(!FA3_SUMB || (FA3_LAZY > 0 && FA3_EMU == 0), "sum bound: lazy rule, MUFU exponentials");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
@@ -624,6 +635,26 @@ __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, cons
 
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t);
 
+// FA3_SUMB, the rare path: some row of the warpgroup failed the sum bound (softmax.cuh), so the
+// tile's scores — overwritten by the exponentials — are computed again from K slot sKs (held
+// until here) and taken through the softmax with its bases moved to the row maxima; O is
+// rescaled to match. Nothing may be in flight (PV waited for).
+template <class Softmax, class Transform>
+__device__ __forceinline__ void rebase_tile(float* sc, float* o, Softmax& sm, float c, u32 sQw,
+                                            const u32 (*qf)[4], u32 sKs, int tile,
+                                            Transform& transform) {
+  fence_regs<BK / 2>(sc);
+  wgmma_fence();
+  issue_qk(sc, sQw, qf, sKs);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs<BK / 2>(sc);
+  transform(sc, tile);
+  float alpha[2];
+  sm.template step<true>(sc, c, alpha);
+  rescale_o<D / 8>(o, alpha);
+}
+
 // Key tiles 0.. up to the one holding query `row`'s last visible key (right edge: causal
 // diagonal + wr, bottom-right aligned); 0 when the row sees no key.
 __device__ __forceinline__ int tiles_through(int row, int sq, int sk, int wr) {
@@ -749,12 +780,29 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_pass(cw);
       wgmma_wait<1>();
       fence_regs<BK / 2>(sc);
-      warp_release(k_empty + 8 * s, lane);
+      if (!FA3_SUMB) warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
+      // PV's wait sits in both arms of a branch on the softmax's vote: ptxas then cannot hoist
+      // it above the exponentials (straight-line code gets it right after the QKᵀ wait, and the
+      // softmax no longer overlaps PV).
+#if FA3_SUMB
+      float sum[2];
+      const bool fits = sm.at_base(sc, c, sum);
+      // The vote is warpgroup-wide (the rare path's wgmma is collective) and, through __any_sync,
+      // warp-uniform to ptxas: a branch it takes for divergent moves every wgmma descriptor of
+      // the loop out of the uniform registers (R2UR).
+      if (__any_sync(0xffffffffu, named_sync_or(2 + NC + cw, 128, !fits))) {
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        rebase_tile(sc, o, sm, c, sQw, qf, sK + s * K_BYTES, tile, transform);
+      } else {
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        sm.keep(sum);
+      }
+      warp_release(k_empty + 8 * s, lane);
+#else
       float alpha[2];
-      // PV's wait sits in both arms of a branch on the softmax's warp vote: ptxas then cannot
-      // hoist it above the exponentials (straight-line code gets it right after the QKᵀ wait,
-      // and the softmax no longer overlaps PV).
       const bool rescale = sm.step(sc, c, alpha);
       if (rescale) {
         wgmma_wait<0>();
@@ -764,6 +812,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
         wgmma_wait<0>();
         fence_regs<D / 2>(o);
       }
+#endif
       warp_release(v_empty + 8 * sp, lane);
       to_pfrag(sc, pf);
     }
@@ -794,10 +843,20 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
+#if FA3_SUMB
+      transform(sc, tile);
+      float sum[2];
+      if (__any_sync(0xffffffffu, named_sync_or(2 + NC + cw, 128, !sm.at_base(sc, c, sum))))
+        rebase_tile(sc, o, sm, c, sQw, qf, sK + s * K_BYTES, tile, transform);
+      else
+        sm.keep(sum);
+      warp_release(k_empty + 8 * s, lane);
+#else
       warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       float alpha[2];
       if (sm.step(sc, c, alpha)) rescale_o<D / 8>(o, alpha);
+#endif
       u32 pf[BK / KSTEP][4];
       to_pfrag(sc, pf);
       mbar_wait(v_full + 8 * s, ph);

@@ -29,8 +29,20 @@ struct OnlineSoftmax {
   }
   // s: 4*NB scores of this thread. On return s holds p (unnormalised), alpha[r] the factor to
   // apply to the running output of row r; the result says whether any row of the warp needs it
-  // (warp-uniform).
+  // (warp-uniform). EAGER: a base moves whenever its row's maximum grows (after at_base failed).
+  template <bool EAGER = false>
   __device__ __forceinline__ bool step(float* s, float c, float* alpha) {
+    float base[2], sum[2] = {0.f, 0.f};
+    const bool moved = begin<EAGER>(s, c, alpha, base);
+#pragma unroll
+    for (int j = 0; j < NB; ++j) block(s, j, c, base, sum);
+    end(alpha, sum);
+    return __any_sync(0xffffffff, moved);
+  }
+  // Row maxima of s, the softmax base of each row (m updated) and alpha; whether a base of this
+  // thread's rows moved (not yet voted).
+  template <bool EAGER>
+  __device__ __forceinline__ bool begin(const float* s, float c, float* alpha, float* base) {
     bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -42,31 +54,61 @@ struct OnlineSoftmax {
       // Keep the old base (alpha = 1) while the new maximum is within 2^LAZY of it; never while
       // it is −inf (the difference is then +inf or NaN; LAZY = 0 tests that explicitly).
       const float old = m[r] * c;
-      const bool keep = LAZY ? mx * c - old <= (float)LAZY : (mx == m[r] && mx != FA3_NEG_INF);
-      float base;
+      const bool keep =
+          LAZY ? mx * c - old <= (EAGER ? 0.f : (float)LAZY) : (mx == m[r] && mx != FA3_NEG_INF);
       if (keep) {
-        base = old;
+        base[r] = old;
         alpha[r] = 1.f;
       } else {
-        base = (mx == FA3_NEG_INF) ? 0.f : mx * c;
-        alpha[r] = fast_exp2(old - base);
+        base[r] = (mx == FA3_NEG_INF) ? 0.f : mx * c;
+        alpha[r] = fast_exp2(old - base[r]);
         m[r] = mx;
         moved = true;
       }
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < NB; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float x = fmaf(s[4 * j + 2 * r + e], c, -base);
-          const float p = (j % 8 >= 8 - EMU) ? exp2_poly(x) : fast_exp2(x);
-          s[4 * j + 2 * r + e] = p;
-          sum += p;
-        }
-      }
-      l[r] = l[r] * alpha[r] + sum;
     }
-    return __any_sync(0xffffffff, moved);
+    return moved;
+  }
+  // n8-block j of both rows: scores to p, added to the rows' partial sums.
+  __device__ __forceinline__ void block(float* s, int j, float c, const float* base, float* sum) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x = fmaf(s[4 * j + 2 * r + e], c, -base[r]);
+        const float p = (j % 8 >= 8 - EMU) ? exp2_poly(x) : fast_exp2(x);
+        s[4 * j + 2 * r + e] = p;
+        sum[r] += p;
+      }
+    }
+  }
+  __device__ __forceinline__ void end(const float* alpha, const float* sum) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+  }
+  // The sum bound (FA3_SUMB): a key tile's exponentials against the rows' current bases,
+  // without their maxima. They may stand if every p ≤ 2^LAZY (as the lazy rule guarantees) —
+  // implied by this thread's partial row sum staying within 2^LAZY, since no p is negative; a
+  // NaN or infinite sum fails the test — and if a row without a base yet (m = −inf: base 0)
+  // got no mass. The caller votes on the answer; where it holds, keep() adds the sums, else it
+  // recomputes the scores and runs step<true>() (the bases move to the maxima, so the next
+  // tiles' sums stay small until a maximum grows again).
+  __device__ __forceinline__ bool at_base(float* s, float c, float* sum) {
+    static_assert(LAZY > 0 && EMU == 0, "the sum bound needs the lazy rule and MUFU exponentials");
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      base[r] = m[r] == FA3_NEG_INF ? 0.f : m[r] * c;
+      sum[r] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < NB; ++j) block(s, j, c, base, sum);
+    constexpr float bound = (float)(1 << LAZY);
+    return sum[0] <= bound && sum[1] <= bound && (m[0] != FA3_NEG_INF || sum[0] == 0.f) &&
+           (m[1] != FA3_NEG_INF || sum[1] == 0.f);
+  }
+  __device__ __forceinline__ void keep(const float* sum) {
+    l[0] += sum[0];
+    l[1] += sum[1];
   }
   // Folds in another partial state of the same rows (base mk, this thread's sums lk — a piece of
   // the key range, split.cuh): the new base is the larger, with the same −inf rule as step();

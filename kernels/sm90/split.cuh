@@ -71,17 +71,6 @@ __device__ __forceinline__ float4 ld_cg(const float4* p) {
 // __threadfence(), which is sequentially consistent (MEMBAR.SC).
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
-// bar.red.or over named barrier `id` (count threads): true on all of them when v is on any.
-__device__ __forceinline__ bool named_sync_or(int id, int count, bool v) {
-  u32 r;
-  asm volatile(
-      "{\n\t.reg .pred p, q;\n\tsetp.ne.u32 p, %1, 0;\n\tbar.red.or.pred q, %2, %3, p;\n\t"
-      "selp.u32 %0, 1, 0, q;\n\t}"
-      : "=r"(r)
-      : "r"((u32)v), "r"(id), "r"(count)
-      : "memory");
-  return r != 0;
-}
 
 // One consumer warpgroup's part of the merge (all its 128 threads; named barrier `bar` is
 // theirs) for piece `slot` of tail tile `tail` with `count` key tiles. o: ND4·4 accumulator

@@ -823,6 +823,61 @@ fn fa3_split_tail() {
     tally.finish("fa3 split tail");
 }
 
+/// The sum bound (`sumb=1`, see `Variant::sum_bound`) on inputs built to defeat it: key
+/// magnitudes grow towards key 0 (the kernels walk the key tiles downwards, so every later tile's
+/// scores outgrow the bases set before it) and two keys near the start are scaled far enough that
+/// their exponentials against the old bases overflow to infinity. Every tile then takes the
+/// rare path (scores recomputed, bases moved); out and LSE must match the f64 reference as with
+/// the maxima computed (`sumb=0`), finite, into NaN-poisoned buffers. Odd lengths, sq ≠ sk, GQA,
+/// plain and causal, every head dim.
+#[test]
+fn fa3_sum_bound_rebases() {
+    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    for (dtype, d) in [
+        (DType::BF16, 64),
+        (DType::F16, 96),
+        (DType::BF16, 128),
+        (DType::F16, 192),
+        (DType::BF16, 256),
+    ] {
+        for causal in [false, true] {
+            let (b, sq, sk, hq, hk) = (1, 333, 1001, 4, 2);
+            let q = rand_tensor(dtype, &[b, sq, hq, d], 71 + d as u64);
+            let v = rand_tensor(dtype, &[b, sk, hk, d], 73 + d as u64);
+            let mut kf = rand_tensor(dtype, &[b, sk, hk, d], 72 + d as u64).to_f32_vec();
+            for (j, row) in kf.chunks_mut(hk * d).enumerate() {
+                let grow = 1.0 + 6.0 * (1.0 - j as f32 / sk as f32);
+                let spike = if j == 3 || j == 130 { 300.0 } else { 1.0 };
+                row.iter_mut().for_each(|x| *x *= grow * spike);
+            }
+            let k = Tensor::from_f32(kf, &[b, sk, hk, d])
+                .unwrap()
+                .to_dtype(dtype);
+            let opts = AttnOptions::new().causal(causal);
+            let qkv = Qkv::dense(&q, &k, &v);
+            let problem = Problem::new(&qkv, &opts).unwrap();
+            let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+            let dev = [up(&q), up(&k), up(&v)];
+            for tune in ["sumb=1", "sumb=0"] {
+                let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
+                let finite = matches!(&r, Ok((o, l)) if o.iter().chain(l).all(|&x| f32::from_bits(x).is_finite()));
+                let (e, le) = errs_vs_ref(&qkv, &opts, &r);
+                tally.record(
+                    finite && e <= tol(dtype) && le <= common::lse_tol(dtype),
+                    format!(
+                        "{dtype} d={d} causal={causal} sq={sq} sk={sk} [{tune}]: finite {finite}, \
+                         rel_err {e:.2e}, lse_err {le:.2e}"
+                    ),
+                );
+            }
+        }
+    }
+    tally.finish("fa3 sum bound");
+}
+
 /// (out error, LSE error, all of out and LSE finite) of `bits` of a dense problem against the
 /// f64 reference on the (batch, head) pairs `heads` ([`heads_err`]).
 fn head_errs(

@@ -99,6 +99,10 @@ pub struct Variant {
     /// Ranges of the split tail (`splitr`, up to 8 per CTA); 0 = one per CTA, the shipped
     /// choice (H100, bench/RESULTS.md "Step 16": 2–5 per CTA measured 1–10% slower).
     pub split_ranges: usize,
+    /// The sum bound (`FA3_SUMB`, see [`sums_bounded`](Self::sums_bounded)): after a query
+    /// tile's first key tile, the softmax takes its exponentials against the rows' current bases
+    /// without the row maxima, and rebases only where a partial row sum leaves 2^`lazy`.
+    pub sum_bound: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -194,6 +198,7 @@ impl Variant {
             wgb: true,
             split: 1,
             split_ranges: 0,
+            sum_bound: true,
         }
     }
 
@@ -306,7 +311,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0,split=0,splitr=264"`
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0,split=0,splitr=264,sumb=0"`
     /// overrides knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -336,6 +341,7 @@ impl Variant {
                 "wgb" => self.wgb = n != 0,
                 "split" if n <= 2 => self.split = n,
                 "splitr" => self.split_ranges = n,
+                "sumb" => self.sum_bound = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -366,6 +372,16 @@ impl Variant {
     /// bookkeeping measured −1..2% (plain and short causal d = 64 at 1k).
     pub fn skips(&self) -> bool {
         self.skip && self.causal && self.bq() > self.bk
+    }
+
+    /// Whether the kernel runs the sum bound ([`sum_bound`](Self::sum_bound); it needs the lazy
+    /// rule and MUFU exponentials). Measured against the row maxima (H100, bench/RESULTS.md
+    /// "Step 17", 2k–8k): plain d = 64 +8.5..9%, d = 96 +4..5.5%, d = 128 +3.7..5.3%, causal
+    /// +1.4..5%. Only for d ≤ 128 and dense problems: at d = 256 (and in some varlen kernels)
+    /// the rare path's second QKᵀ makes ptxas spill, and d = 256 gains nothing from it (its
+    /// loop is bound by the tensor pipe: +1.3% with the maxima simply left out).
+    pub fn sums_bounded(&self) -> bool {
+        self.sum_bound && self.lazy > 0 && self.emu == 0 && self.d <= 128 && !self.varlen
     }
 
     /// The warpgroup index as a warp broadcast (`FA3_WGB`): its derived addresses then stay in
@@ -461,6 +477,7 @@ impl Variant {
             .define("FA3_SKIP", u32::from(self.skips()))
             .define("FA3_WGB", u32::from(self.broadcasts_wg()))
             .define("FA3_SPLIT", u32::from(self.splits()))
+            .define("FA3_SUMB", u32::from(self.sums_bounded()))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
@@ -1404,6 +1421,23 @@ mod tests {
         assert!(splits(128, 4096, false) && splits(96, 8192, false));
         assert!(!splits(128, 2048, false) && !splits(128, 4096, true));
         assert!(!splits(64, 4096, false) && !splits(256, 4096, false));
+        // The sum bound: dense d ≤ 128, plain and causal (long causal d = 128 too); not d = 256,
+        // not varlen, and off with the lazy rule or with exp2 emulation.
+        let bounded = |d, s, causal| labelled(d, s, causal, "FA3_SUMB=1,");
+        assert!(bounded(64, 2048, false) && bounded(96, 4096, true) && bounded(128, 8192, true));
+        assert!(
+            bounded(128, 512, false) && !bounded(192, 4096, false) && !bounded(256, 4096, false)
+        );
+        let mut v = pick(128, 2048, 2048, 2, 2, false);
+        assert!(v.sums_bounded());
+        v.varlen = true;
+        assert!(!v.sums_bounded());
+        v.varlen = false;
+        v.lazy = 0;
+        assert!(!v.sums_bounded());
+        v.lazy = LAZY_RESCALE;
+        v.emu = 2;
+        assert!(!v.sums_bounded());
         // Decode-shaped GQA: packed, dense and varlen.
         let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
         assert!(v.pack == 4 && !v.persistent);
