@@ -53,15 +53,19 @@ struct OnlineSoftmax {
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       // Keep the old base (alpha = 1) while the new maximum is within 2^LAZY of it; never while
       // it is −inf (the difference is then +inf or NaN; LAZY = 0 tests that explicitly).
-      const float old = m[r] * c;
-      const bool keep =
-          LAZY ? mx * c - old <= (EAGER ? 0.f : (float)LAZY) : (mx == m[r] && mx != FA3_NEG_INF);
+      // Bases, their differences and the tests on them are rounded operations (no FMA
+      // contraction), so that every kernel variant moves the same bases by the same factors:
+      // where contraction depends on the inlining context, results differ between variants.
+      const float old = __fmul_rn(m[r], c);
+      const bool keep = EAGER ? (mx <= m[r] && m[r] != FA3_NEG_INF)
+                        : LAZY ? __fsub_rn(__fmul_rn(mx, c), old) <= (float)LAZY
+                               : (mx == m[r] && mx != FA3_NEG_INF);
       if (keep) {
         base[r] = old;
         alpha[r] = 1.f;
       } else {
-        base[r] = (mx == FA3_NEG_INF) ? 0.f : mx * c;
-        alpha[r] = fast_exp2(old - base[r]);
+        base[r] = (mx == FA3_NEG_INF) ? 0.f : __fmul_rn(mx, c);
+        alpha[r] = fast_exp2(__fsub_rn(old, base[r]));
         m[r] = mx;
         moved = true;
       }
@@ -83,7 +87,7 @@ struct OnlineSoftmax {
   }
   __device__ __forceinline__ void end(const float* alpha, const float* sum) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+    for (int r = 0; r < 2; ++r) l[r] = fmaf(l[r], alpha[r], sum[r]);
   }
   // The sum bound (FA3_SUMB): a key tile's exponentials against the rows' current bases,
   // without their maxima. They may stand if every p ≤ 2^LAZY (as the lazy rule guarantees) —
@@ -97,7 +101,7 @@ struct OnlineSoftmax {
     float base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      base[r] = m[r] == FA3_NEG_INF ? 0.f : m[r] * c;
+      base[r] = m[r] == FA3_NEG_INF ? 0.f : __fmul_rn(m[r], c);
       sum[r] = 0.f;
     }
 #pragma unroll
@@ -118,10 +122,10 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float mx = fmaxf(m[r], mk[r]);
-      const float base = mx == FA3_NEG_INF ? 0.f : mx * c;
-      fo[r] = fast_exp2(m[r] * c - base);
-      fk[r] = fast_exp2(mk[r] * c - base);
-      l[r] = l[r] * fo[r] + lk[r] * fk[r];
+      const float base = mx == FA3_NEG_INF ? 0.f : __fmul_rn(mx, c);
+      fo[r] = fast_exp2(__fsub_rn(__fmul_rn(m[r], c), base));
+      fk[r] = fast_exp2(__fsub_rn(__fmul_rn(mk[r], c), base));
+      l[r] = fmaf(l[r], fo[r], __fmul_rn(lk[r], fk[r]));
       m[r] = mx;
     }
   }
@@ -135,7 +139,7 @@ struct OnlineSoftmax {
       // A row that never saw a finite score is empty (its sum may hold exp2_poly's ~1e-38s).
       const bool empty = (EMU > 0 && m[r] == FA3_NEG_INF) || !(t > 0.f);
       inv[r] = empty ? 0.f : 1.f / t;
-      lse[r] = empty ? FA3_NEG_INF : (m[r] * c + fast_log2(t)) * 0.6931471805599453f;
+      lse[r] = empty ? FA3_NEG_INF : __fadd_rn(__fmul_rn(m[r], c), fast_log2(t)) * 0.6931471805599453f;
     }
   }
 };
