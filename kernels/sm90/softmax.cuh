@@ -30,64 +30,60 @@ struct OnlineSoftmax {
   // s: 4*NB scores of this thread. On return s holds p (unnormalised), alpha[r] the factor to
   // apply to the running output of row r; the result says whether any row of the warp needs it
   // (warp-uniform). EAGER: a base moves whenever its row's maximum grows (after at_base failed).
+  // Row by row (maximum, then exponentials): interleaving the rows costs the d = 256 FP8
+  // kernels spills.
   template <bool EAGER = false>
   __device__ __forceinline__ bool step(float* s, float c, float* alpha) {
-    float base[2], sum[2] = {0.f, 0.f};
-    const bool moved = begin<EAGER>(s, c, alpha, base);
-#pragma unroll
-    for (int j = 0; j < NB; ++j) block(s, j, c, base, sum);
-    end(alpha, sum);
-    return __any_sync(0xffffffff, moved);
-  }
-  // Row maxima of s, the softmax base of each row (m updated) and alpha; whether a base of this
-  // thread's rows moved (not yet voted).
-  template <bool EAGER>
-  __device__ __forceinline__ bool begin(const float* s, float c, float* alpha, float* base) {
     bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
-#pragma unroll
-      for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      // Keep the old base (alpha = 1) while the new maximum is within 2^LAZY of it; never while
-      // it is −inf (the difference is then +inf or NaN; LAZY = 0 tests that explicitly).
-      // Bases, their differences and the tests on them are rounded operations (no FMA
-      // contraction), so that every kernel variant moves the same bases by the same factors:
-      // where contraction depends on the inlining context, results differ between variants.
-      const float old = __fmul_rn(m[r], c);
-      const bool keep = EAGER ? (mx <= m[r] && m[r] != FA3_NEG_INF)
-                        : LAZY ? __fsub_rn(__fmul_rn(mx, c), old) <= (float)LAZY
-                               : (mx == m[r] && mx != FA3_NEG_INF);
-      if (keep) {
-        base[r] = old;
-        alpha[r] = 1.f;
-      } else {
-        base[r] = (mx == FA3_NEG_INF) ? 0.f : __fmul_rn(mx, c);
-        alpha[r] = fast_exp2(__fsub_rn(old, base[r]));
-        m[r] = mx;
-        moved = true;
-      }
+      float base;
+      moved |= rebase<EAGER>(s, r, c, alpha[r], base);
+      l[r] = fmaf(l[r], alpha[r], row_exps(s, r, c, base));
     }
-    return moved;
+    return __any_sync(0xffffffff, moved);
   }
-  // n8-block j of both rows: scores to p, added to the rows' partial sums.
-  __device__ __forceinline__ void block(float* s, int j, float c, const float* base, float* sum) {
+  // Row r's maximum over s and the base it gets (m[r] updated) with the factor alpha for what
+  // was accumulated against the old one; whether the base moved.
+  template <bool EAGER>
+  __device__ __forceinline__ bool rebase(const float* s, int r, float c, float& alpha, float& base) {
+    float mx = m[r];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    // Keep the old base (alpha = 1) while the new maximum is within 2^LAZY of it; never while
+    // it is −inf (the difference is then +inf or NaN; LAZY = 0 tests that explicitly).
+    // Bases, their differences and the tests on them are rounded operations (no FMA
+    // contraction, which may differ with the inlining context).
+    const float old = __fmul_rn(m[r], c);
+    const bool keep = EAGER ? (mx <= m[r] && m[r] != FA3_NEG_INF)
+                      : LAZY ? __fsub_rn(__fmul_rn(mx, c), old) <= (float)LAZY
+                             : (mx == m[r] && mx != FA3_NEG_INF);
+    if (keep) {
+      base = old;
+      alpha = 1.f;
+      return false;
+    }
+    base = (mx == FA3_NEG_INF) ? 0.f : __fmul_rn(mx, c);
+    alpha = fast_exp2(__fsub_rn(old, base));
+    m[r] = mx;
+    return true;
+  }
+  // Row r's scores to p = 2^(s·c − base); returns this thread's part of the row sum.
+  __device__ __forceinline__ float row_exps(float* s, int r, float c, float base) {
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float x = fmaf(s[4 * j + 2 * r + e], c, -base[r]);
+        const float x = fmaf(s[4 * j + 2 * r + e], c, -base);
         const float p = (j % 8 >= 8 - EMU) ? exp2_poly(x) : fast_exp2(x);
         s[4 * j + 2 * r + e] = p;
-        sum[r] += p;
+        sum += p;
       }
     }
-  }
-  __device__ __forceinline__ void end(const float* alpha, const float* sum) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = fmaf(l[r], alpha[r], sum[r]);
+    return sum;
   }
   // The sum bound (FA3_SUMB): a key tile's exponentials against the rows' current bases,
   // without their maxima. They may stand if every p ≤ 2^LAZY (as the lazy rule guarantees) —
@@ -104,8 +100,20 @@ struct OnlineSoftmax {
       base[r] = m[r] == FA3_NEG_INF ? 0.f : __fmul_rn(m[r], c);
       sum[r] = 0.f;
     }
+    // Both rows per n8-block (the order measured in bench/RESULTS.md "Step 17"); each row's
+    // sum runs over its elements in the same order as row_exps.
 #pragma unroll
-    for (int j = 0; j < NB; ++j) block(s, j, c, base, sum);
+    for (int j = 0; j < NB; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = fast_exp2(fmaf(s[4 * j + 2 * r + e], c, -base[r]));
+          s[4 * j + 2 * r + e] = p;
+          sum[r] += p;
+        }
+      }
+    }
     constexpr float bound = (float)(1 << LAZY);
     return sum[0] <= bound && sum[1] <= bound && (m[0] != FA3_NEG_INF || sum[0] == 0.f) &&
            (m[1] != FA3_NEG_INF || sum[1] == 0.f);
