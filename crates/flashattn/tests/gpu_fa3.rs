@@ -638,9 +638,9 @@ fn fa3_tma_store_epilogue() {
 
 /// The persistent schedulers walk many tiles per CTA (the tile-index ring and the K/V ring wrap
 /// many times): without the sum bound (`sumb=0`) every schedule must give bit-identical output
-/// and LSE to one CTA per tile — each tile is computed by the same code whichever CTA takes it —
-/// and with it (the default) agree to rounding; one CTA per tile is checked against the f64
-/// reference on a sample of query heads. Dense causal (sq ≠ sk) with GQA, dense
+/// and LSE to one CTA per tile — each tile is computed by the same code whichever CTA takes it;
+/// with it (the default) every schedule is checked as one CTA per tile is: finite, and against
+/// the f64 reference on a sample of query heads (its difference to one CTA per tile reported). Dense causal (sq ≠ sk) with GQA, dense
 /// plain, varlen causal with unequal sequences; longest-first groups of 1, 5 and all (head,
 /// batch) pairs. The dynamic launches follow each other on one device with different tile
 /// counts and share its one pair of scheduler counters, which each launch must leave zero: a
@@ -854,8 +854,8 @@ fn fa3_split_tail() {
 /// The sum bound (`sumb=1`, see `Variant::sum_bound`) on inputs built to defeat it: key
 /// magnitudes grow towards key 0 (the kernels walk the key tiles downwards, so every later tile's
 /// scores outgrow the bases set before it) and two keys near the start are scaled far enough that
-/// their exponentials against the old bases overflow to infinity. Every tile then takes the
-/// rare path (scores recomputed, bases moved); out and LSE must match the f64 reference as with
+/// their exponentials against the old bases overflow to infinity. Tiles then take the rare
+/// path (scores recomputed, bases moved); out and LSE must match the f64 reference as with
 /// the maxima computed (`sumb=0`), finite, into NaN-poisoned buffers. Odd lengths, sq ≠ sk, GQA,
 /// plain and causal, every head dim.
 #[test]

@@ -376,8 +376,8 @@ impl Variant {
 
     /// Whether the kernel runs the sum bound ([`sum_bound`](Self::sum_bound); it needs the lazy
     /// rule and MUFU exponentials). Measured against the row maxima (H100, bench/RESULTS.md
-    /// "Step 17", 2k–8k): plain d = 64 +8.5..9%, d = 96 +4..5.5%, d = 128 +3.7..5.3%, causal
-    /// +1.4..5%. Only for d ≤ 128 and dense problems: at d = 256 (and in some varlen kernels)
+    /// "Step 17", 2k–8k, calls y7 and y9): plain d = 64 +8.4..10%, d = 96 +3.9..5.4%, d = 128
+    /// +3.7..7.5%; causal +1..9%. Only for d ≤ 128 and dense problems: at d = 256 (and in some varlen kernels)
     /// the rare path's second QKᵀ makes ptxas spill, and d = 256 gains nothing from it (its
     /// loop is bound by the tensor pipe: +1.3% with the maxima simply left out).
     pub fn sums_bounded(&self) -> bool {
