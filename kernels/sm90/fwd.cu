@@ -173,7 +173,6 @@
 #define FA3_SUMB 0
 #endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
-static_assert(!FA3_SUMB || (FA3_LAZY > 0 && FA3_EMU == 0), "sum bound: lazy rule, MUFU exponentials");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
 constexpr bool PRESCALE = FA3_SOFTCAP || FA3_ALIBI;
@@ -788,10 +787,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #if FA3_SUMB
       float sum[2];
       const bool fits = sm.at_base(sc, c, sum);
-      // The vote is warpgroup-wide (the rare path's wgmma is collective) and, through __any_sync,
-      // warp-uniform to ptxas: a branch it takes for divergent moves every wgmma descriptor of
-      // the loop out of the uniform registers (R2UR).
-      if (__any_sync(0xffffffffu, named_sync_or(2 + NC + cw, 128, !fits))) {
+      // Voted over the warpgroup: the rare path's wgmma is collective.
+      if (warpgroup_any(2 + NC + cw, !fits)) {
         wgmma_wait<0>();
         fence_regs<D / 2>(o);
         rebase_tile(sc, o, sm, c, sQw, qf, sK + s * K_BYTES, tile, transform);
@@ -846,7 +843,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #if FA3_SUMB
       transform(sc, tile);
       float sum[2];
-      if (__any_sync(0xffffffffu, named_sync_or(2 + NC + cw, 128, !sm.at_base(sc, c, sum))))
+      if (warpgroup_any(2 + NC + cw, !sm.at_base(sc, c, sum)))
         rebase_tile(sc, o, sm, c, sQw, qf, sK + s * K_BYTES, tile, transform);
       else
         sm.keep(sum);

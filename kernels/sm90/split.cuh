@@ -71,7 +71,6 @@ __device__ __forceinline__ float4 ld_cg(const float4* p) {
 // __threadfence(), which is sequentially consistent (MEMBAR.SC).
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
-
 // One consumer warpgroup's part of the merge (all its 128 threads; named barrier `bar` is
 // theirs) for piece `slot` of tail tile `tail` with `count` key tiles. o: ND4·4 accumulator
 // floats, sm: the OnlineSoftmax state of its rows, c: the score scale (log2). The counter is the
@@ -102,8 +101,7 @@ __device__ __forceinline__ bool split_merge(float* o, Softmax& sm, float c, u64 
       fence_acq_rel_gpu();
     }
   }
-  // The vote makes the answer uniform for ptxas as well (see tile_take in fwd.cu).
-  if (!__any_sync(0xffffffffu, named_sync_or(bar, 128, last))) return false;
+  if (!warpgroup_any(bar, last)) return false;
   // Every piece, this one's too, in range order from its slot: the result does not depend on
   // which piece came last (bit-reproducible).
 #pragma unroll

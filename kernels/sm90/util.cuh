@@ -71,6 +71,13 @@ __device__ __forceinline__ bool named_sync_or(int id, int count, bool v) {
       : "memory");
   return r != 0;
 }
+// Whether v holds on any thread of the consumer warpgroup synchronising on named barrier `id`
+// (128 threads). The answer is warpgroup-uniform; the __any_sync makes it warp-uniform to ptxas
+// as well: a branch on a value it takes for divergent moves the wgmma descriptors the branch
+// surrounds out of the uniform registers (R2UR before every wgmma).
+__device__ __forceinline__ bool warpgroup_any(int id, bool v) {
+  return __any_sync(0xffffffffu, named_sync_or(id, 128, v));
+}
 template <int R> __device__ __forceinline__ void reg_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 }
