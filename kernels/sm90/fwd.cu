@@ -87,6 +87,9 @@
 // Otherwise (a maximum grew, voted over the warpgroup: rare after the first tiles) the tile's
 // scores are computed again from the K slot, which is therefore released only after the vote,
 // and go through the full softmax with the bases moved to the maxima (rebase_tile).
+// FA3_QSPLIT=1 — every consumer's 64-row slice of Q is loaded (64-row boxes) and released on
+// barriers of its own; FA3_KVFIRST=1 — the producer loads a tile's first K before its Q. Both
+// shorten the gap between a persistent CTA's tiles where Q holds O (d = 192/256).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -172,6 +175,12 @@
 #ifndef FA3_SUMB
 #define FA3_SUMB 0
 #endif
+#ifndef FA3_QSPLIT
+#define FA3_QSPLIT 0
+#endif
+#ifndef FA3_KVFIRST
+#define FA3_KVFIRST 0
+#endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
@@ -228,8 +237,12 @@ static_assert(!SPLIT || (DYN && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_
                          PACK == 1 && D <= 128),
               "split tail: plain dense 16-bit tiles from the dynamic scheduler, d <= 128");
 static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
+// FA3_QSPLIT: every consumer's 64-row slice of Q has its own full/empty barriers.
+constexpr bool QSPLIT = FA3_QSPLIT;
+constexpr int NQB = QSPLIT ? NC : 1;
+static_assert(!QSPLIT || (PACK == 1 && !FP8), "per-consumer Q: 16-bit, unpacked");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
-                           8 * (2 + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
+                           8 * (2 * NQB + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
 static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 2, "O staging: Q slice, own buffer, VTK ring");
 static_assert((Q_BYTES + STAGES * (K_BYTES + V_BYTES)) % 1024 == 0 && R_BYTES % 1024 == 0,
               "every staging base keeps the 1024-byte alignment of the 128B swizzle");
@@ -285,6 +298,20 @@ struct WorkTile {
 // Q of work tile w (its Q use number jq), once the consumers have released the previous one.
 __device__ __forceinline__ void load_q(const Fa3Params& p, u32 sQ, u32 q_full, u32 q_empty,
                                        const WorkTile& w, int jq) {
+  if constexpr (QSPLIT) {
+    // Slice by slice, each once its own consumer is done with it: the first consumer to finish
+    // its epilogue starts the next tile while the others finish theirs. 64-row boxes.
+#pragma unroll
+    for (int cw = 0; cw < NC; ++cw) {
+      if (jq > 0) mbar_wait(q_empty + 8 * cw, (jq - 1) & 1);
+      mbar_expect_tx(q_full + 8 * cw, Q_BYTES / NC);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sQ + c * QCHUNK + cw * 64 * 128, &p.q, q_full + 8 * cw, c * CH,
+                    w.qs + w.m * BQ + cw * 64, w.h, w.tb);
+    }
+    return;
+  }
   if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
   mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
@@ -311,13 +338,17 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
                                          u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
                                          u32 q_empty, const WorkTile& w, int hk, int g0, int jq) {
   const int b = w.tb, n_end = w.count();
+  // FA3_KVFIRST: the first K/V tile goes out before Q, whose slot a persistent CTA's consumers
+  // free only after the previous tile's epilogue; the ring slots free earlier (QKᵀ / PV of the
+  // previous tile's second-last key tile). Its V load is the loop's, once Q is out.
+  if (FA3_KVFIRST) load_k(p, sK, k_full, k_empty, w, hk, w.n_hi - 1, g0);
   load_q(p, sQ, q_full, q_empty, w, jq);
   for (int it = 0; it < n_end; ++it) {
     const int tile = w.n_hi - 1 - it;
     const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
     const int s = g % STAGES;
     const u32 par = ((g / STAGES) + 1) & 1;  // parity of the previous use of slot s
-    load_k(p, sK, k_full, k_empty, w, hk, tile, g);
+    if (!FA3_KVFIRST || it > 0) load_k(p, sK, k_full, k_empty, w, hk, tile, g);
     if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
     mbar_expect_tx(v_full + 8 * s, V_BYTES);
     if constexpr (FP8) {
@@ -1053,21 +1084,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 sR = sV + STAGES * V_BYTES;  // FA3_VTK staging (R_BYTES, 0 otherwise)
   const u32 sO = sR + R_BYTES;           // O staging of its own (OWN_BYTES), else Q or the ring
   const u32 bars = sO + OWN_BYTES;
-  const u32 q_full = bars;
-  const u32 k_full = bars + 8;
+  const u32 q_full = bars;  // NQB barriers (FA3_QSPLIT: one per consumer)
+  const u32 k_full = bars + 8 * NQB;
   const u32 v_full = k_full + 8 * STAGES;
   const u32 k_empty = v_full + 8 * STAGES;
   const u32 v_empty = k_empty + 8 * STAGES;
-  const u32 q_empty = v_empty + 8 * STAGES;
-  const u32 r_full = q_empty + 8;  // 2 barriers (FA3_VTK)
+  const u32 q_empty = v_empty + 8 * STAGES;  // NQB barriers
+  const u32 r_full = q_empty + 8 * NQB;       // 2 barriers (FA3_VTK)
   // DYN: 2 + 2 barriers, then 2 tile slots.
   [[maybe_unused]] const u32 t_full = r_full + (VTK ? 16 : 0);
   [[maybe_unused]] const u32 t_empty = t_full + 16;
   [[maybe_unused]] const u32 t_slots = t_empty + 16;
 
   if (threadIdx.x == 0) {
-    mbar_init(q_full, 1);
-    mbar_init(q_empty, 4 * NC);
+    for (int i = 0; i < NQB; ++i) {
+      mbar_init(q_full + 8 * i, 1);
+      mbar_init(q_empty + 8 * i, 4 * NC / NQB);  // one arrival per warp of its consumers
+    }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(k_full + 8 * s, 1);
       mbar_init(v_full + 8 * s, 1);
@@ -1182,8 +1215,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
 #endif
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
-      consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full, k_full, v_full, k_empty, v_empty,
-               q_empty, w, t, wg - 1, g0, jq);
+      const u32 qo = QSPLIT ? 8 * (wg - 1) : 0;  // this consumer's Q barriers
+      consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full + qo, k_full, v_full, k_empty,
+               v_empty, q_empty + qo, w, t, wg - 1, g0, jq);
       if (w.count() > 0) {
         g0 += w.count();
         ++jq;

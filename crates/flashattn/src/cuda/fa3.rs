@@ -103,6 +103,12 @@ pub struct Variant {
     /// tile's first key tile, the softmax takes its exponentials against the rows' current bases
     /// without the row maxima, and rebases only where a partial row sum leaves 2^`lazy`.
     pub sum_bound: bool,
+    /// Per-consumer Q (`FA3_QSPLIT`): each consumer's 64-row slice of Q is loaded and released
+    /// on barriers of its own, so a persistent CTA's first consumer to finish a tile's epilogue
+    /// starts the next tile while the others finish theirs (16-bit, unpacked).
+    pub qsplit: bool,
+    /// The producer loads a tile's first K tile before its Q (`FA3_KVFIRST`).
+    pub kv_first: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -199,6 +205,8 @@ impl Variant {
             split: 1,
             split_ranges: 0,
             sum_bound: true,
+            qsplit: false,
+            kv_first: false,
         }
     }
 
@@ -269,6 +277,7 @@ impl Variant {
         if problem.max_sk.div_ceil(v.bk) < SPLIT_MIN_KEY_TILES {
             v.split = 0;
         }
+        v.shorten_q_handoff();
         v.apply_env();
         v.fix_full();
         v
@@ -280,6 +289,17 @@ impl Variant {
         v.apply_tune(tune);
         v.fix_full();
         v
+    }
+
+    /// Persistent CTAs whose Q slices stage O (d = 192/256: no room for a buffer of its own)
+    /// free Q only after a tile's epilogue: there each consumer gets its own Q barriers and the
+    /// producer sends the next tile's first K ahead of Q (H100, bench/RESULTS.md "Step 18": d =
+    /// 256 +0.6..1.1% at 2k–4k).
+    fn shorten_q_handoff(&mut self) {
+        if self.persistent && self.o_staging() == Some(OStaging::QSlice) {
+            self.qsplit = true;
+            self.kv_first = true;
+        }
     }
 
     /// The short dense causal d = 64 tile: two consumers (Bq 128) with Q in registers.
@@ -342,6 +362,8 @@ impl Variant {
                 "split" if n <= 2 => self.split = n,
                 "splitr" => self.split_ranges = n,
                 "sumb" => self.sum_bound = n != 0,
+                "qsplit" => self.qsplit = n != 0,
+                "kvfirst" => self.kv_first = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -409,6 +431,20 @@ impl Variant {
             && self.pack == 1
     }
 
+    /// Whether each consumer's slice of Q has barriers of its own ([`qsplit`](Self::qsplit)).
+    pub fn splits_q(&self) -> bool {
+        self.qsplit && self.pack == 1
+    }
+
+    /// Rows of one Q box (the Q map's): a consumer's slice with [`splits_q`](Self::splits_q).
+    pub fn q_box_rows(&self) -> usize {
+        if self.splits_q() {
+            64
+        } else {
+            self.bq()
+        }
+    }
+
     /// Query rows per CTA.
     pub fn bq(&self) -> usize {
         64 * self.nc
@@ -448,7 +484,8 @@ impl Variant {
         } else {
             0
         };
-        q + 2 * self.stages * kv + 8 * (2 + 4 * self.stages) + tile_ring + 1024
+        let q_bars = if self.splits_q() { self.nc } else { 1 };
+        q + 2 * self.stages * kv + 8 * (2 * q_bars + 4 * self.stages) + tile_ring + 1024
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -478,6 +515,8 @@ impl Variant {
             .define("FA3_WGB", u32::from(self.broadcasts_wg()))
             .define("FA3_SPLIT", u32::from(self.splits()))
             .define("FA3_SUMB", u32::from(self.sums_bounded()))
+            .define("FA3_QSPLIT", u32::from(self.splits_q()))
+            .define("FA3_KVFIRST", u32::from(self.kv_first))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
@@ -528,6 +567,7 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
                     }
                     var.varlen = varlen;
                     var.fix_full();
+                    var.shorten_q_handoff();
                     v.push(var.spec());
                     // Plain dynamic: with the split tail (long keys) and without.
                     if var.splits() {
@@ -1164,7 +1204,7 @@ pub fn forward_into_with(
         q: if var.pack > 1 {
             encode_packed(q, "q", var.bq(), var.pack)?
         } else {
-            encode_map(q, "q", var.bq())?
+            encode_map(q, "q", var.q_box_rows())?
         },
         k: encode_map(k, "k", var.bk)?,
         v: encode_map(v, "v", var.bk)?,
@@ -1438,6 +1478,12 @@ mod tests {
         v.lazy = LAZY_RESCALE;
         v.emu = 2;
         assert!(!v.sums_bounded());
+        // Per-consumer Q barriers and K before Q: persistent CTAs whose Q slices stage O.
+        let handoff = |d, s, causal| labelled(d, s, causal, "FA3_QSPLIT=1,FA3_KVFIRST=1,");
+        assert!(handoff(256, 2048, false) && handoff(256, 4096, true) && handoff(192, 2048, true));
+        assert!(handoff(256, 512, false));
+        assert!(!handoff(192, 4096, false) && !handoff(128, 4096, false));
+        assert!(!handoff(128, 8192, true) && !handoff(64, 4096, false));
         // Decode-shaped GQA: packed, dense and varlen.
         let v = check(pick(128, 4, 4096, 32, 8, true), "decode d128");
         assert!(v.pack == 4 && !v.persistent);
