@@ -231,6 +231,15 @@ constexpr int O_BYTES = NC * ONCH * OBOX;
 constexpr bool Q_HOLDS_O = FA3_OTMA && FA3_OBUF == 0;
 constexpr bool OWN_O = FA3_OTMA && FA3_OBUF == 1;
 constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
+// FA3_OBUF == 3: consumer 0 stages O in the tile's last K slot, consumer 1 in its last V slot
+// (see the epilogue), so Q is free after the main loop as with a buffer of its own.
+constexpr bool RING_O = FA3_OTMA && FA3_OBUF == 3;
+// Offset of chunk c of consumer cw's staged O from its staging base: interleaved with the other
+// consumers' in Q's layout (each its own slice of every Q chunk), contiguous in a ring slot.
+__device__ __forceinline__ int o_chunk(int c, int cw) { return (RING_O ? c : c * NC + cw) * OBOX; }
+// RING_O hand-offs (named barriers past the turns and the warpgroup barriers): consumer 1 has
+// read the tile's last K slot (all its QKᵀ complete); consumer 0's last PV has read the last V slot.
+constexpr int BAR_K_READ = 2 + 2 * NC, BAR_PV_DONE = 3 + 2 * NC;
 constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
 constexpr bool SPLIT = FA3_SPLIT;          // split tail (split.cuh)
 static_assert(!SPLIT || (DYN && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_VARLEN && !FP8 &&
@@ -243,7 +252,11 @@ constexpr int NQB = QSPLIT ? NC : 1;
 static_assert(!QSPLIT || (PACK == 1 && !FP8), "per-consumer Q: 16-bit, unpacked");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
                            8 * (2 * NQB + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
-static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 2, "O staging: Q slice, own buffer, VTK ring");
+static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 3, "O staging: Q slice, own buffer, VTK ring, K/V ring");
+static_assert(!RING_O || (NC == 2 && STAGES >= 2 && FA3_PERSISTENT && !FP8 && PACK == 1 &&
+                          ONCH * OBOX <= K_BYTES && K_BYTES == V_BYTES && !FA3_SUMB && !SPLIT &&
+                          FA3_OVERLAP),
+              "O in the last K/V slots: two consumers, 16-bit, persistent, a consumer's O per slot");
 static_assert((Q_BYTES + STAGES * (K_BYTES + V_BYTES)) % 1024 == 0 && R_BYTES % 1024 == 0,
               "every staging base keeps the 1024-byte alignment of the 128B swizzle");
 static_assert(!Q_HOLDS_O || (!FP8 && O_BYTES == Q_BYTES), "a 16-bit Q slice holds its O tile");
@@ -615,7 +628,7 @@ __device__ __forceinline__ void stage_o(const u32* ob, u32 o_base, int cw) {
 #pragma unroll
   for (int j = 0; j < D / 8; j += 2) {
     const int jl = j + (mi >> 1);  // the 8-column block this lane addresses
-    const u32 a = o_base + ((jl >> 3) * NC + cw) * OBOX + row * 128 + (((jl & 7) ^ rr) << 4);
+    const u32 a = o_base + o_chunk(jl >> 3, cw) + row * 128 + (((jl & 7) ^ rr) << 4);
     stmatrix_x4(a, ob[2 * j], ob[2 * j + 1], ob[2 * j + 2], ob[2 * j + 3]);
   }
   fence_async_shared();
@@ -631,9 +644,9 @@ __device__ __forceinline__ void tma_store_o(const Fa3Params& p, u32 o_base, cons
 #pragma unroll
   for (int c = 0; c < ONCH; ++c) {
     if (PACK > 1)
-      tma_store_5d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, 0, w.qs + wrow / PACK, w.h / PACK, w.tb);
+      tma_store_5d(&p.om, o_base + o_chunk(c, cw), c * 64, 0, w.qs + wrow / PACK, w.h / PACK, w.tb);
     else
-      tma_store_4d(&p.om, o_base + (c * NC + cw) * OBOX, c * 64, w.qs + wrow, w.h, w.tb);
+      tma_store_4d(&p.om, o_base + o_chunk(c, cw), c * 64, w.qs + wrow, w.h, w.tb);
   }
   bulk_commit();
   // A persistent CTA's own buffer is next written one tile later: wait there instead.
@@ -654,7 +667,7 @@ __device__ __forceinline__ void copy_o_rows(const Fa3Params& p, u32 o_base, cons
     if (64 * c + 2 * lane >= D) continue;  // d = 96: the second chunk's pad columns
 #pragma unroll 1
     for (int r = warp; r < rows; r += 4) {
-      const u32 a = o_base + (c * NC + cw) * OBOX + r * 128 + ((((lane >> 2) ^ (r & 7))) << 4) + 4 * (lane & 3);
+      const u32 a = o_base + o_chunk(c, cw) + r * 128 + ((((lane >> 2) ^ (r & 7))) << 4) + 4 * (lane & 3);
       u32 v;
       asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
       const int pr = wrow + r;  // packed row: query qrow(pr) of head w.h + pr % PACK
@@ -784,7 +797,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_pass(cw);
       wgmma_wait<0>();
       fence_regs<BK / 2>(sc);
-      warp_release(k_empty + 8 * s0, lane);
+      // RING_O: consumer 0 keeps the tile's last K slot for its O (released by the epilogue).
+      if (!(RING_O && cw == 0 && n1 == 1)) warp_release(k_empty + 8 * s0, lane);
       const int tile = hi1 - 1;
       transform(sc, tile);
       float alpha[2];
@@ -810,7 +824,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_pass(cw);
       wgmma_wait<1>();
       fence_regs<BK / 2>(sc);
-      if (!FA3_SUMB) warp_release(k_empty + 8 * s, lane);
+      if (!FA3_SUMB && !(RING_O && cw == 0 && it == n1 - 1)) warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       // PV's wait sits in both arms of a branch on the softmax's vote: ptxas then cannot hoist
       // it above the exponentials (straight-line code gets it right after the QKᵀ wait, and the
@@ -844,6 +858,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(v_empty + 8 * sp, lane);
       to_pfrag(sc, pf);
     }
+    if (RING_O && cw == 1) named_arrive(BAR_K_READ, 256);
     {
       const int sp = (g1 + n1 - 1) % STAGES;
       const u32 php = ((g1 + n1 - 1) / STAGES) & 1;
@@ -856,7 +871,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_pass(cw);
       wgmma_wait<0>();
       fence_regs<D / 2>(o);
-      warp_release(v_empty + 8 * sp, lane);
+      // RING_O: consumer 1 keeps the last V slot for its O (released by the epilogue).
+      if (!(RING_O && cw == 1)) warp_release(v_empty + 8 * sp, lane);
     }
 #else
     for (int it = 0; it < n1; ++it) {
@@ -897,6 +913,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(v_empty + 8 * s, lane);
     }
 #endif
+    if (RING_O && cw == 0) named_arrive(BAR_PV_DONE, 256);
     // Q may be overwritten (persistent CTAs); when it stages O, only after the epilogue.
     if (!Q_HOLDS_O && FA3_QRS != 1) warp_release(q_empty, lane);
   }
@@ -944,15 +961,21 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     const u32 zero[D / 4] = {};
     store_o_direct(p, zero, we, erow0, tq);
   } else {
-    const u32 o_base = Q_HOLDS_O ? sQ : sO;
+    // RING_O: the tile's last K slot (consumer 0) or V slot (consumer 1), once the other
+    // consumer is done reading it; released to the producer once the store has read it.
+    const int s_last = (g0 + n_end - 1) % STAGES;
+    const u32 ring_slot = cw == 0 ? sK + s_last * K_BYTES : sV + s_last * V_BYTES;
+    const u32 o_base = RING_O ? ring_slot : Q_HOLDS_O ? sQ : sO;
     const int wrow = we.m * BQ + cw * 64;
     u32 ob[D / 4];
     pack_o(o, inv, ob);
+    if (RING_O) named_sync(cw == 0 ? BAR_K_READ : BAR_PV_DONE, 256);
     stage_o(ob, o_base, cw);
     if (p.o_tma && !(FA3_VARLEN && wrow + 64 > we.sq * PACK))
       tma_store_o(p, o_base, we, cw, wrow);
     else
       copy_o_rows(p, o_base, we, cw, wrow);
+    if (RING_O) warp_release((cw == 0 ? k_empty : v_empty) + 8 * s_last, lane);
   }
 #else
   {

@@ -109,6 +109,8 @@ pub struct Variant {
     pub qsplit: bool,
     /// The producer loads a tile's first K tile before its Q (`FA3_KVFIRST`).
     pub kv_first: bool,
+    /// Allows [`OStaging::Ring`] (`ring=0` turns it off for A/B runs).
+    pub ring_o: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -147,6 +149,9 @@ pub enum OStaging {
     Own = 1,
     /// The FP8 in-kernel transpose's V staging ring (idle at the epilogue of a one-tile CTA).
     VtRing = 2,
+    /// The tile's last K slot (consumer 0) and last V slot (consumer 1): a persistent CTA
+    /// without room for a buffer of its own then frees Q after the main loop all the same.
+    Ring = 3,
 }
 
 /// Bytes of O staging for `bq` query rows of head dim `d` (16-bit, 64-column chunks).
@@ -207,6 +212,7 @@ impl Variant {
             sum_bound: true,
             qsplit: false,
             kv_first: false,
+            ring_o: true,
         }
     }
 
@@ -296,7 +302,7 @@ impl Variant {
     /// producer sends the next tile's first K ahead of Q (H100, bench/RESULTS.md "Step 18": d =
     /// 256 +0.6..1.1% at 2k–4k).
     fn shorten_q_handoff(&mut self) {
-        if self.persistent && self.o_staging() == Some(OStaging::QSlice) {
+        if self.persistent && matches!(self.o_staging(), Some(OStaging::QSlice | OStaging::Ring)) {
             self.qsplit = true;
             self.kv_first = true;
         }
@@ -364,6 +370,7 @@ impl Variant {
                 "sumb" => self.sum_bound = n != 0,
                 "qsplit" => self.qsplit = n != 0,
                 "kvfirst" => self.kv_first = n != 0,
+                "ring" => self.ring_o = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -409,9 +416,14 @@ impl Variant {
     /// The warpgroup index as a warp broadcast (`FA3_WGB`): its derived addresses then stay in
     /// uniform registers (H100, bench/RESULTS.md "Step 15": main loops up to 2% fewer
     /// instructions, d = 64 +1..5%, three-consumer d = 128 causal +3%, the rest −0.2..+1%). Not
-    /// on the persistent d = 256 causal kernel with skipping, where NVRTC then spills 4 bytes.
+    /// on the persistent d = 256 causal kernel with skipping and O staged in Q, where NVRTC then
+    /// spills 4 bytes (with O in the ring slots it is the plain index that spills: 92 bytes).
     pub fn broadcasts_wg(&self) -> bool {
-        self.wgb && !(self.d == 256 && self.persistent && self.skips())
+        self.wgb
+            && !(self.d == 256
+                && self.persistent
+                && self.skips()
+                && self.o_staging() == Some(OStaging::QSlice))
     }
 
     /// The split tail (`FA3_SPLIT`, kernels/sm90/split.cuh): a plain dense launch with the
@@ -460,9 +472,26 @@ impl Variant {
         let own = self.base_smem_bytes() + o_stage_bytes(self.bq(), self.d);
         Some(if self.persistent && own <= SMEM_LIMIT {
             OStaging::Own
+        } else if self.persistent && self.ring_fits() {
+            OStaging::Ring
         } else {
             OStaging::QSlice
         })
+    }
+
+    /// Whether a consumer's O fits a K/V ring slot the way [`OStaging::Ring`] uses them (two
+    /// overlapped consumers, at least two stages, none of the kernels whose loops already hold
+    /// the K slot longer: the sum bound's, the split tail's).
+    fn ring_fits(&self) -> bool {
+        let dp = self.d.div_ceil(64) * 64;
+        self.ring_o
+            && self.nc == 2
+            && self.stages >= 2
+            && self.overlap
+            && self.pack == 1
+            && !self.sums_bounded()
+            && !self.splits()
+            && o_stage_bytes(64, self.d) <= self.bk * dp * 2
     }
 
     /// Dynamic shared memory, as the kernel lays it out (1 KiB of alignment slack included).
@@ -1333,6 +1362,8 @@ mod tests {
                     let own = o_stage_bytes(v.bq(), d);
                     let want = if persistent && d <= 128 {
                         OStaging::Own
+                    } else if persistent {
+                        OStaging::Ring
                     } else {
                         OStaging::QSlice
                     };
@@ -1372,6 +1403,12 @@ mod tests {
         // A ring too deep for the O buffer falls back to staging in Q, and still fits.
         v.apply_tune("stages=3");
         assert_eq!(v.stages, 3);
+        assert_eq!(v.o_staging(), Some(OStaging::QSlice));
+        // d = 256 persistent: O in the last K/V slots, or in Q with `ring=0`.
+        let mut v = Variant::base(256, false, false);
+        v.apply_tune("persist=2");
+        assert_eq!(v.o_staging(), Some(OStaging::Ring));
+        v.apply_tune("ring=0");
         assert_eq!(v.o_staging(), Some(OStaging::QSlice));
     }
 
@@ -1451,11 +1488,14 @@ mod tests {
         assert!(!skips(64, 1024, true) && !skips(128, 4096, true));
         assert!(!skips(64, 4096, false) && !skips(128, 8192, false));
         // The warpgroup index is a broadcast everywhere but on the persistent d = 256 causal
-        // kernel with skipping (NVRTC spills there).
+        // kernel with skipping when it stages O in Q (NVRTC spills there).
         let broadcasts = |d, s, causal| labelled(d, s, causal, "FA3_WGB=1,");
         assert!(broadcasts(64, 2048, true) && broadcasts(64, 2048, false));
         assert!(broadcasts(128, 8192, true) && broadcasts(256, 4096, false));
-        assert!(!broadcasts(256, 4096, true));
+        assert!(broadcasts(256, 4096, true));
+        let mut v = pick(256, 4096, 4096, 2, 2, true);
+        v.apply_tune("ring=0");
+        assert!(v.skips() && !v.broadcasts_wg());
         // The split tail: plain dense d = 96 / 128 with the dynamic scheduler, from 32 key tiles.
         let splits = |d, s, causal| labelled(d, s, causal, "FA3_SPLIT=1,");
         assert!(splits(128, 4096, false) && splits(96, 8192, false));
