@@ -54,7 +54,11 @@
 // touch 8 rows × 16 bytes per warp instruction. Where it is staged (FA3_OBUF): 0 — the warpgroup's
 // own 64-row slice of Q (16-bit; Q is dead after its last QKᵀ; a persistent CTA then releases Q
 // (q_empty) only once the store has read the slice), 1 — a buffer of its own after the rings, 2 —
-// the FA3_VTK staging ring (one tile per CTA: idle once the last v_full has completed). Where TMA
+// the FA3_VTK staging ring (one tile per CTA: idle once the last v_full has completed), 3 — a
+// persistent two-consumer CTA's last K slot of the tile (consumer 0) and last V slot (consumer 1):
+// each waits for the other consumer to finish reading its slot (named barriers BAR_K_READ and
+// BAR_PV_DONE) and holds it from the producer until its store has read it, so Q is free after the
+// main loop as with a buffer of its own (d = 256, where there is no room for one). Where TMA
 // may not write the whole box, the warpgroup copies the staged rows out itself (row-checked,
 // 128 contiguous bytes per warp store): varlen warpgroup tiles that reach past their sequence's
 // end (the map is [d, total, heads, 1], so TMA clips only at the packed total and would

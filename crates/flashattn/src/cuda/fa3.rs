@@ -297,10 +297,11 @@ impl Variant {
         v
     }
 
-    /// Persistent CTAs whose Q slices stage O (d = 192/256: no room for a buffer of its own)
-    /// free Q only after a tile's epilogue: there each consumer gets its own Q barriers and the
-    /// producer sends the next tile's first K ahead of Q (H100, bench/RESULTS.md "Step 18": d =
-    /// 256 +0.6..1.1% at 2k–4k).
+    /// Persistent CTAs without room for an O buffer of their own (d = 192/256) free Q late: after
+    /// a tile's epilogue where Q stages O, after the main loop where the ring slots do. There each
+    /// consumer gets its own Q barriers and the producer sends the next tile's first K ahead of
+    /// Q (H100, bench/RESULTS.md "Step 18", with O in Q: d = 256 +0.5..1.3% at 2k–8k, d = 192
+    /// causal +0.7..1.1% at 2k–4k).
     fn shorten_q_handoff(&mut self) {
         if self.persistent && matches!(self.o_staging(), Some(OStaging::QSlice | OStaging::Ring)) {
             self.qsplit = true;
@@ -479,12 +480,15 @@ impl Variant {
         })
     }
 
-    /// Whether a consumer's O fits a K/V ring slot the way [`OStaging::Ring`] uses them (two
-    /// overlapped consumers, at least two stages, none of the kernels whose loops already hold
-    /// the K slot longer: the sum bound's, the split tail's).
+    /// Whether [`OStaging::Ring`] is used: at d = 256 (H100, bench/RESULTS.md "Step 18", against
+    /// O in Q: plain +0.9..1.2% at 2k–8k, causal +1.1% at 2k, +0.4% at 4k; d = 192 causal
+    /// −0.8 / +0.4 / −0.9% at 2k / 4k / 8k, so not there), where a consumer's O fits a ring slot
+    /// the way it uses them: two overlapped consumers, at least two stages, none of the kernels
+    /// whose loops already hold the K slot longer (the sum bound's, the split tail's).
     fn ring_fits(&self) -> bool {
         let dp = self.d.div_ceil(64) * 64;
         self.ring_o
+            && self.d == 256
             && self.nc == 2
             && self.stages >= 2
             && self.overlap
@@ -1362,7 +1366,7 @@ mod tests {
                     let own = o_stage_bytes(v.bq(), d);
                     let want = if persistent && d <= 128 {
                         OStaging::Own
-                    } else if persistent {
+                    } else if persistent && d == 256 {
                         OStaging::Ring
                     } else {
                         OStaging::QSlice
