@@ -697,6 +697,23 @@ fn fa3_persistent_schedulers() {
             cu: Some((cq, ck)),
             causal: true,
         });
+        let problems: Vec<Problem> = cases
+            .iter()
+            .map(|c| {
+                let opts = AttnOptions::new().causal(c.causal);
+                let qkv = match &c.cu {
+                    Some((cq, ck)) => Qkv::varlen(&c.q, &c.k, &c.v, cq, ck),
+                    None => Qkv::dense(&c.q, &c.k, &c.v),
+                };
+                Problem::new(&qkv, &opts).unwrap()
+            })
+            .collect();
+        let all_tunes: Vec<String> = ["persist=0"]
+            .iter()
+            .chain(&tunes)
+            .flat_map(|t| [t.to_string(), format!("{t},sumb=0")])
+            .collect();
+        warm_fa3(&gpu, &problems.iter().collect::<Vec<_>>(), &all_tunes);
         for SchedCase {
             label,
             q,
@@ -955,6 +972,22 @@ fn bits_diff(a: &Bits, b: &Bits) -> String {
 /// `fa3::forward_into_with` into NaN-poisoned buffers (download waits for the stream); output
 /// and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
 type Bits = (Vec<u32>, Vec<u32>);
+/// Compiles in parallel the FA3 kernels that `problems` run under each of `tunes` (and
+/// `FLASHATTN_FA3_TUNE`), before a test launches them one after the other: on a 16-core device
+/// machine the JIT then takes one round instead of one compile per variant.
+fn warm_fa3(gpu: &Gpu, problems: &[&Problem], tunes: &[String]) {
+    let mut specs: Vec<jit::KernelSpec> = Vec::new();
+    for p in problems {
+        for t in tunes {
+            let spec = fa3::Variant::tuned(p, false, t).spec();
+            if !specs.iter().any(|s| s.label() == spec.label()) {
+                specs.push(spec);
+            }
+        }
+    }
+    jit::warm(&specs, &gpu.arch().nvrtc_name());
+}
+
 fn run_bits(
     gpu: &Gpu,
     problem: &Problem,

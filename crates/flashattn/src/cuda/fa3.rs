@@ -290,7 +290,7 @@ impl Variant {
     }
 
     /// [`for_problem`](Self::for_problem) with the knobs `tune` on top (what a launch with them runs).
-    fn tuned(problem: &Problem, alibi: bool, tune: &str) -> Variant {
+    pub fn tuned(problem: &Problem, alibi: bool, tune: &str) -> Variant {
         let mut v = Variant::for_problem(problem, alibi);
         v.apply_tune(tune);
         v.fix_full();

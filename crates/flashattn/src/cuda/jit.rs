@@ -15,6 +15,7 @@
 use super::cache::{DiskCache, Fnv64, Lookup};
 use super::{loader, nvrtc};
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -233,6 +234,16 @@ pub fn compile(spec: &KernelSpec, arch: &str) -> Result<Arc<Compiled>> {
     let (c, _) = compile_with(spec, arch, disk.as_ref())?;
     *entry = Some(c.clone());
     Ok(c)
+}
+
+/// Compiles `specs` for `arch` in parallel into the memory and disk caches, so that the
+/// launches that follow find them there: a test or benchmark about to run many variants one
+/// after the other otherwise compiles them one at a time. A failed compile is not reported here
+/// (the launch that needs it reports it).
+pub fn warm(specs: &[KernelSpec], arch: &str) {
+    specs.par_iter().for_each(|s| {
+        let _ = compile(s, arch);
+    });
 }
 
 /// Compiles `spec` for `arch` through `disk` only (no memory cache): tests and tools.
