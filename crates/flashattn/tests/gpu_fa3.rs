@@ -1213,6 +1213,7 @@ fn heads_err(
         _ => (q.shape()[1], k.shape()[1]),
     };
     let (mut e, mut le) = (0f64, 0f64);
+    let (qf, kf, vf) = (q.to_f32_vec(), k.to_f32_vec(), v.to_f32_vec());
     for &(b, h) in heads {
         // Rows of (b, head) from a [b, rows, nh, d] (or packed [total, nh, d], b = 0) buffer.
         let pick = |x: &[f32], rows: usize, nh: usize, head: usize| -> Vec<f32> {
@@ -1223,16 +1224,16 @@ fn heads_err(
                 })
                 .collect()
         };
-        let one = |t: &Tensor, rows: usize, nh: usize, head: usize| {
-            Tensor::from_f32(pick(&t.to_f32_vec(), rows, nh, head), &[1, rows, 1, d])
+        let one = |t: &[f32], rows: usize, nh: usize, head: usize| {
+            Tensor::from_f32(pick(t, rows, nh, head), &[1, rows, 1, d])
                 .unwrap()
                 .to_dtype(q.dtype())
         };
         let g = hq / hk;
         let (qh, kh, vh) = (
-            one(q, rows_q, hq, h),
-            one(k, rows_k, hk, h / g),
-            one(v, rows_k, hk, h / g),
+            one(&qf, rows_q, hq, h),
+            one(&kf, rows_k, hk, h / g),
+            one(&vf, rows_k, hk, h / g),
         );
         let (want, want_lse) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
         e = e.max(rel_err(&pick(out, rows_q, hq, h), &want));

@@ -15,6 +15,7 @@
 
 use flashattn::math::Dropout;
 use flashattn::{AlibiSlopes, AttnOptions, DType, Qkv, Tensor};
+use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
 // GPU tests: skip (with the reason printed) where there is no usable device
@@ -582,26 +583,41 @@ impl RefProblem {
         let group = self.heads_q / self.heads_k;
         let mut out = vec![0.0; self.total_q * self.heads_q * d];
         let mut lse = vec![f64::NEG_INFINITY; self.lse_len()];
-        for (b, s) in self.seqs.iter().enumerate() {
-            for h in 0..self.heads_q {
-                for i in 0..s.sq {
-                    let sc = self.scores(o, b, h, i);
-                    let (p, l) = Self::softmax(&sc);
-                    lse[self.lse_index(b, h, i)] = l;
-                    let z = self.dropout_row(o, b, h, i);
-                    let orow = &mut out[self.qi(s.q_row + i, h)..][..d];
-                    for j in 0..s.sk {
-                        let w = p[j] * z[j];
-                        if w == 0.0 {
-                            continue;
-                        }
-                        let vrow = &self.v[self.ki(s.k_row + j, h / group)..][..d];
-                        for x in 0..d {
-                            orow[x] += w * vrow[x];
-                        }
+        // Rows are independent and each is computed in the same order whatever thread takes
+        // it, so the result does not depend on the thread count (GPU tests compare long
+        // sequences: a 16-core device machine then checks them in a fraction of the time).
+        let rows: Vec<(usize, usize, usize)> = self
+            .seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(b, s)| {
+                (0..self.heads_q).flat_map(move |h| (0..s.sq).map(move |i| (b, h, i)))
+            })
+            .collect();
+        let done: Vec<(Vec<f64>, f64)> = rows
+            .par_iter()
+            .map(|&(b, h, i)| {
+                let s = &self.seqs[b];
+                let sc = self.scores(o, b, h, i);
+                let (p, l) = Self::softmax(&sc);
+                let z = self.dropout_row(o, b, h, i);
+                let mut orow = vec![0.0; d];
+                for j in 0..s.sk {
+                    let w = p[j] * z[j];
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let vrow = &self.v[self.ki(s.k_row + j, h / group)..][..d];
+                    for x in 0..d {
+                        orow[x] += w * vrow[x];
                     }
                 }
-            }
+                (orow, l)
+            })
+            .collect();
+        for (&(b, h, i), (orow, l)) in rows.iter().zip(done) {
+            lse[self.lse_index(b, h, i)] = l;
+            out[self.qi(self.seqs[b].q_row + i, h)..][..d].copy_from_slice(&orow);
         }
         (out, lse)
     }
