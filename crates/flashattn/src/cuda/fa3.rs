@@ -85,8 +85,8 @@ pub struct Variant {
     /// Packed q/k/v with cu_seqlens.
     pub varlen: bool,
     /// O leaves through shared memory and TMA stores (`FA3_OTMA`); staged in the consumer's
-    /// slice of Q, or in a buffer of its own for persistent CTAs where shared memory allows
-    /// ([`Variant::o_staging`]).
+    /// slice of Q, or for persistent CTAs in a buffer of its own where shared memory allows, else
+    /// (d = 256) in the tile's last K/V slots ([`Variant::o_staging`]).
     pub otma: bool,
     /// Allows [`Variant::skips`] (`skip=0` turns it off for A/B runs).
     pub skip: bool,
@@ -465,7 +465,8 @@ impl Variant {
 
     /// Where O is staged (`None` without `otma`): one-tile CTAs reuse the consumer's Q slice
     /// (free after its last QKᵀ, no extra shared memory); persistent CTAs take a buffer of
-    /// their own where it fits (d ≤ 128 with the shipped tiles), else the Q slice.
+    /// their own where it fits (d ≤ 128 with the shipped tiles), else the ring slots
+    /// ([`OStaging::Ring`], d = 256), else the Q slice.
     pub fn o_staging(&self) -> Option<OStaging> {
         if !self.otma {
             return None;
