@@ -70,6 +70,14 @@ fn errs_vs_ref(
     opts: &AttnOptions,
     run: &Result<Bits, flashattn::Error>,
 ) -> (f64, f64) {
+    errs_vs(&ref_forward(qkv, opts), run)
+}
+
+/// [`errs_vs_ref`] against a reference `(out, lse)` computed once.
+fn errs_vs(
+    (want, want_lse): &(Vec<f64>, Vec<f64>),
+    run: &Result<Bits, flashattn::Error>,
+) -> (f64, f64) {
     let (got, got_lse) = match run {
         Ok(b) => b,
         Err(e) => {
@@ -78,8 +86,7 @@ fn errs_vs_ref(
         }
     };
     let f = |b: &[u32]| b.iter().map(|&x| f32::from_bits(x)).collect::<Vec<f32>>();
-    let (want, want_lse) = ref_forward(qkv, opts);
-    (rel_err(&f(got), &want), lse_err(&f(got_lse), &want_lse))
+    (rel_err(&f(got), want), lse_err(&f(got_lse), want_lse))
 }
 
 #[test]
@@ -741,7 +748,8 @@ fn fa3_persistent_schedulers() {
             )
             .unwrap();
             let finite = out0.to_f32_vec().iter().all(|x| x.is_finite());
-            let e = sample_err(&qkv, &opts, &out0, cu.is_some());
+            let refs = sample_refs(&qkv, &opts, cu.is_some());
+            let e = sample_err(&refs, &out0);
             tally.record(
                 finite && e <= tol(dtype),
                 format!("d={d} {label} persist=0: finite {finite}, sampled rel_err {e:.2e}"),
@@ -777,7 +785,7 @@ fn fa3_persistent_schedulers() {
                         )
                         .unwrap();
                         let finite = out.to_f32_vec().iter().all(|v| v.is_finite());
-                        let e = sample_err(&qkv, &opts, &out, cu.is_some());
+                        let e = sample_err(&refs, &out);
                         let vs = bits_diff(&x, &base);
                         (
                             finite && e <= tol(dtype),
@@ -836,10 +844,11 @@ fn fa3_split_tail() {
         heads.dedup();
         let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
         let dev = [up(&q), up(&k), up(&v)];
+        let refs = HeadRefs::new(&qkv, &opts, &heads, false);
         for tune in ["", "split=0"] {
             let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
             let (e, le, finite) = match &r {
-                Ok(bits) => head_errs(&qkv, &opts, bits, &heads),
+                Ok(bits) => head_errs(&refs, bits),
                 Err(e) => {
                     eprintln!("{label} [{tune}]: {e}");
                     (f64::INFINITY, f64::INFINITY, false)
@@ -906,10 +915,11 @@ fn fa3_sum_bound_rebases() {
             let problem = Problem::new(&qkv, &opts).unwrap();
             let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
             let dev = [up(&q), up(&k), up(&v)];
+            let want = ref_forward(&qkv, &opts);
             for tune in ["sumb=1", "sumb=0"] {
                 let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
                 let finite = matches!(&r, Ok((o, l)) if o.iter().chain(l).all(|&x| f32::from_bits(x).is_finite()));
-                let (e, le) = errs_vs_ref(&qkv, &opts, &r);
+                let (e, le) = errs_vs(&want, &r);
                 tally.record(
                     finite && e <= tol(dtype) && le <= common::lse_tol(dtype),
                     format!(
@@ -924,17 +934,12 @@ fn fa3_sum_bound_rebases() {
 }
 
 /// (out error, LSE error, all of out and LSE finite) of `bits` of a dense problem against the
-/// f64 reference on the (batch, head) pairs `heads` ([`heads_err`]).
-fn head_errs(
-    qkv: &Qkv<'_>,
-    opts: &AttnOptions,
-    bits: &Bits,
-    heads: &[(usize, usize)],
-) -> (f64, f64, bool) {
+/// reference heads `refs`.
+fn head_errs(refs: &HeadRefs, bits: &Bits) -> (f64, f64, bool) {
     let out: Vec<f32> = bits.0.iter().map(|&x| f32::from_bits(x)).collect();
     let lse: Vec<f32> = bits.1.iter().map(|&x| f32::from_bits(x)).collect();
     let finite = out.iter().chain(&lse).all(|x| x.is_finite());
-    let (e, le) = heads_err(qkv, opts, &out, Some(&lse), heads, false);
+    let (e, le) = refs.errs(&out, Some(&lse));
     (e, le, finite)
 }
 
@@ -1185,64 +1190,94 @@ struct SchedCase {
     causal: bool,
 }
 
-/// Relative error of `out` against the f64 reference on query heads 0, 1 and the last of the
-/// first batch element (dense) or sequence (varlen), computed on those heads alone.
-fn sample_err(qkv: &Qkv<'_>, opts: &AttnOptions, out: &Tensor, varlen: bool) -> f64 {
+/// The f64 reference on query heads 0, 1 and the last of the first batch element (dense) or
+/// sequence (varlen), computed on those heads alone; [`sample_err`] compares an output with it.
+fn sample_refs(qkv: &Qkv<'_>, opts: &AttnOptions, varlen: bool) -> HeadRefs {
     let hq = qkv.q.shape()[qkv.q.shape().len() - 2];
-    let heads = [(0, 0), (0, 1), (0, hq - 1)];
-    heads_err(qkv, opts, &out.to_f32_vec(), None, &heads, varlen).0
+    HeadRefs::new(qkv, opts, &[(0, 0), (0, 1), (0, hq - 1)], varlen)
 }
 
-/// (out error, LSE error — 0 without `lse`) against the f64 reference on the (batch, head)
-/// pairs `heads`, each computed on that head alone. Dense [b, s, h, d] (LSE [b, h, sq]);
-/// varlen: batch 0 only, the first sequence (its rows lead the packed tensors; no LSE).
-fn heads_err(
-    qkv: &Qkv<'_>,
-    opts: &AttnOptions,
-    out: &[f32],
-    lse: Option<&[f32]>,
-    heads: &[(usize, usize)],
-    varlen: bool,
-) -> (f64, f64) {
-    let (q, k, v) = (qkv.q, qkv.k, qkv.v);
-    let hq = q.shape()[q.shape().len() - 2];
-    let hk = k.shape()[k.shape().len() - 2];
-    let d = q.shape()[q.shape().len() - 1];
-    let (rows_q, rows_k) = match qkv.cu_seqlens {
-        Some((cq, ck)) if varlen => (cq[1] as usize, ck[1] as usize),
-        _ => (q.shape()[1], k.shape()[1]),
-    };
-    let (mut e, mut le) = (0f64, 0f64);
-    let (qf, kf, vf) = (q.to_f32_vec(), k.to_f32_vec(), v.to_f32_vec());
-    for &(b, h) in heads {
-        // Rows of (b, head) from a [b, rows, nh, d] (or packed [total, nh, d], b = 0) buffer.
-        let pick = |x: &[f32], rows: usize, nh: usize, head: usize| -> Vec<f32> {
-            (0..rows)
-                .flat_map(|r| {
-                    let at = ((b * rows + r) * nh + head) * d;
-                    x[at..at + d].to_vec()
-                })
-                .collect()
+/// Relative error of `out` on the heads of [`sample_refs`].
+fn sample_err(refs: &HeadRefs, out: &Tensor) -> f64 {
+    refs.errs(&out.to_f32_vec(), None).0
+}
+
+/// The f64 reference on the (batch, query head) pairs `heads` of a problem, each computed on
+/// that head alone, once for any number of outputs compared with it ([`HeadRefs::errs`]).
+/// Dense [b, s, h, d] (LSE [b, h, sq]); varlen: batch 0 only, the first sequence (its rows lead
+/// the packed tensors; no LSE).
+struct HeadRefs {
+    heads: Vec<(usize, usize)>,
+    want: Vec<(Vec<f64>, Vec<f64>)>,
+    hq: usize,
+    rows_q: usize,
+    d: usize,
+}
+
+impl HeadRefs {
+    fn new(qkv: &Qkv<'_>, opts: &AttnOptions, heads: &[(usize, usize)], varlen: bool) -> Self {
+        let (q, k, v) = (qkv.q, qkv.k, qkv.v);
+        let hq = q.shape()[q.shape().len() - 2];
+        let hk = k.shape()[k.shape().len() - 2];
+        let d = q.shape()[q.shape().len() - 1];
+        let (rows_q, rows_k) = match qkv.cu_seqlens {
+            Some((cq, ck)) if varlen => (cq[1] as usize, ck[1] as usize),
+            _ => (q.shape()[1], k.shape()[1]),
         };
-        let one = |t: &[f32], rows: usize, nh: usize, head: usize| {
-            Tensor::from_f32(pick(t, rows, nh, head), &[1, rows, 1, d])
-                .unwrap()
-                .to_dtype(q.dtype())
-        };
+        let (qf, kf, vf) = (q.to_f32_vec(), k.to_f32_vec(), v.to_f32_vec());
         let g = hq / hk;
-        let (qh, kh, vh) = (
-            one(&qf, rows_q, hq, h),
-            one(&kf, rows_k, hk, h / g),
-            one(&vf, rows_k, hk, h / g),
-        );
-        let (want, want_lse) = ref_forward(&Qkv::dense(&qh, &kh, &vh), opts);
-        e = e.max(rel_err(&pick(out, rows_q, hq, h), &want));
-        if let Some(lse) = lse {
-            let at = (b * hq + h) * rows_q;
-            le = le.max(lse_err(&lse[at..at + rows_q], &want_lse));
+        let want = heads
+            .iter()
+            .map(|&(b, h)| {
+                // Head `head` of batch b from a [b, rows, nh, d] buffer, as its own tensor.
+                let one = |x: &[f32], rows: usize, nh: usize, head: usize| {
+                    let data: Vec<f32> = (0..rows)
+                        .flat_map(|r| {
+                            let at = ((b * rows + r) * nh + head) * d;
+                            x[at..at + d].to_vec()
+                        })
+                        .collect();
+                    let n = data.len() / d;
+                    Tensor::from_f32(data, &[1, n, 1, d])
+                        .unwrap()
+                        .to_dtype(q.dtype())
+                };
+                let (qh, kh, vh) = (
+                    one(&qf, rows_q, hq, h),
+                    one(&kf, rows_k, hk, h / g),
+                    one(&vf, rows_k, hk, h / g),
+                );
+                ref_forward(&Qkv::dense(&qh, &kh, &vh), opts)
+            })
+            .collect();
+        HeadRefs {
+            heads: heads.to_vec(),
+            want,
+            hq,
+            rows_q,
+            d,
         }
     }
-    (e, le)
+
+    /// (out error, LSE error — 0 without `lse`) of a full output against the reference heads.
+    fn errs(&self, out: &[f32], lse: Option<&[f32]>) -> (f64, f64) {
+        let (hq, rows_q, d) = (self.hq, self.rows_q, self.d);
+        let (mut e, mut le) = (0f64, 0f64);
+        for (&(b, h), (want, want_lse)) in self.heads.iter().zip(&self.want) {
+            let got: Vec<f32> = (0..rows_q)
+                .flat_map(|r| {
+                    let at = ((b * rows_q + r) * hq + h) * d;
+                    out[at..at + d].to_vec()
+                })
+                .collect();
+            e = e.max(rel_err(&got, want));
+            if let Some(lse) = lse {
+                let at = (b * hq + h) * rows_q;
+                le = le.max(lse_err(&lse[at..at + rows_q], want_lse));
+            }
+        }
+        (e, le)
+    }
 }
 
 /// Writes every shipped variant's cubin (NVRTC only, no GPU needed) and checks the ptxas report:
