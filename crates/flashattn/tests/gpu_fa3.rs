@@ -706,14 +706,7 @@ fn fa3_persistent_schedulers() {
         });
         let problems: Vec<Problem> = cases
             .iter()
-            .map(|c| {
-                let opts = AttnOptions::new().causal(c.causal);
-                let qkv = match &c.cu {
-                    Some((cq, ck)) => Qkv::varlen(&c.q, &c.k, &c.v, cq, ck),
-                    None => Qkv::dense(&c.q, &c.k, &c.v),
-                };
-                Problem::new(&qkv, &opts).unwrap()
-            })
+            .map(|c| Problem::new(&c.qkv(), &c.opts()).unwrap())
             .collect();
         let all_tunes: Vec<String> = ["persist=0"]
             .iter()
@@ -721,20 +714,11 @@ fn fa3_persistent_schedulers() {
             .flat_map(|t| [t.to_string(), format!("{t},sumb=0")])
             .collect();
         warm_fa3(&gpu, &problems.iter().collect::<Vec<_>>(), &all_tunes);
-        for SchedCase {
-            label,
-            q,
-            k,
-            v,
-            cu,
-            causal,
-        } in &cases
-        {
-            let opts = AttnOptions::new().causal(*causal);
-            let qkv = match cu {
-                Some((cq, ck)) => Qkv::varlen(q, k, v, cq, ck),
-                None => Qkv::dense(q, k, v),
-            };
+        for case in &cases {
+            let SchedCase {
+                label, q, k, v, cu, ..
+            } = case;
+            let (qkv, opts) = (case.qkv(), case.opts());
             let problem = Problem::new(&qkv, &opts).unwrap();
             let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
             let (dq, dk, dv) = (up(q), up(k), up(v));
@@ -1188,6 +1172,18 @@ struct SchedCase {
     v: Tensor,
     cu: Option<(Vec<i32>, Vec<i32>)>,
     causal: bool,
+}
+
+impl SchedCase {
+    fn qkv(&self) -> Qkv<'_> {
+        match &self.cu {
+            Some((cq, ck)) => Qkv::varlen(&self.q, &self.k, &self.v, cq, ck),
+            None => Qkv::dense(&self.q, &self.k, &self.v),
+        }
+    }
+    fn opts(&self) -> AttnOptions {
+        AttnOptions::new().causal(self.causal)
+    }
 }
 
 /// The f64 reference on query heads 0, 1 and the last of the first batch element (dense) or
