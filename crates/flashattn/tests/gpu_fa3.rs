@@ -91,7 +91,7 @@ fn errs_vs(
 
 #[test]
 fn fa3_matches_reference() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     // FA3_TEST_TUNES="bk=176;persist=1" repeats the sweep under each FLASHATTN_FA3_TUNE.
@@ -250,7 +250,7 @@ fn run_feat(gpu: &Gpu, c: &FeatCase, rng: &mut Rng) -> (f64, f64) {
 /// Sliding windows, softcap, ALiBi and varlen (and their mixes) against the f64 reference.
 #[test]
 fn fa3_features_match_reference() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     let tunes: Vec<String> = std::env::var("FA3_TEST_TUNES")
@@ -550,7 +550,7 @@ fn run_into_view(
 /// written by TMA would overwrite its neighbour's rows after they were written.
 #[test]
 fn fa3_tma_store_epilogue() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     let mut rng = Rng::new(0x07a);
@@ -654,7 +654,7 @@ fn fa3_tma_store_epilogue() {
 /// counter left behind would make the next launch skip tiles (poisoned rows, not identical).
 #[test]
 fn fa3_persistent_schedulers() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     let mut tally = Tally::default();
@@ -795,7 +795,7 @@ fn fa3_persistent_schedulers() {
 /// after launches with other tails (each leaves its counters zero).
 #[test]
 fn fa3_split_tail() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     let mut tally = Tally::default();
@@ -870,7 +870,7 @@ fn fa3_split_tail() {
 /// plain and causal, every head dim.
 #[test]
 fn fa3_sum_bound_rebases() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     let mut tally = Tally::default();
@@ -961,6 +961,17 @@ fn bits_diff(a: &Bits, b: &Bits) -> String {
 /// `fa3::forward_into_with` into NaN-poisoned buffers (download waits for the stream); output
 /// and LSE as f32 bit patterns (the 16-bit → f32 widening is exact).
 type Bits = (Vec<u32>, Vec<u32>);
+/// [`hopper_or_skip`], after compiling every shipped FA3 variant in parallel once per process
+/// (`jit::warm`; through the disk cache later processes find them there): the tests that launch
+/// many default variants one after the other then compile none of them on their own.
+fn hopper_warm_or_skip(what: &str) -> Option<std::sync::Arc<Gpu>> {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    let gpu = hopper_or_skip(what)?;
+    let arch = gpu.arch().nvrtc_name();
+    WARM.call_once(|| jit::warm(&fa3::all_variants(&arch), &arch));
+    Some(gpu)
+}
+
 /// Compiles in parallel the FA3 kernels that `problems` run under each of `tunes` (and
 /// `FLASHATTN_FA3_TUNE`), before a test launches them one after the other: on a 16-core device
 /// machine the JIT then takes one round instead of one compile per variant.
@@ -1004,7 +1015,7 @@ fn run_bits(
 /// keys), plain; every head dim, bf16 and f16.
 #[test]
 fn fa3_gqa_packing() {
-    let Some(gpu) = hopper_or_skip("fa3 GPU test") else {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
         return;
     };
     let mut rng = Rng::new(0x6ca);
