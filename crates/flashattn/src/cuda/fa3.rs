@@ -304,8 +304,8 @@ impl Variant {
     /// Persistent CTAs without room for an O buffer of their own (d = 192/256) free Q late: after
     /// a tile's epilogue where Q stages O, after the main loop where the ring slots do. There each
     /// consumer gets its own Q barriers and the producer sends the next tile's first K ahead of
-    /// Q (H100, bench/RESULTS.md "Step 18", with O in Q: d = 256 +0.5..1.3% at 2k–8k, d = 192
-    /// causal +0.7..1.1% at 2k–4k).
+    /// Q (H100, bench/RESULTS.md "Step 18", with O in Q: d = 256 plain +0.5..1.3%, causal
+    /// 0..+1.1% at 2k–8k; d = 192 causal +0.7..1.1% at 2k–4k).
     fn shorten_q_handoff(&mut self) {
         if self.persistent && matches!(self.o_staging(), Some(OStaging::QSlice | OStaging::Ring)) {
             self.qsplit = true;
@@ -492,7 +492,7 @@ impl Variant {
 
     /// Whether [`OStaging::Ring`] is used: at d = 256 (H100, bench/RESULTS.md "Step 18b", against
     /// O in Q: plain +0.9..1.2% at 2k–8k, causal +1.1% at 2k, +0.4% at 4k; d = 192 causal
-    /// −0.8 / +0.4 / −0.9% at 2k / 4k / 8k, so not there), where a consumer's O fits a ring slot
+    /// +0.8 / −0.4 / −0.9% at 2k / 4k / 8k, so not there), where a consumer's O fits a ring slot
     /// the way it uses them: two overlapped consumers, at least two stages, not with the split
     /// tail (a piece that leaves before the epilogue would keep its slot).
     fn ring_fits(&self) -> bool {
