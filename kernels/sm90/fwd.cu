@@ -258,7 +258,7 @@ constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OW
                            8 * (2 * NQB + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
 static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 3, "O staging: Q slice, own buffer, VTK ring, K/V ring");
 static_assert(!RING_O || (NC == 2 && STAGES >= 2 && FA3_PERSISTENT && !FP8 && PACK == 1 &&
-                          ONCH * OBOX <= K_BYTES && K_BYTES == V_BYTES && !SPLIT &&
+                          ONCH * OBOX <= K_BYTES && K_BYTES == V_BYTES && !FA3_SUMB && !SPLIT &&
                           FA3_OVERLAP),
               "O in the last K/V slots: two consumers, 16-bit, persistent, a consumer's O per slot");
 static_assert((Q_BYTES + STAGES * (K_BYTES + V_BYTES)) % 1024 == 0 && R_BYTES % 1024 == 0,
@@ -846,7 +846,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
         fence_regs<D / 2>(o);
         sm.keep(sum);
       }
-      if (!(RING_O && cw == 0 && it == n1 - 1)) warp_release(k_empty + 8 * s, lane);
+      warp_release(k_empty + 8 * s, lane);
 #else
       float alpha[2];
       const bool rescale = sm.step(sc, c, alpha);

@@ -111,9 +111,6 @@ pub struct Variant {
     pub kv_first: bool,
     /// Allows [`OStaging::Ring`] (`ring=0` turns it off for A/B runs).
     pub ring_o: bool,
-    /// The sum bound at d = 256 too, dense and without the full mode (`sumb256=1`): prepared
-    /// for an A/B run, off by default — not yet measured (see [`sums_bounded`](Self::sums_bounded)).
-    pub sum_bound_256: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -216,7 +213,6 @@ impl Variant {
             qsplit: false,
             kv_first: false,
             ring_o: true,
-            sum_bound_256: false,
         }
     }
 
@@ -376,7 +372,6 @@ impl Variant {
                 "qsplit" => self.qsplit = n != 0,
                 "kvfirst" => self.kv_first = n != 0,
                 "ring" => self.ring_o = n != 0,
-                "sumb256" => self.sum_bound_256 = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -414,13 +409,10 @@ impl Variant {
     /// "Step 17", 2k–8k, calls y7 and y9): plain d = 64 +8.4..10%, d = 96 +3.9..5.4%, d = 128
     /// +3.7..7.5%; causal +1..9%. Only for d ≤ 128 and dense problems: at d = 256 (and in some varlen kernels)
     /// the rare path's second QKᵀ makes ptxas spill, and d = 256 gains nothing from it (its
-    /// loop is bound by the tensor pipe: +1.3% with the maxima simply left out).
-    /// With [`sum_bound_256`](Self::sum_bound_256) also at d = 256 (dense, not the full mode,
-    /// whose kernel spills 88 bytes with it): NVRTC compiles those kernels without spills since
-    /// the ring staging of Step 18b; unmeasured (Step 17's debug build without maxima: +1..2%).
+    /// loop is bound by the tensor pipe: +1.3% with the maxima simply left out). With the ring
+    /// staging it compiled without spills at d = 256 but ran 7–8% slower ("Step 18c").
     pub fn sums_bounded(&self) -> bool {
-        let wide = self.d == 256 && self.sum_bound_256 && !self.full;
-        self.sum_bound && self.lazy > 0 && self.emu == 0 && (self.d <= 128 || wide) && !self.varlen
+        self.sum_bound && self.lazy > 0 && self.emu == 0 && self.d <= 128 && !self.varlen
     }
 
     /// The warpgroup index as a warp broadcast (`FA3_WGB`): its derived addresses then stay in
@@ -493,8 +485,8 @@ impl Variant {
     /// Whether [`OStaging::Ring`] is used: at d = 256 (H100, bench/RESULTS.md "Step 18b", against
     /// O in Q: plain +0.9..1.2% at 2k–8k, causal +1.1% at 2k, +0.4% at 4k; d = 192 causal
     /// +0.8 / −0.4 / −0.9% at 2k / 4k / 8k, so not there), where a consumer's O fits a ring slot
-    /// the way it uses them: two overlapped consumers, at least two stages, not with the split
-    /// tail (a piece that leaves before the epilogue would keep its slot).
+    /// the way it uses them: two overlapped consumers, at least two stages, none of the kernels
+    /// whose loops already hold the K slot longer (the sum bound's, the split tail's).
     fn ring_fits(&self) -> bool {
         let dp = self.d.div_ceil(64) * 64;
         self.ring_o
@@ -503,6 +495,7 @@ impl Variant {
             && self.stages >= 2
             && self.overlap
             && self.pack == 1
+            && !self.sums_bounded()
             && !self.splits()
             && o_stage_bytes(64, self.d) <= self.bk * dp * 2
     }
