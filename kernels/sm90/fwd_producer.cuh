@@ -1,0 +1,153 @@
+// fwd_producer.cuh — the producer: TMA loads of Q and the K/V ring (load_q, load_k, producer), and the
+// FP8 producer warpgroup that transposes V in the kernel (producer_vtk).
+// Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
+// WorkTile), in the order fwd.cu lists; not a standalone header.
+#pragma once
+
+// Q of work tile w (its Q use number jq), once the consumers have released the previous one.
+__device__ __forceinline__ void load_q(const Fa3Params& p, u32 sQ, u32 q_full, u32 q_empty,
+                                       const WorkTile& w, int jq) {
+  if constexpr (QSPLIT) {
+    // Slice by slice, each once its own consumer is done with it: the first consumer to finish
+    // its epilogue starts the next tile while the others finish theirs. 64-row boxes.
+#pragma unroll
+    for (int cw = 0; cw < NC; ++cw) {
+      if (jq > 0) mbar_wait(q_empty + 8 * cw, (jq - 1) & 1);
+      mbar_expect_tx(q_full + 8 * cw, Q_BYTES / NC);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sQ + c * QCHUNK + cw * 64 * 128, &p.q, q_full + 8 * cw, c * CH,
+                    w.qs + w.m * BQ + cw * 64, w.h, w.tb);
+    }
+    return;
+  }
+  if (jq > 0) mbar_wait(q_empty, (jq - 1) & 1);  // consumers done with the previous Q
+  mbar_expect_tx(q_full, Q_BYTES);
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    if (PACK > 1)
+      tma_load_5d(sQ + c * QCHUNK, &p.q, q_full, c * CH, 0, w.qs + w.m * (BQ / PACK), w.h / PACK, w.tb);
+    else
+      tma_load_4d(sQ + c * QCHUNK, &p.q, q_full, c * CH, w.qs + w.m * BQ, w.h, w.tb);
+  }
+}
+
+// K of key tile `tile` of w into ring position g, once its slot's previous use is released.
+__device__ __forceinline__ void load_k(const Fa3Params& p, u32 sK, u32 k_full, u32 k_empty,
+                                       const WorkTile& w, int hk, int tile, int g) {
+  const int s = g % STAGES;
+  if (g >= STAGES) mbar_wait(k_empty + 8 * s, ((g / STAGES) + 1) & 1);
+  mbar_expect_tx(k_full + 8 * s, K_BYTES);
+#pragma unroll
+  for (int c = 0; c < NCH; ++c)
+    tma_load_4d(sK + s * K_BYTES + c * KCHUNK, &p.k, k_full + 8 * s, c * CH, w.ks + tile * BK, hk, w.tb);
+}
+
+__device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 q_full,
+                                         u32 k_full, u32 v_full, u32 k_empty, u32 v_empty,
+                                         u32 q_empty, const WorkTile& w, int hk, int g0, int jq) {
+  const int b = w.tb, n_end = w.count();
+  // FA3_KVFIRST: the first K/V tile goes out before Q, whose slot a persistent CTA's consumers
+  // free only after the previous tile's epilogue; the ring slots free earlier (QKᵀ / PV of the
+  // previous tile's second-last key tile). Its V load is the loop's, once Q is out.
+  if (FA3_KVFIRST) load_k(p, sK, k_full, k_empty, w, hk, w.n_hi - 1, g0);
+  load_q(p, sQ, q_full, q_empty, w, jq);
+  for (int it = 0; it < n_end; ++it) {
+    const int tile = w.n_hi - 1 - it;
+    const int g = g0 + it;  // ring position, continuing across the tiles of a persistent CTA
+    const int s = g % STAGES;
+    const u32 par = ((g / STAGES) + 1) & 1;  // parity of the previous use of slot s
+    if (!FA3_KVFIRST || it > 0) load_k(p, sK, k_full, k_empty, w, hk, tile, g);
+    if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
+    mbar_expect_tx(v_full + 8 * s, V_BYTES);
+    if constexpr (FP8) {
+      // Vᵀ map [skp, d, heads_k, batch]: one box of BK keys × D rows.
+      tma_load_4d(sV + s * V_BYTES, &p.v, v_full + 8 * s, tile * BK, 0, hk, b);
+    } else {
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        tma_load_4d(sV + s * V_BYTES + c * KCHUNK, &p.v, v_full + 8 * s, c * 64, w.ks + tile * BK, hk, b);
+    }
+  }
+}
+
+// FA3_VTK: V tile as stored (src: BK key rows, NCH 128-byte chunks, 128B swizzle — K's layout)
+// -> Vᵀ slot (dst: D rows of BK = 128 bytes, 128B swizzle, keys permuted as fp8_key_of: position
+// 4t+i of a 16-key group holds key {2t, 2t+1, 2t+8, 2t+9}[i]). Lane (G = lane/4, t = lane%4)
+// gathers the 4 keys of its (group G, t) for 4 consecutive d (one 32-bit word of each key row)
+// and writes 4 words, one per d row; word q = (qb + G) mod QW makes the loads and the stores
+// hit 32 distinct banks. All 128 producer threads take part.
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ void transpose_v_tile(u32 src, u32 dst) {
+  constexpr int QW = (D < 128 ? D : 128) / 4;  // 32-bit words of a key row per chunk
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int G = lane >> 2, t = lane & 3;
+#pragma unroll 1
+  for (int i = warp; i < NCH * QW; i += 4) {
+    const int c = i / QW, q = (i % QW + G) % QW;
+    u32 wv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = 16 * G + 2 * t + (j & 1) + 8 * (j >> 1);
+      const u32 a = src + c * KCHUNK + row * 128 + ((((q >> 2) ^ (row & 7))) << 4) + (q & 3) * 4;
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(wv[j]) : "r"(a));
+    }
+    const u32 x = prmt(wv[0], wv[1], 0x5140), y = prmt(wv[0], wv[1], 0x7362);
+    const u32 u = prmt(wv[2], wv[3], 0x5140), v = prmt(wv[2], wv[3], 0x7362);
+    const u32 o[4] = {prmt(x, u, 0x5410), prmt(x, u, 0x7632), prmt(y, v, 0x5410), prmt(y, v, 0x7632)};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int n = c * 128 + 4 * q + r;
+      const u32 a = dst + n * 128 + ((G ^ (n & 7)) << 4) + 4 * t;
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(a), "r"(o[r]) : "memory");
+    }
+  }
+}
+
+// FA3_VTK producer: run by all 128 threads of warpgroup 0; thread 0 issues the TMA loads (Q, K,
+// and V as stored into staging slot g % 2, one tile ahead), everyone transposes.
+__device__ __forceinline__ void producer_vtk(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sR,
+                                             u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
+                                             u32 v_empty, u32 q_empty, u32 r_full,
+                                             const WorkTile& w, int hk, int g0, int jq) {
+  const int b = w.tb, n_end = w.count();
+  const bool leader = threadIdx.x == 0;
+  auto load_raw = [&](int tile, int g) {
+    const int rs = g % 2;
+    mbar_expect_tx(r_full + 8 * rs, K_BYTES);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+      tma_load_4d(sR + rs * K_BYTES + c * KCHUNK, &p.v, r_full + 8 * rs, c * CH, w.ks + tile * BK, hk, b);
+  };
+  if (leader) {
+    load_q(p, sQ, q_full, q_empty, w, jq);
+    if (n_end > 0) {
+      load_k(p, sK, k_full, k_empty, w, hk, w.n_hi - 1, g0);
+      load_raw(w.n_hi - 1, g0);
+    }
+  }
+  for (int it = 0; it < n_end; ++it) {
+    const int tile = w.n_hi - 1 - it;
+    const int g = g0 + it;
+    const int s = g % STAGES;
+    const u32 par = ((g / STAGES) + 1) & 1;
+    // Tile g+1's K and V as stored go out before tile g's transpose, whose wait for the Vᵀ slot
+    // (PV of tile g − STAGES) and own time would otherwise delay the K load by a whole tile.
+    // K slot (g+1) % STAGES frees with QKᵀ(g+1−STAGES), which completes before that PV; staging
+    // slot (g+1) % 2 was last read in iteration it−1, which ended in a barrier.
+    if (leader && it + 1 < n_end) {
+      load_k(p, sK, k_full, k_empty, w, hk, tile - 1, g + 1);
+      load_raw(tile - 1, g + 1);
+    }
+    mbar_wait(r_full + 8 * (g % 2), (g / 2) & 1);
+    if (g >= STAGES) mbar_wait(v_empty + 8 * s, par);
+    transpose_v_tile(sR + (g % 2) * K_BYTES, sV + s * V_BYTES);
+    fence_async_shared();  // generic writes -> wgmma
+    named_sync(1, 128);
+    if (leader) mbar_arrive(v_full + 8 * s);
+  }
+}

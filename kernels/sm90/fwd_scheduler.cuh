@@ -1,0 +1,109 @@
+// fwd_scheduler.cuh — work tiles: which (query tile, head, batch) and key range a tile index is (decode_tile, with
+// the persistent orders and the split tail's pieces), and the dynamic scheduler's slot ring.
+// Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
+// WorkTile), in the order fwd.cu lists; not a standalone header.
+#pragma once
+
+__device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
+  WorkTile w;
+#if FA3_SPLIT
+  // A piece of a split range (ids from t_main on): its tail tile, with its key range.
+  int tail = -1, piece_lo = 0, piece_hi = 0;
+  if (p.split_ranges > 0 && t >= p.t_main) {
+    const int u = t - p.t_main;
+    split_piece(u >> 1, u & 1, p.split_w, p.split_ranges, p.split_n, &tail, &piece_lo, &piece_hi);
+    t = p.t_main + tail;
+  }
+#endif
+#if FA3_PERSISTENT
+  // Persistent: the query tiles of one (head, batch) are adjacent, so CTAs running together
+  // share K/V in L2. Causal: longest-processing-time order within groups of G = sched_group
+  // (head, batch) pairs — the group's last query tiles first, then the second last, ... — so
+  // that the CTAs take one tile of every length class (G = all pairs: the static stride's
+  // order) while those running together read the K/V of at most about 2·G heads.
+#if FA3_CAUSAL
+  // A smaller group of the hb mod G leftover pairs comes first: its longest tiles then start
+  // with the launch instead of running alone at its end.
+  const int hb = p.heads_q * p.batch, G = p.sched_group;
+  const int rem = hb % G, head = rem * p.m_tiles;
+  int gs = rem, base = 0, t0 = t;
+  if (t >= head) {
+    const int tt = t - head, gi = tt / (G * p.m_tiles);
+    gs = G;
+    base = rem + gi * G;
+    t0 = tt - gi * G * p.m_tiles;
+  }
+  const int mi = t0 / gs, r = base + t0 % gs;
+  w.m = p.m_tiles - 1 - mi;
+#else
+  const int mi = t % p.m_tiles, r = t / p.m_tiles;
+  w.m = mi;
+#endif
+  w.h = r % p.heads_q;
+  w.b = r / p.heads_q;
+#else
+  (void)t;
+  w.m = FA3_CAUSAL ? (p.m_tiles - 1 - (int)blockIdx.x) : (int)blockIdx.x;
+  w.h = blockIdx.y * PACK;  // packed: the group's first query head (grid y runs over key heads)
+  w.b = blockIdx.z;
+#endif
+#if FA3_VARLEN
+  const int* cq = (const int*)p.cu_q;
+  const int* ck = (const int*)p.cu_k;
+  w.qs = cq[w.b];
+  w.sq = cq[w.b + 1] - w.qs;
+  w.ks = ck[w.b];
+  w.sk = ck[w.b + 1] - w.ks;
+  w.tb = 0;
+#else
+  w.qs = w.ks = 0;
+  w.sq = p.sq;
+  w.sk = p.sk;
+  w.tb = w.b;
+#endif
+  const int sq = w.sq, sk = w.sk;
+  w.n_lo = 0;
+  w.n_hi = (sk + BK - 1) / BK;
+  if (w.m * BQ >= sq * PACK) {
+    w.n_hi = 0;  // (varlen) a query tile past this sequence's end: nothing to do
+    return w;
+  }
+  if (HAS_RIGHT) {
+    const int last_row = qrow(min(sq * PACK, (w.m + 1) * BQ) - 1);
+    w.n_hi = min(w.n_hi, tiles_through(last_row, sq, sk, FA3_WINDOW ? p.wr : 0));
+  }
+  if (HAS_LEFT) {
+    const int jmin = w.m * BQ + sk - sq - p.wl;  // first visible key of the tile's first row
+    w.n_lo = jmin <= 0 ? 0 : min(jmin / BK, w.n_hi);
+  }
+  if (w.n_lo > w.n_hi) w.n_lo = w.n_hi;
+#if FA3_SPLIT
+  if (tail >= 0) {
+    w.n_lo = piece_lo;
+    w.n_hi = piece_hi;
+  }
+#endif
+  return w;
+}
+
+// Dynamic scheduling (DYN): use k of the two-slot ring holds the k-th tile index of this CTA.
+// The producer thread publishes it (after the consumers released use k − 2); every consumer
+// thread reads it and arrives on the slot's "empty" barrier (each its own arrival, so that the
+// barrier alone orders its read before the next write — also for compute-sanitizer).
+__device__ __forceinline__ void tile_publish(u32 slots, u32 full, u32 empty, int k, int t) {
+  const int s = k & 1;
+  if (k >= 2) mbar_wait(empty + 8 * s, ((k >> 1) + 1) & 1);
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(slots + 4 * s), "r"(t) : "memory");
+  mbar_arrive(full + 8 * s);
+}
+__device__ __forceinline__ int tile_take(u32 slots, u32 full, u32 empty, int k) {
+  const int s = k & 1;
+  mbar_wait(full + 8 * s, (k >> 1) & 1);
+  int t;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(t) : "r"(slots + 4 * s) : "memory");
+  mbar_arrive(empty + 8 * s);
+  // Warp-uniform, but ptxas only knows that of a broadcast: the split tail branches on t after
+  // the main loop, and a branch it takes for divergent moves the next tile's ring positions out of
+  // the uniform registers (every wgmma descriptor then needs R2UR moves).
+  return __shfl_sync(0xffffffffu, t, 0);
+}
