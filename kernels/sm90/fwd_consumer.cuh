@@ -1,9 +1,10 @@
-// fwd_consumer.cuh — a consumer warpgroup's work tile: the main loop (online softmax overlapping the PV wgmma,
-// the sum bound's rare path, diagonal skipping) and its epilogue.
+// fwd_consumer.cuh — a consumer warpgroup's work tile: the main loop (online softmax overlapping
+// the PV wgmma, the sum bound's rare path, diagonal skipping) and its epilogue.
 // Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once
 
+// Defined in fwd_scheduler.cuh (persistent FP8 epilogues re-derive their tile with it).
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t);
 
 // FA3_SUMB, the rare path: some row of the warpgroup failed the sum bound (softmax.cuh), so the

@@ -1,5 +1,6 @@
-// fwd_epilogue.cuh — the epilogue's stores: normalised O packed to 16-bit pairs, written per thread or staged in
-// shared memory and stored with TMA (or copied out row by row where TMA cannot address it).
+// fwd_epilogue.cuh — the epilogue's stores: normalised O packed to 16-bit pairs, written per
+// thread or staged in shared memory and stored with TMA (or copied out row by row where TMA
+// cannot address it).
 // Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once

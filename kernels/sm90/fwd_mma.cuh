@@ -1,5 +1,6 @@
-// fwd_mma.cuh — a consumer's tile primitives: Q fragments in registers, the QKᵀ and PV wgmma issues,
-// masks and the softcap/ALiBi prescale, scores to P fragments, the ping-pong turns, slot release.
+// fwd_mma.cuh — a consumer's tile primitives: Q fragments in registers, the QKᵀ and PV wgmma
+// issues, masks and the softcap/ALiBi prescale, scores to P fragments, the ping-pong turns, slot
+// release.
 // Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once

@@ -1,5 +1,5 @@
-// fwd_producer.cuh — the producer: TMA loads of Q and the K/V ring (load_q, load_k, producer), and the
-// FP8 producer warpgroup that transposes V in the kernel (producer_vtk).
+// fwd_producer.cuh — the producer: TMA loads of Q and the K/V ring (load_q, load_k, producer),
+// and the FP8 producer warpgroup that transposes V in the kernel (producer_vtk).
 // Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once

@@ -1,5 +1,6 @@
-// fwd_scheduler.cuh — work tiles: which (query tile, head, batch) and key range a tile index is (decode_tile, with
-// the persistent orders and the split tail's pieces), and the dynamic scheduler's slot ring.
+// fwd_scheduler.cuh — work tiles: which (query tile, head, batch) and key range a tile index is
+// (decode_tile, with the persistent orders and the split tail's pieces), and the dynamic
+// scheduler's slot ring.
 // Part of fwd.cu: included by it after its configuration (FA3_* defines, constants, Fa3Params,
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once
