@@ -305,7 +305,7 @@ struct __align__(64) Fa3Params {
   int t_main, split_ranges, split_w, split_n;
   u64 split_ws, split_ctr;
 };
-static_assert(sizeof(Fa3Params) == 4 * 128 + 256, "mirrored by Fa3Params in fa3.rs");
+static_assert(sizeof(Fa3Params) == 4 * 128 + 256, "mirrored by Fa3Params in src/cuda/fa3/params.rs");
 
 // Which (query tile, head, batch) work item t is, its sequence, and its key-tile range
 // [n_lo, n_hi) (visited from n_hi − 1 down to n_lo).
