@@ -576,7 +576,7 @@ fn launch(
     let mut lb = stream.launch_builder(&f);
     lb.arg(&params);
     // SAFETY: the kernel's single parameter is `Fa3Params` by value (layout mirrored in
-    // fa3.rs); the tensor maps address q, k and Vᵀ, whose buffers (and the descale arrays)
+    // fa3/params.rs); the tensor maps address q, k and Vᵀ, whose buffers (and the descale arrays)
     // outlive the launch on this stream; out/lse were checked to be contiguous with the
     // shapes the kernel writes.
     unsafe { lb.launch(cfg) }.map_err(|e| driver_err("launching fa3_fwd (fp8)", e))?;
