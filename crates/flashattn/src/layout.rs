@@ -328,6 +328,16 @@ impl Problem {
         }
     }
 
+    /// Element strides (batch, head) of a contiguous LSE ([`lse_shape`](Self::lse_shape));
+    /// varlen has no batch dim (its rows are `total_q` long per head), so its batch stride is 0.
+    pub fn lse_strides(&self) -> (usize, usize) {
+        if self.varlen {
+            (0, self.total_q)
+        } else {
+            (self.heads_q * self.q_shape[1], self.q_shape[1])
+        }
+    }
+
     /// Index into a contiguous LSE of row `i` of sequence `b`, query head `h`.
     #[inline]
     pub fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
@@ -407,5 +417,33 @@ impl Problem {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::AttnOptions;
+    use crate::tensor::{DType, Tensor};
+
+    /// The strides the kernels take for the LSE address the element `lse_index` names.
+    #[test]
+    fn lse_strides_agree_with_lse_index() {
+        let t = |shape: &[usize]| Tensor::zeros(DType::F32, shape);
+        let (q, k) = (t(&[3, 5, 4, 8]), t(&[3, 7, 2, 8]));
+        let p = Problem::new(&Qkv::dense(&q, &k, &k), &AttnOptions::new()).unwrap();
+        let (sb, sh) = p.lse_strides();
+        assert_eq!((sb, sh), (20, 5));
+        for (b, h, i) in [(0, 0, 0), (2, 3, 4), (1, 2, 3)] {
+            assert_eq!(p.lse_index(b, h, i), b * sb + h * sh + i);
+        }
+        let (q, kv) = (t(&[9, 4, 8]), t(&[11, 2, 8]));
+        let (cq, ck) = ([0, 2, 9], [0, 6, 11]);
+        let p = Problem::new(&Qkv::varlen(&q, &kv, &kv, &cq, &ck), &AttnOptions::new()).unwrap();
+        let (sb, sh) = p.lse_strides();
+        assert_eq!((sb, sh), (0, 9));
+        for (b, h, i) in [(0, 0, 1), (1, 3, 6), (1, 1, 0)] {
+            assert_eq!(p.lse_index(b, h, i), h * sh + p.seqs[b].q_start + i);
+        }
     }
 }

@@ -487,15 +487,14 @@ fn prepare(
         );
         p.cu_seqlens_q = bq.ptr();
         p.cu_seqlens_k = bk.ptr();
-        p.lse_batch_stride = 0;
-        p.lse_head_stride = problem.total_q as i64;
         cu = Some((bq, bk));
     } else {
         p.seqlen_q = problem.q_shape[1] as i32;
         p.seqlen_k = problem.k_shape[1] as i32;
-        p.lse_head_stride = problem.q_shape[1] as i64;
-        p.lse_batch_stride = (problem.heads_q * problem.q_shape[1]) as i64;
     }
+    let (lse_b, lse_h) = problem.lse_strides();
+    p.lse_batch_stride = lse_b as i64;
+    p.lse_head_stride = lse_h as i64;
     if problem.softcap > 0.0 {
         p.softcap_inner = problem.scale / problem.softcap;
         p.softcap_outer = problem.softcap * std::f32::consts::LOG2_E;

@@ -460,11 +460,8 @@ pub fn backward_into(
     } else {
         (problem.q_shape[1], problem.k_shape[1])
     };
-    let (lse_b, lse_h) = if varlen {
-        (0i64, problem.total_q as i64)
-    } else {
-        ((problem.heads_q * sq) as i64, sq as i64)
-    };
+    let (lse_b, lse_h) = problem.lse_strides();
+    let (lse_b, lse_h) = (lse_b as i64, lse_h as i64);
     // The kernels take the grid (key blocks, heads, batch) with the Q-tile walk rotated per key
     // block (flags bits 0 and 1): CTAs resident together share one head's Q/dO/dQ in L2
     // (+3..+51% over (heads, batch, blocks) on the H100, bench/RESULTS.md). The other orders

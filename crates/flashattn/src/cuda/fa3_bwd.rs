@@ -196,7 +196,7 @@ pub(super) fn launch_main(
     let var = Variant::of(problem);
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
-    let (sq, sk) = (problem.max_sq, problem.max_sk);
+    let sk = problem.max_sk;
     let (wl, wr) = window_bounds(problem);
     let dense_len = |shape: &[usize]| if problem.varlen { 0 } else { shape[1] as i32 };
     let bk = var.bk();
@@ -212,16 +212,8 @@ pub(super) fn launch_main(
         dv: dv.ptr(),
         cu_q: ws.cu_q,
         cu_k: ws.cu_k,
-        lse_b: if problem.varlen {
-            0
-        } else {
-            (problem.heads_q * sq) as i64
-        },
-        lse_h: if problem.varlen {
-            problem.total_q as i64
-        } else {
-            sq as i64
-        },
+        lse_b: problem.lse_strides().0 as i64,
+        lse_h: problem.lse_strides().1 as i64,
         sq: dense_len(&problem.q_shape),
         sk: dense_len(&problem.k_shape),
         heads_q: problem.heads_q as i32,

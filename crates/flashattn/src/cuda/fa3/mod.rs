@@ -284,16 +284,8 @@ pub fn forward_into_with(
         cu_q: cu.as_ref().map_or(0, |c| c.0.ptr()),
         cu_k: cu.as_ref().map_or(0, |c| c.1.ptr()),
         alibi: slopes.as_ref().map_or(0, |s| s.ptr()),
-        lse_b: if problem.varlen {
-            0
-        } else {
-            (problem.heads_q * sq) as i64
-        },
-        lse_h: if problem.varlen {
-            problem.total_q as i64
-        } else {
-            sq as i64
-        },
+        lse_b: problem.lse_strides().0 as i64,
+        lse_h: problem.lse_strides().1 as i64,
         wl,
         wr,
         sc_in: if problem.softcap > 0.0 {

@@ -585,7 +585,7 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     v
 }
 
-pub(super) fn is_causal(problem: &Problem) -> bool {
+fn is_causal(problem: &Problem) -> bool {
     problem.mask.left.is_none() && problem.mask.right == Some(0)
 }
 
