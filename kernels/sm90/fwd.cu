@@ -82,8 +82,9 @@
 // grows by more than 2^T, and O is rescaled only when a row of the warp moved it.
 // FA3_SKIP=1 — a consumer skips the key tiles its own 64 rows cannot see (see consumer()).
 // FA3_WGB=1 — the warpgroup index is a warp broadcast (see fa3_fwd).
-// FA3_SPLIT=1 — the split tail (split.cuh): with FA3_PERSISTENT=2 on plain dense tiles, the
-// last, partly filled round's tiles are cut along the keys, one range per CTA, and merged.
+// FA3_SPLIT=1 — the split tail (split.cuh): with FA3_PERSISTENT on plain dense tiles, the
+// last, partly filled round's tiles are cut along the keys, one range per CTA, and merged (the
+// static stride: range c goes to the CTA that unit t_main + c would, see static_next).
 // FA3_SUMB=1 — the sum bound (softmax.cuh at_base): after a tile's first key tile a consumer
 // takes the exponentials against its rows' current bases without their maxima (no max, no
 // shuffles, no serial dependence of the exponentials on a reduction) and keeps them if every
@@ -250,9 +251,9 @@ __device__ __forceinline__ int o_chunk(int c, int cw) { return (RING_O ? c : c *
 constexpr int BAR_K_READ = 2 + 2 * NC, BAR_PV_DONE = 3 + 2 * NC;
 constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
 constexpr bool SPLIT = FA3_SPLIT;          // split tail (split.cuh)
-static_assert(!SPLIT || (DYN && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_VARLEN && !FP8 &&
+static_assert(!SPLIT || (FA3_PERSISTENT && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_VARLEN && !FP8 &&
                          PACK == 1 && D <= 128),
-              "split tail: plain dense 16-bit tiles from the dynamic scheduler, d <= 128");
+              "split tail: plain dense 16-bit persistent tiles, d <= 128");
 static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
 // FA3_QSPLIT: every consumer's 64-row slice of Q has its own full/empty barriers.
 constexpr bool QSPLIT = FA3_QSPLIT;
@@ -316,6 +317,9 @@ struct WorkTile {
   __device__ __forceinline__ int count() const { return n_hi - n_lo; }
 };
 
+// The end of a persistent CTA's work ids (dynamic scheduler, static stride with the split tail).
+constexpr int TILE_END = 0x7fffffff;
+
 #include "sm90/fwd_producer.cuh"
 #include "sm90/fwd_mma.cuh"
 #include "sm90/fwd_epilogue.cuh"
@@ -372,10 +376,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   // The producer thread takes work units from the counter and publishes each tile (a split
   // range: its one or two pieces) before loading it, finally TILE_END; the consumers take them
   // in the same order.
-  constexpr int TILE_END = 0x7fffffff;
   const int total = p.m_tiles * p.heads_q * p.batch;
   const int units = SPLIT && p.split_ranges > 0 ? p.t_main + p.split_ranges : total;
 #define FA3_TILE_LOOP for (int k = 0, t; (t = tile_take(t_slots, t_full, t_empty, k)) != TILE_END; ++k)
+#elif FA3_PERSISTENT && FA3_SPLIT
+  const int total = p.m_tiles * p.heads_q * p.batch;
+#define FA3_TILE_LOOP for (int t = static_first(p, total); t != TILE_END; t = static_next(p, t, total))
 #elif FA3_PERSISTENT
   const int total = p.m_tiles * p.heads_q * p.batch;
 #define FA3_TILE_LOOP for (int t = blockIdx.x; t < total; t += gridDim.x)

@@ -87,6 +87,40 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   return w;
 }
 
+#if FA3_PERSISTENT == 1 && FA3_SPLIT
+// The static stride with the split tail: this CTA's work units are blockIdx.x + k·grid as
+// without it — tiles below t_main, then ranges c = unit − t_main, one per CTA as planned —
+// and a range's pieces have the ids t_main + 2c + j that the dynamic scheduler publishes.
+// Work ids are functions of uniform values only, so ptxas keeps what derives from them uniform.
+// The first piece id from range c's piece j on (j = 2: the next range), or TILE_END.
+__device__ __forceinline__ int static_piece_from(const Fa3Params& p, int c, int j) {
+  for (; c < p.split_ranges; c += gridDim.x, j = 0) {
+    for (; j < 2; ++j) {
+      int tail, lo, hi;
+      if (split_piece(c, j, p.split_w, p.split_ranges, p.split_n, &tail, &lo, &hi))
+        return p.t_main + 2 * c + j;
+    }
+  }
+  return TILE_END;
+}
+// The first work id after the whole tiles: this CTA's first range's first piece.
+__device__ __forceinline__ int static_tail_start(const Fa3Params& p, int tm) {
+  if (p.split_ranges == 0) return TILE_END;
+  const int g = gridDim.x;
+  return static_piece_from(p, (((int)blockIdx.x - tm) % g + g) % g, 0);
+}
+__device__ __forceinline__ int static_first(const Fa3Params& p, int total) {
+  const int tm = p.split_ranges > 0 ? p.t_main : total;
+  return (int)blockIdx.x < tm ? (int)blockIdx.x : static_tail_start(p, tm);
+}
+__device__ __forceinline__ int static_next(const Fa3Params& p, int t, int total) {
+  const int tm = p.split_ranges > 0 ? p.t_main : total;
+  if (t < tm) return t + (int)gridDim.x < tm ? t + (int)gridDim.x : static_tail_start(p, tm);
+  const int u = t - p.t_main;
+  return static_piece_from(p, u >> 1, (u & 1) + 1);
+}
+#endif
+
 // Dynamic scheduling (DYN): use k of the two-slot ring holds the k-th tile index of this CTA.
 // The producer thread publishes it (after the consumers released use k − 2); every consumer
 // thread reads it and arrives on the slot's "empty" barrier (each its own arrival, so that the

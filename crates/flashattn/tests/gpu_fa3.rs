@@ -789,7 +789,8 @@ fn fa3_persistent_schedulers() {
 /// one range per CTA, the pieces merged by whichever finishes a tile last. Shapes whose tail has
 /// 2–3 pieces per tile, ~12 (ranges of ~3 key tiles) and ~22 (ranges of ~2), odd lengths
 /// (partial query and key tiles, sq ≠ sk), GQA, d = 96 / 128, bf16 / f16. Each must run split
-/// (`fa3::split_plan`); split and `split=0` are checked against the f64 reference (out and LSE)
+/// (`fa3::split_plan`); split (static stride and `persist=2`) and `split=0` are checked against
+/// the f64 reference (out and LSE)
 /// on every head that holds a tail tile and on head 0, with NaN-poisoned outputs that must come
 /// back finite everywhere. The merge order is fixed, so a split launch must be bit-identical when repeated
 /// after launches with other tails (each leaves its counters zero).
@@ -829,7 +830,8 @@ fn fa3_split_tail() {
         let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
         let dev = [up(&q), up(&k), up(&v)];
         let refs = HeadRefs::new(&qkv, &opts, &heads, false);
-        for tune in ["", "split=0"] {
+        // "": the shipped static stride; persist=2: the dynamic scheduler (both split).
+        for tune in ["", "persist=2", "split=0"] {
             let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
             let (e, le, finite) = match &r {
                 Ok(bits) => head_errs(&refs, bits),

@@ -180,12 +180,11 @@ impl Variant {
     /// The variant that runs `problem` (with ALiBi when `alibi`). Plain (unmasked, no softcap
     /// or ALiBi) problems with at most [`PERSIST_MAX_SK`] keys run persistent CTAs: the
     /// prologue and epilogue of one tile hide behind the next (H100, 2026-11-26: +6% d=64,
-    /// +16% d=128 and d=256 at 1k non-causal); so do dense plain d = 64 problems of any length
-    /// (+2..5% at 2k–8k against one CTA per tile, 16k within its noise). Dense causal problems,
-    /// and plain dense ones at d = 256, run persistent CTAs that take their tiles from a global
-    /// counter, causal longest first (H100 against one CTA per tile: causal +2..8% at 1k–8k, except −1..2% for d = 128 from
-    /// 4k and d = 256 at 1k; d = 256 plain +2..3% at 2k–8k; bench/RESULTS.md "Step 8"), and so
-    /// do plain dense d = 96/128 problems with more keys than that ("Step 11").
+    /// +16% d=128 and d=256 at 1k non-causal); so do dense plain d = 64 / 96 / 128 / 256 problems
+    /// of any length (bench/RESULTS.md "Step 13", "Step 19"). Dense causal problems run
+    /// persistent CTAs that take their tiles from a global counter, longest first (H100 against
+    /// one CTA per tile: +2..8% at 1k–8k, except −1..2% for d = 128 from 4k and d = 256 at 1k;
+    /// "Step 8").
     pub fn for_problem(problem: &Problem, alibi: bool) -> Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
@@ -195,15 +194,14 @@ impl Variant {
         v.persistent = !full
             && !causal
             && (problem.max_sk <= PERSIST_MAX_SK || (problem.head_dim == 64 && !problem.varlen));
-        // Dynamic persistent CTAs: dense causal; plain dense d = 256; plain dense d = 96/128
-        // past the static stride's range, where Q in registers lets a CTA's next Q load early
-        // (H100, "Step 11": d = 128 +2..4% at 2k–4k, d = 96 +2..6% at 2k–8k).
-        let dyn_plain = match problem.head_dim {
-            256 => true,
-            96 | 128 => problem.max_sk > PERSIST_MAX_SK,
-            _ => false,
-        };
-        if !full && !problem.varlen && (causal || dyn_plain) {
+        // Plain dense d = 96 / 128 / 256 at any length: persistent CTAs with the static stride
+        // (H100: d = 96/128 +2..6% over one CTA per tile at 2k–8k, "Step 11"; the static stride
+        // +1..3% over the dynamic scheduler at d = 96 / 256, "Step 19"). Dense causal: the
+        // dynamic scheduler, longest first.
+        if !full && !problem.varlen && !causal && matches!(problem.head_dim, 96 | 128 | 256) {
+            v.persistent = true;
+        }
+        if !full && !problem.varlen && causal {
             v.persistent = true;
             v.dynamic = true;
         }
@@ -389,17 +387,17 @@ impl Variant {
                 && self.o_staging() == Some(OStaging::QSlice))
     }
 
-    /// The split tail (`FA3_SPLIT`, kernels/sm90/split.cuh): a plain dense launch with the
-    /// dynamic scheduler cuts the tiles of its last, partly filled round along the keys into
-    /// one range per CTA and merges the pieces in the kernel (where [`split_plan`](super::split_plan) finds it
-    /// pays). 16-bit, d ≤ 128 (at d = 256 the merge beside the 128-register accumulator makes
-    /// ptxas spill in the main loop), from [`SPLIT_MIN_KEY_TILES`] key tiles on; FP8 builds its
-    /// own variants.
+    /// The split tail (`FA3_SPLIT`, kernels/sm90/split.cuh): a plain dense persistent launch
+    /// (static stride or dynamic scheduler) cuts the tiles of its last, partly filled round along
+    /// the keys into one range per CTA and merges the pieces in the kernel (where
+    /// [`split_plan`](super::split_plan) finds it pays). 16-bit, d = 96 / 128 (at d = 256 the
+    /// merge beside the 128-register accumulator makes ptxas spill in the main loop; the
+    /// three-consumer d = 64 tile has not been measured with it), from [`SPLIT_MIN_KEY_TILES`]
+    /// key tiles on; FP8 builds its own variants.
     pub fn splits(&self) -> bool {
         self.split != 0
-            && self.d <= 128
+            && matches!(self.d, 96 | 128)
             && self.persistent
-            && self.dynamic
             && !self.causal
             && !self.full
             && !self.varlen
@@ -539,8 +537,9 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     for d in HEAD_DIMS {
         for f16 in [false, true] {
             for varlen in [false, true] {
-                // plain, causal, full, plain persistent (short sequences), causal with the
-                // dynamic scheduler (dense), plain dynamic (dense, d = 96/128/256), short causal
+                // plain, causal, full, plain persistent (the static stride: short sequences,
+                // and dense ones of any length), causal with the dynamic scheduler (dense), plain
+                // dynamic (dense, d = 96/128/256: `persist=2`, the A/B baseline), short causal
                 // d = 64 (dense, dynamic, two consumers with Q in registers), long causal d = 128
                 // (dense, dynamic, three consumers without overlap)
                 for mode in 0..8 {
@@ -681,20 +680,24 @@ mod tests {
             );
             v
         };
-        // Plain d = 128: static persistent up to 1024 keys, dynamic beyond; Q in registers;
-        // lazy rescaling everywhere (also what keeps the PV wait below the softmax).
+        // Plain dense d = 96 / 128 / 256: the static stride at every length; Q in registers
+        // at d ≤ 128; lazy rescaling everywhere (also what keeps the PV wait below the softmax).
         let v = check(pick(128, 512, 512, 2, 2, false), "plain d128 short");
         assert!(v.persistent && !v.dynamic && v.qrs == 1 && v.lazy == LAZY_RESCALE);
         assert!(v.spec().label().contains("FA3_LAZY=8,"));
         let v = check(pick(128, 2048, 2048, 2, 2, false), "plain d128");
-        assert!(v.persistent && v.dynamic && v.qrs == 1);
+        assert!(v.persistent && !v.dynamic && v.qrs == 1);
         let v = check(pick(96, 4096, 4096, 2, 2, false), "plain d96");
-        assert!(v.dynamic && v.qrs == 1);
-        // d = 192: one CTA per tile, no Q in registers; d = 256: dynamic.
+        assert!(v.persistent && !v.dynamic && v.qrs == 1);
+        // d = 192: one CTA per tile, no Q in registers.
         let v = check(pick(192, 4096, 4096, 2, 2, false), "plain d192");
         assert!(!v.persistent && v.qrs == 0);
         let v = check(pick(256, 4096, 4096, 2, 2, false), "plain d256");
-        assert!(v.dynamic && v.qrs == 0);
+        assert!(v.persistent && !v.dynamic && v.qrs == 0);
+        // The A/B baseline `persist=2` (the dynamic scheduler) keeps the split tail.
+        let mut v = pick(128, 4096, 4096, 2, 2, false);
+        v.apply_tune("persist=2");
+        assert!(v.dynamic && v.splits());
         // Causal d = 128: two overlapped consumers with Q in registers up to 4k; three
         // consumers without overlap from LONG_CAUSAL_SQ.
         let v = check(pick(128, 4096, 4096, 2, 2, true), "causal d128");
@@ -729,7 +732,7 @@ mod tests {
         let mut v = pick(256, 4096, 4096, 2, 2, true);
         v.apply_tune("ring=0");
         assert!(v.skips() && !v.broadcasts_wg());
-        // The split tail: plain dense d = 96 / 128 with the dynamic scheduler, from 32 key tiles.
+        // The split tail: plain dense d = 96 / 128, persistent, from 32 key tiles.
         let splits = |d, s, causal| labelled(d, s, causal, "FA3_SPLIT=1,");
         assert!(splits(128, 4096, false) && splits(96, 8192, false));
         assert!(!splits(128, 2048, false) && !splits(128, 4096, true));
