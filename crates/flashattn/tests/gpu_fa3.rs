@@ -565,9 +565,9 @@ fn fa3_tma_store_epilogue() {
     };
     for dtype in [DType::BF16, DType::F16] {
         for d in fa3::HEAD_DIMS {
-            // Dense: (b, sq, sk, hq, hk, causal). Non-causal sk ≤ 1024 runs persistent CTAs
-            // (the 16-batch case: 256 tiles, two per CTA or so), sk = 1100 one tile per CTA,
-            // causal persistent CTAs with the dynamic scheduler.
+            // Dense: (b, sq, sk, hq, hk, causal). Non-causal runs persistent CTAs with the
+            // static stride (the 16-batch case: 256 tiles, two per CTA or so), except sk = 1100
+            // at d = 192 (one tile per CTA); causal persistent CTAs with the dynamic scheduler.
             for (b, sq, sk, hq, hk, causal) in [
                 (2, 150, 200, 3, 1, false),
                 (2, 150, 1100, 3, 1, false),
