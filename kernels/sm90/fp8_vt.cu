@@ -4,39 +4,64 @@
 // keys of every 16-key group permuted as fp8.cuh's fp8_key_of so that the PV wgmma (B must be
 // K-major for 8-bit types) can take P straight from the S accumulator. Keys >= sk are written
 // as 0 (P is 0 there too; 0·0 keeps padded columns out of O).
-// One CTA per (64-key block, 64-wide d block, batch·heads_k): 256 threads, 16 bytes each way.
+//
+// A pure copy, bound by HBM: what matters is bytes in flight and whole 128-byte lines. One CTA
+// per (128-key block, 128-wide d block, batch·heads_k), 256 threads. Loads: every thread issues
+// four 16-byte loads of key rows before storing any (eight threads read a row's 128 bytes); in
+// shared memory a row's 16-byte units are XOR-swizzled by its 16-key group, so that the
+// transpose's 32-bit column reads hit 32 distinct banks. Transpose: lane (16-key group kg =
+// lane % 8, quad of d rows rq = 4·warp + lane / 8) reads its 16 keys' words of those 4 d bytes
+// and byte-permutes them (4×4 byte transposes) into four 16-byte pieces of Vᵀ rows; the eight
+// lanes of a d row write its 128 contiguous bytes.
 #include "sm90/util.cuh"
 #include "sm90/fp8.cuh"
+
+constexpr int VT_KB = 128, VT_DB = 128;  // keys and d columns per CTA
 
 extern "C" __global__ void __launch_bounds__(256) fa3_fp8_vt(const unsigned char* __restrict__ v,
                                                             unsigned char* __restrict__ vt, int sk,
                                                             int skp, int heads_k, int d,
                                                             long long v_row, long long v_batch) {
-  __shared__ __align__(16) unsigned char tile[64][64 + 16];
-  const int k0 = blockIdx.x * 64, d0 = blockIdx.y * 64;
+  __shared__ __align__(16) u32 tile[VT_KB * VT_DB / 4];  // key rows of 32 words, units swizzled
+  const int k0 = blockIdx.x * VT_KB, d0 = blockIdx.y * VT_DB;
   const int bh = blockIdx.z, b = bh / heads_k, h = bh % heads_k;
   const int tid = threadIdx.x;
-  {
-    const int r = tid / 4, c = (tid % 4) * 16;  // key row r, d columns c..c+15
-    const int key = k0 + r;
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (key < sk && d0 + c < d)
-      x = *(const uint4*)(v + b * v_batch + (long long)key * v_row + (long long)h * d + d0 + c);
-    *(uint4*)&tile[r][c] = x;
+  const unsigned char* src = v + b * v_batch + (long long)h * d + d0;
+  uint4 x[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = tid + 256 * i, key = c / 8, u = c % 8;  // key row, 16-byte unit
+    x[i] = make_uint4(0, 0, 0, 0);
+    if (k0 + key < sk && d0 + 16 * u < d)
+      x[i] = *(const uint4*)(src + (long long)(k0 + key) * v_row + 16 * u);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = tid + 256 * i, key = c / 8, u = c % 8;
+    *(uint4*)&tile[key * 32 + 4 * (u ^ (key >> 4))] = x[i];
   }
   __syncthreads();
-  {
-    const int r = tid / 4, p0 = (tid % 4) * 16;  // output row d0 + r, positions p0..p0+15
-    if (d0 + r < d && k0 + p0 < skp) {
-      u32 w[4];
+  const int lane = tid % 32, kg = lane % 8, rq = 4 * (tid / 32) + lane / 8;
+  if (k0 + 16 * kg >= skp) return;
+  u32 w[16];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        u32 acc = 0;
+  for (int k = 0; k < 16; ++k) w[k] = tile[(16 * kg + k) * 32 + 4 * ((rq >> 2) ^ kg) + (rq & 3)];
+  // Vᵀ position 4t + i of the group is key {2t, 2t+1, 2t+8, 2t+9}[i]; word t of d row q takes
+  // byte q of those four keys' words.
+  uint4 o[4];
+  u32* ow = (u32*)o;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc |= (u32)tile[p0 + fp8_key_of(4 * q + i)][r] << (8 * i);
-        w[q] = acc;
-      }
-      *(uint4*)(vt + ((long long)bh * d + d0 + r) * skp + k0 + p0) = make_uint4(w[0], w[1], w[2], w[3]);
-    }
+  for (int t = 0; t < 4; ++t) {
+    const u32 a = w[2 * t], bb = w[2 * t + 1], c = w[2 * t + 8], e = w[2 * t + 9];
+    const u32 lo01 = prmt(a, bb, 0x5140), lo23 = prmt(a, bb, 0x7362);
+    const u32 hi01 = prmt(c, e, 0x5140), hi23 = prmt(c, e, 0x7362);
+    ow[0 * 4 + t] = prmt(lo01, hi01, 0x5410);
+    ow[1 * 4 + t] = prmt(lo01, hi01, 0x7632);
+    ow[2 * 4 + t] = prmt(lo23, hi23, 0x5410);
+    ow[3 * 4 + t] = prmt(lo23, hi23, 0x7632);
   }
+  unsigned char* dst = vt + ((long long)bh * d + d0 + 4 * rq) * skp + k0 + 16 * kg;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (d0 + 4 * rq + q < d) *(uint4*)(dst + (long long)q * skp) = o[q];
 }

@@ -77,11 +77,6 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
 // gathers the 4 keys of its (group G, t) for 4 consecutive d (one 32-bit word of each key row)
 // and writes 4 words, one per d row; word q = (qb + G) mod QW makes the loads and the stores
 // hit 32 distinct banks. All 128 producer threads take part.
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-  u32 d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
 __device__ __forceinline__ void transpose_v_tile(u32 src, u32 dst) {
   constexpr int QW = (D < 128 ? D : 128) / 4;  // 32-bit words of a key row per chunk
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;

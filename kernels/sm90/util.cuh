@@ -78,6 +78,12 @@ __device__ __forceinline__ bool named_sync_or(int id, int count, bool v) {
 __device__ __forceinline__ bool warpgroup_any(int id, bool v) {
   return __any_sync(0xffffffffu, named_sync_or(id, 128, v));
 }
+// Bytes of {b:a} picked by the four selector nibbles of sel (0–3: a's bytes, 4–7: b's).
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
 template <int R> __device__ __forceinline__ void reg_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 }

@@ -396,6 +396,72 @@ fn rand_codes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Vᵀ as the pre-pass must lay it out: `[b, hk, d, skp]`, position 4t + i of every 16-key group
+/// holding key {2t, 2t+1, 2t+8, 2t+9}[i] of the group (kernels/sm90/fp8.cuh), zeros past sk.
+fn vt_layout(codes: &[u8], [b, sk, hk, d]: [usize; 4], skp: usize) -> Vec<u8> {
+    let mut out = vec![0u8; b * hk * d * skp];
+    for bi in 0..b {
+        for h in 0..hk {
+            for dd in 0..d {
+                for p in 0..skp {
+                    let (t, i) = ((p % 16) / 4, p % 4);
+                    let key = p / 16 * 16 + if i < 2 { 2 * t + i } else { 8 + 2 * t + i - 2 };
+                    if key < sk {
+                        out[((bi * hk + h) * d + dd) * skp + p] =
+                            codes[((bi * sk + key) * hk + h) * d + dd];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The V pre-pass byte for byte against [`vt_layout`]: key counts around its 16-key groups and
+/// 128-key blocks, every FP8 head dim, several heads and batches; `transpose_v_into` over a
+/// buffer that held another V's transpose, and its shape check.
+#[test]
+fn fp8_v_prepass_layout() {
+    let Some(gpu) = hopper_or_skip("fp8 GPU test") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    let mut seed = 7;
+    for d in fa3_fp8::HEAD_DIMS {
+        for sk in [1usize, 15, 16, 17, 127, 128, 129, 300, 1000] {
+            let shape = [2, sk, 3, d];
+            let n: usize = shape.iter().product();
+            let mk = |seed| {
+                let t = Fp8Tensor::from_parts(rand_codes(n, seed), shape, vec![0.5]).unwrap();
+                let dev = Fp8DeviceTensor::upload(&gpu, &t).unwrap();
+                (t, dev)
+            };
+            seed += 2;
+            let ((a, da), (b, db)) = (mk(seed), mk(seed + 1));
+            let mut vt = fa3_fp8::transpose_v(&gpu, &da).unwrap();
+            let skp = vt.padded_keys();
+            let first = vt.to_bytes().unwrap() == vt_layout(a.data(), shape, skp);
+            fa3_fp8::transpose_v_into(&gpu, &db, &mut vt).unwrap();
+            let again = vt.to_bytes().unwrap() == vt_layout(b.data(), shape, skp);
+            tally.record(
+                skp == sk.div_ceil(16) * 16 && first && again,
+                format!("v pre-pass d={d} sk={sk} (skp {skp}): transpose_v {first}, _into {again}"),
+            );
+        }
+    }
+    let v = |sk| {
+        let t = Fp8Tensor::from_parts(vec![0x38; 64 * sk], [1, sk, 1, 64], vec![1.0]).unwrap();
+        Fp8DeviceTensor::upload(&gpu, &t).unwrap()
+    };
+    let mut vt = fa3_fp8::transpose_v(&gpu, &v(32)).unwrap();
+    let e = fa3_fp8::transpose_v_into(&gpu, &v(48), &mut vt).map(|_| ());
+    tally.record(
+        matches!(&e, Err(e) if e.to_string().contains("vt")),
+        format!("transpose_v_into with another shape: {e:?}"),
+    );
+    tally.finish("fp8 v pre-pass layout");
+}
+
 /// SPEC §4 sweep shapes (16k tokens, hidden 2048): FP8 attention kernel alone, FP8 with the V
 /// pre-pass, and our bf16 FA3 forward; one JSON line per row after the table.
 #[test]
@@ -469,8 +535,10 @@ fn fp8_bench() {
                 let k_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                 });
+                // The pre-pass into a kept Vᵀ (transpose_v_into), then the kernel.
+                let mut vt2 = fa3_fp8::transpose_v(&gpu, &dv).unwrap();
                 let f_ms = event_median_ms(&gpu, 30, 8, || {
-                    let vt2 = fa3_fp8::transpose_v(&gpu, &dv).unwrap();
+                    fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse).unwrap()
                 });
                 let v_ms = event_median_ms(&gpu, 30, 8, || {

@@ -256,6 +256,22 @@ pub struct Fp8VTransposed {
     skp: usize,
 }
 
+impl Fp8VTransposed {
+    /// Keys per Vᵀ row: sk rounded up to 16.
+    pub fn padded_keys(&self) -> usize {
+        self.skp
+    }
+
+    /// Vᵀ's bytes, `[batch, heads_k, d, padded_keys]` with the keys of every 16-key group in the
+    /// PV wgmma's order (kernels/sm90/fp8.cuh, `fp8_key_of`) and zeros past sk (tests).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let [b, _, hk, d] = self.shape;
+        let mut bytes = self.data.to_bytes()?;
+        bytes.truncate(b * hk * d * self.skp);
+        Ok(bytes)
+    }
+}
+
 /// Shapes and options checked once: `(batch, sq, sk, heads_q, heads_k, d, scale)`.
 struct Dims {
     b: usize,
@@ -362,23 +378,44 @@ fn check(
     })
 }
 
-/// The pre-pass: V → Vᵀ (permuted keys, zero padded to a multiple of 16 keys).
+/// The pre-pass: V → Vᵀ (permuted keys, zero padded to a multiple of 16 keys), into a new
+/// buffer.
 pub fn transpose_v(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
     let [b, sk, hk, d] = v.shape;
     let skp = sk.div_ceil(16) * 16;
-    let bytes = (b * hk * d * skp).max(16);
-    let data = DeviceBuffer::uninit(gpu, bytes)?;
-    let out = Fp8VTransposed {
-        data,
+    let mut out = Fp8VTransposed {
+        data: DeviceBuffer::uninit(gpu, (b * hk * d * skp).max(16))?,
         descale: v.descale.clone(),
         shape: v.shape,
         per_head: v.per_head,
         skp,
     };
-    if b * hk * d * skp == 0 {
-        return Ok(out);
+    launch_vt(gpu, v, &mut out)?;
+    Ok(out)
+}
+
+/// [`transpose_v`] into `vt`, a Vᵀ of a V of the same shape (e.g. the previous step's): no
+/// allocation. `vt` takes `v`'s descale factors.
+pub fn transpose_v_into(gpu: &Gpu, v: &Fp8DeviceTensor, vt: &mut Fp8VTransposed) -> Result<()> {
+    if vt.shape != v.shape {
+        return Err(Error::invalid(
+            "vt",
+            format!("the transpose of a V of shape {:?}", vt.shape),
+            format!("that of a V of shape {:?}", v.shape),
+        ));
     }
-    if b * hk > 65535 || skp.div_ceil(64) > i32::MAX as usize {
+    vt.descale = v.descale.clone();
+    vt.per_head = v.per_head;
+    launch_vt(gpu, v, vt)
+}
+
+fn launch_vt(gpu: &Gpu, v: &Fp8DeviceTensor, out: &mut Fp8VTransposed) -> Result<()> {
+    let [b, sk, hk, d] = v.shape;
+    let skp = out.skp;
+    if b * hk * d * skp == 0 {
+        return Ok(());
+    }
+    if b * hk > 65535 || d.div_ceil(128) > 65535 || skp.div_ceil(128) > i32::MAX as usize {
         return Err(Error::invalid(
             "v",
             format!("shape {:?}", v.shape),
@@ -386,10 +423,11 @@ pub fn transpose_v(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
         ));
     }
     let f = gpu.kernel(&vt_spec())?;
+    // One CTA per 128 keys × 128 d columns × (batch, head): kernels/sm90/fp8_vt.cu.
     let cfg = LaunchConfig {
         grid_dim: (
-            skp.div_ceil(64) as u32,
-            d.div_ceil(64) as u32,
+            skp.div_ceil(128) as u32,
+            d.div_ceil(128) as u32,
             (b * hk) as u32,
         ),
         block_dim: (256, 1, 1),
@@ -410,9 +448,10 @@ pub fn transpose_v(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
         .arg(&v_batch);
     // SAFETY: the arguments match `fa3_fp8_vt(const u8*, u8*, int, int, int, int, i64, i64)`;
     // `src` holds b·sk·hk·d bytes (read only below sk), `dst` b·hk·d·skp bytes (written
-    // exactly), both alive until the stream is synchronized (buffers free stream-ordered).
+    // exactly: the shapes were checked equal), both alive until the stream is synchronized
+    // (buffers free stream-ordered).
     unsafe { lb.launch(cfg) }.map_err(|e| driver_err("launching fa3_fp8_vt", e))?;
-    Ok(out)
+    Ok(())
 }
 
 /// The attention kernel on pre-transposed V, into caller-provided `out` (bf16, contiguous
