@@ -318,7 +318,7 @@ struct WorkTile {
 };
 
 // The end of a persistent CTA's work ids (dynamic scheduler, static stride with the split tail).
-constexpr int TILE_END = 0x7fffffff;
+enum : int { TILE_END = 0x7fffffff };
 
 #include "sm90/fwd_producer.cuh"
 #include "sm90/fwd_mma.cuh"
