@@ -189,18 +189,14 @@ impl Variant {
         let full = needs_full(problem, alibi);
         let causal = !full && is_causal(problem);
         let mut v = Variant::base(problem.head_dim, problem.dtype == DType::F16, causal);
-        // Plain d = 64 keeps the static stride at every length (H100, 2026-11-26, "Step 13":
-        // +2..5% over one CTA per tile at 2k–8k, ahead of the dynamic scheduler).
+        // Plain dense problems of any length but d = 192 also run the static stride (H100:
+        // d = 64 +2..5% over one CTA per tile at 2k–8k, "Step 13"; d = 96/128 +2..6%, "Step 11";
+        // the static stride over the dynamic scheduler +0.3..1.7% at 2k–4k for d = 96/128/256,
+        // −1..+1.2% at 8k, "Step 19"; d = 192 0.99 of one CTA per tile there).
         v.persistent = !full
             && !causal
-            && (problem.max_sk <= PERSIST_MAX_SK || (problem.head_dim == 64 && !problem.varlen));
-        // Plain dense d = 96 / 128 / 256 at any length: persistent CTAs with the static stride
-        // (H100: d = 96/128 +2..6% over one CTA per tile at 2k–8k, "Step 11"; the static stride
-        // +1..3% over the dynamic scheduler at d = 96 / 256, "Step 19"). Dense causal: the
-        // dynamic scheduler, longest first.
-        if !full && !problem.varlen && !causal && matches!(problem.head_dim, 96 | 128 | 256) {
-            v.persistent = true;
-        }
+            && (problem.max_sk <= PERSIST_MAX_SK || (!problem.varlen && problem.head_dim != 192));
+        // Dense causal: the dynamic scheduler, longest first.
         if !full && !problem.varlen && causal {
             v.persistent = true;
             v.dynamic = true;
