@@ -383,14 +383,14 @@ fn check(
 pub fn transpose_v(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
     let [b, sk, hk, d] = v.shape;
     let skp = sk.div_ceil(16) * 16;
-    let mut out = Fp8VTransposed {
+    let out = Fp8VTransposed {
         data: DeviceBuffer::uninit(gpu, (b * hk * d * skp).max(16))?,
         descale: v.descale.clone(),
         shape: v.shape,
         per_head: v.per_head,
         skp,
     };
-    launch_vt(gpu, v, &mut out)?;
+    launch_vt(gpu, v, &out)?;
     Ok(out)
 }
 
@@ -409,7 +409,7 @@ pub fn transpose_v_into(gpu: &Gpu, v: &Fp8DeviceTensor, vt: &mut Fp8VTransposed)
     launch_vt(gpu, v, vt)
 }
 
-fn launch_vt(gpu: &Gpu, v: &Fp8DeviceTensor, out: &mut Fp8VTransposed) -> Result<()> {
+fn launch_vt(gpu: &Gpu, v: &Fp8DeviceTensor, out: &Fp8VTransposed) -> Result<()> {
     let [b, sk, hk, d] = v.shape;
     let skp = out.skp;
     if b * hk * d * skp == 0 {
