@@ -15,12 +15,8 @@ template <class Softmax, class Transform>
 __device__ __forceinline__ void rebase_tile(float* sc, float* o, Softmax& sm, float c, u32 sQw,
                                             const u32 (*qf)[4], u32 sKs, int tile,
                                             Transform& transform) {
-  fence_regs<BK / 2>(sc);
-  wgmma_fence();
-  issue_qk(sc, sQw, qf, sKs);
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs<BK / 2>(sc);
+  start_qk(sc, sQw, qf, sKs);
+  wait_acc<0, BK / 2>(sc);
   transform(sc, tile);
   float alpha[2];
   sm.template step<true>(sc, c, alpha);
@@ -119,13 +115,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       const int s0 = g1 % STAGES;
       mbar_wait(k_full + 8 * s0, (g1 / STAGES) & 1);
       turn_take(cw);
-      fence_regs<BK / 2>(sc);
-      wgmma_fence();
-      issue_qk(sc, sQw, qf, sK + s0 * K_BYTES);
-      wgmma_commit();
+      start_qk(sc, sQw, qf, sK + s0 * K_BYTES);
       turn_pass(cw);
-      wgmma_wait<0>();
-      fence_regs<BK / 2>(sc);
+      wait_acc<0, BK / 2>(sc);
       // RING_O: consumer 0 keeps the tile's last K slot for its O (released by the epilogue).
       if (!(RING_O && cw == 0 && n1 == 1)) warp_release(k_empty + 8 * s0, lane);
       const int tile = hi1 - 1;
@@ -143,16 +135,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       mbar_wait(k_full + 8 * s, ph);
       mbar_wait(v_full + 8 * sp, php);
       turn_take(cw);
-      fence_regs<BK / 2>(sc);
-      fence_regs<D / 2>(o);
-      wgmma_fence();
-      issue_qk(sc, sQw, qf, sK + s * K_BYTES);
-      wgmma_commit();
-      issue_pv(o, pf, sV + sp * V_BYTES);
-      wgmma_commit();
+      start_qk_pv(sc, o, sQw, qf, sK + s * K_BYTES, pf, sV + sp * V_BYTES);
       turn_pass(cw);
-      wgmma_wait<1>();
-      fence_regs<BK / 2>(sc);
+      wait_acc<1, BK / 2>(sc);
       if (!FA3_SUMB && !(RING_O && cw == 0 && it == n1 - 1)) warp_release(k_empty + 8 * s, lane);
       transform(sc, tile);
       // PV's wait sits in both arms of a branch on the softmax's vote: ptxas then cannot hoist
@@ -163,12 +148,10 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       const bool fits = sm.at_base(sc, c, sum);
       // Voted over the warpgroup: the rare path's wgmma is collective.
       if (warpgroup_any(2 + NC + cw, !fits)) {
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
+        wait_acc<0, D / 2>(o);
         rebase_tile(sc, o, sm, c, sQw, qf, sK + s * K_BYTES, tile, transform);
       } else {
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
+        wait_acc<0, D / 2>(o);
         sm.keep(sum);
       }
       warp_release(k_empty + 8 * s, lane);
@@ -176,12 +159,10 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       float alpha[2];
       const bool rescale = sm.step(sc, c, alpha);
       if (rescale) {
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
+        wait_acc<0, D / 2>(o);
         rescale_o<D / 8>(o, alpha);
       } else {
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
+        wait_acc<0, D / 2>(o);
       }
 #endif
       warp_release(v_empty + 8 * sp, lane);
@@ -193,13 +174,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       const u32 php = ((g1 + n1 - 1) / STAGES) & 1;
       mbar_wait(v_full + 8 * sp, php);
       turn_take(cw);
-      fence_regs<D / 2>(o);
-      wgmma_fence();
-      issue_pv(o, pf, sV + sp * V_BYTES);
-      wgmma_commit();
+      start_pv(o, pf, sV + sp * V_BYTES);
       turn_pass(cw);
-      wgmma_wait<0>();
-      fence_regs<D / 2>(o);
+      wait_acc<0, D / 2>(o);
       // RING_O: consumer 1 keeps the last V slot for its O (released by the epilogue).
       if (!(RING_O && cw == 1)) warp_release(v_empty + 8 * sp, lane);
     }
@@ -210,12 +187,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       const u32 ph = ((g1 + it) / STAGES) & 1;
       float sc[BK / 2];
       mbar_wait(k_full + 8 * s, ph);
-      fence_regs<BK / 2>(sc);
-      wgmma_fence();
-      issue_qk(sc, sQw, qf, sK + s * K_BYTES);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs<BK / 2>(sc);
+      start_qk(sc, sQw, qf, sK + s * K_BYTES);
+      wait_acc<0, BK / 2>(sc);
 #if FA3_SUMB
       transform(sc, tile);
       float sum[2];
@@ -233,12 +206,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       u32 pf[BK / KSTEP][4];
       to_pfrag(sc, pf);
       mbar_wait(v_full + 8 * s, ph);
-      fence_regs<D / 2>(o);
-      wgmma_fence();
-      issue_pv(o, pf, sV + s * V_BYTES);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs<D / 2>(o);
+      start_pv(o, pf, sV + s * V_BYTES);
+      wait_acc<0, D / 2>(o);
       warp_release(v_empty + 8 * s, lane);
     }
 #endif

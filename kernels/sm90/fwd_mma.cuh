@@ -57,6 +57,39 @@ __device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 sVs) 
   }
 }
 
+// The wgmma protocol of a consumer's GEMMs: the accumulators' registers are fenced (fence_regs:
+// ptxas must not move their reads or writes into the asynchronous window) before wgmma.fence
+// and again once the wait returns. start_*: fence, issue, commit (one group per GEMM); the
+// caller passes its ping-pong turn, then waits with wait_acc<groups still allowed in flight>.
+__device__ __forceinline__ void start_qk(float* sc, u32 sQw, const u32 (*qf)[4], u32 sKs) {
+  fence_regs<BK / 2>(sc);
+  wgmma_fence();
+  issue_qk(sc, sQw, qf, sKs);
+  wgmma_commit();
+}
+__device__ __forceinline__ void start_pv(float* o, const u32 (*pf)[4], u32 sVs) {
+  fence_regs<D / 2>(o);
+  wgmma_fence();
+  issue_pv(o, pf, sVs);
+  wgmma_commit();
+}
+// S_{j+1} = Q K_{j+1}ᵀ, then O += P_j V_j: two groups, so that wait_acc<1> returns with S.
+__device__ __forceinline__ void start_qk_pv(float* sc, float* o, u32 sQw, const u32 (*qf)[4],
+                                            u32 sKs, const u32 (*pf)[4], u32 sVs) {
+  fence_regs<BK / 2>(sc);
+  fence_regs<D / 2>(o);
+  wgmma_fence();
+  issue_qk(sc, sQw, qf, sKs);
+  wgmma_commit();
+  issue_pv(o, pf, sVs);
+  wgmma_commit();
+}
+template <int N, int R>
+__device__ __forceinline__ void wait_acc(float* acc) {
+  wgmma_wait<N>();
+  fence_regs<R>(acc);
+}
+
 // Key j is visible from row i iff j < sk, and (HAS_RIGHT) j <= i + sk - sq + wr, and
 // (HAS_LEFT) j >= i + sk - sq - wl.
 __device__ __forceinline__ void apply_mask(float* sc, int tile, int row0, int sq, int sk, int tq,
