@@ -35,6 +35,18 @@ __device__ __forceinline__ void to_pfrag_e4m3(const float* sc, u32 (*pf)[4]) {
   }
 }
 
+// Vᵀ positions 4t..4t+3 of a 16-key group hold keys 2t, 2t+1, 2t+8, 2t+9 (fp8_key_of). Given
+// those keys' 32-bit words of four consecutive d bytes (k0, k1, k8, k9), o[r] is d row r's four
+// bytes at those positions: a 4×4 byte transpose (the pre-pass and the in-kernel transpose).
+__device__ __forceinline__ void vt_quad(u32 k0, u32 k1, u32 k8, u32 k9, u32* o) {
+  const u32 x = prmt(k0, k1, 0x5140), y = prmt(k0, k1, 0x7362);
+  const u32 u = prmt(k8, k9, 0x5140), v = prmt(k8, k9, 0x7362);
+  o[0] = prmt(x, u, 0x5410);
+  o[1] = prmt(x, u, 0x7632);
+  o[2] = prmt(y, v, 0x5410);
+  o[3] = prmt(y, v, 0x7632);
+}
+
 // Key (within its 16-key group) stored at Vᵀ position p of that group.
 __device__ __forceinline__ int fp8_key_of(int p) {
   const int t = p >> 2, i = p & 3;

@@ -46,19 +46,15 @@ extern "C" __global__ void __launch_bounds__(256) fa3_fp8_vt(const unsigned char
   u32 w[16];
 #pragma unroll
   for (int k = 0; k < 16; ++k) w[k] = tile[(16 * kg + k) * 32 + 4 * ((rq >> 2) ^ kg) + (rq & 3)];
-  // Vᵀ position 4t + i of the group is key {2t, 2t+1, 2t+8, 2t+9}[i]; word t of d row q takes
-  // byte q of those four keys' words.
+  // Word t of d row q: positions 4t..4t+3 of the group (fp8.cuh vt_quad).
   uint4 o[4];
   u32* ow = (u32*)o;
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
-    const u32 a = w[2 * t], bb = w[2 * t + 1], c = w[2 * t + 8], e = w[2 * t + 9];
-    const u32 lo01 = prmt(a, bb, 0x5140), lo23 = prmt(a, bb, 0x7362);
-    const u32 hi01 = prmt(c, e, 0x5140), hi23 = prmt(c, e, 0x7362);
-    ow[0 * 4 + t] = prmt(lo01, hi01, 0x5410);
-    ow[1 * 4 + t] = prmt(lo01, hi01, 0x7632);
-    ow[2 * 4 + t] = prmt(lo23, hi23, 0x5410);
-    ow[3 * 4 + t] = prmt(lo23, hi23, 0x7632);
+    u32 r[4];
+    vt_quad(w[2 * t], w[2 * t + 1], w[2 * t + 8], w[2 * t + 9], r);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) ow[4 * q + t] = r[q];
   }
   unsigned char* dst = vt + ((long long)bh * d + d0 + 4 * rq) * skp + k0 + 16 * kg;
 #pragma unroll

@@ -91,9 +91,8 @@ __device__ __forceinline__ void transpose_v_tile(u32 src, u32 dst) {
       const u32 a = src + c * KCHUNK + row * 128 + ((((q >> 2) ^ (row & 7))) << 4) + (q & 3) * 4;
       asm volatile("ld.shared.u32 %0, [%1];" : "=r"(wv[j]) : "r"(a));
     }
-    const u32 x = prmt(wv[0], wv[1], 0x5140), y = prmt(wv[0], wv[1], 0x7362);
-    const u32 u = prmt(wv[2], wv[3], 0x5140), v = prmt(wv[2], wv[3], 0x7362);
-    const u32 o[4] = {prmt(x, u, 0x5410), prmt(x, u, 0x7632), prmt(y, v, 0x5410), prmt(y, v, 0x7632)};
+    u32 o[4];
+    vt_quad(wv[0], wv[1], wv[2], wv[3], o);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int n = c * 128 + 4 * q + r;

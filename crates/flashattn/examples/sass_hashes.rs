@@ -14,7 +14,11 @@
 use flashattn::cuda::{fa3, fa3_fp8, jit};
 use rayon::prelude::*;
 use std::hash::{Hash, Hasher};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
+
+// The tests' helpers: `common::sass` is the disassembler call they use.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn main() -> ExitCode {
     let arch = "sm_90a";
@@ -25,7 +29,9 @@ fn main() -> ExitCode {
         .map(|spec| {
             let label = spec.label();
             let compiled = jit::compile(spec, arch).map_err(|e| format!("{label}: {e}"))?;
-            let text = disassemble(&compiled.cubin, &label)?;
+            let text = common::sass(&compiled.cubin).ok_or(format!(
+                "{label}: nvdisasm failed or missing (source .ci/nvrtc-env.sh)"
+            ))?;
             let ins: Vec<&str> = text
                 .lines()
                 .filter_map(|l| l.split("*/").nth(1))
@@ -48,22 +54,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn disassemble(cubin: &[u8], label: &str) -> Result<String, String> {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    label.hash(&mut h);
-    let path = std::env::temp_dir().join(format!(
-        "sass_hashes_{}_{:016x}.cubin",
-        std::process::id(),
-        h.finish()
-    ));
-    std::fs::write(&path, cubin).map_err(|e| format!("{}: {e}", path.display()))?;
-    let out = Command::new("nvdisasm").arg(&path).output();
-    let _ = std::fs::remove_file(&path);
-    let out = out.map_err(|e| format!("nvdisasm (source .ci/nvrtc-env.sh): {e}"))?;
-    if !out.status.success() {
-        return Err(format!("nvdisasm failed on {label}"));
-    }
-    String::from_utf8(out.stdout).map_err(|e| format!("{label}: {e}"))
 }
