@@ -103,6 +103,10 @@ __device__ __forceinline__ int static_piece_from(const Fa3Params& p, int c, int 
   }
   return TILE_END;
 }
+// Whole tiles end here: at t_main with a split, else at the last tile.
+__device__ __forceinline__ int static_whole_end(const Fa3Params& p, int total) {
+  return p.split_ranges > 0 ? p.t_main : total;
+}
 // The first work id after the whole tiles: this CTA's first range's first piece.
 __device__ __forceinline__ int static_tail_start(const Fa3Params& p, int tm) {
   if (p.split_ranges == 0) return TILE_END;
@@ -110,11 +114,11 @@ __device__ __forceinline__ int static_tail_start(const Fa3Params& p, int tm) {
   return static_piece_from(p, (((int)blockIdx.x - tm) % g + g) % g, 0);
 }
 __device__ __forceinline__ int static_first(const Fa3Params& p, int total) {
-  const int tm = p.split_ranges > 0 ? p.t_main : total;
+  const int tm = static_whole_end(p, total);
   return (int)blockIdx.x < tm ? (int)blockIdx.x : static_tail_start(p, tm);
 }
 __device__ __forceinline__ int static_next(const Fa3Params& p, int t, int total) {
-  const int tm = p.split_ranges > 0 ? p.t_main : total;
+  const int tm = static_whole_end(p, total);
   if (t < tm) return t + (int)gridDim.x < tm ? t + (int)gridDim.x : static_tail_start(p, tm);
   const int u = t - p.t_main;
   return static_piece_from(p, u >> 1, (u & 1) + 1);
