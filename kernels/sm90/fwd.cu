@@ -58,7 +58,8 @@
 // persistent two-consumer CTA's last K slot of the tile (consumer 0) and last V slot (consumer 1):
 // each waits for the other consumer to finish reading its slot (named barriers BAR_K_READ and
 // BAR_PV_DONE) and holds it from the producer until its store has read it, so Q is free after the
-// main loop as with a buffer of its own (d = 256, where there is no room for one). Where TMA
+// main loop as with a buffer of its own (d = 256, where there is no room for one); with
+// FA3_RDEFER=1 it waits for that read only after issuing the next tile's first QKᵀ. Where TMA
 // may not write the whole box, the warpgroup copies the staged rows out itself (row-checked,
 // 128 contiguous bytes per warp store): varlen warpgroup tiles that reach past their sequence's
 // end (the map is [d, total, heads, 1], so TMA clips only at the packed total and would
@@ -187,6 +188,9 @@
 #ifndef FA3_QSPLIT
 #define FA3_QSPLIT 0
 #endif
+#ifndef FA3_RDEFER
+#define FA3_RDEFER 0
+#endif
 #ifndef FA3_KVFIRST
 #define FA3_KVFIRST 0
 #endif
@@ -243,6 +247,10 @@ constexpr int OWN_BYTES = OWN_O ? O_BYTES : 0;
 // FA3_OBUF == 3: consumer 0 stages O in the tile's last K slot, consumer 1 in its last V slot
 // (see the epilogue), so Q is free after the main loop as with a buffer of its own.
 constexpr bool RING_O = FA3_OTMA && FA3_OBUF == 3;
+// FA3_RDEFER: a RING_O consumer does not wait for its O store to read the slot before it leaves
+// the tile; it hands the slot back after issuing the next tile's first QKᵀ, so the wait (the
+// store drains while every CTA stores at once) overlaps that GEMM instead of preceding it.
+constexpr bool RING_DEFER = RING_O && FA3_RDEFER;
 // Offset of chunk c of consumer cw's staged O from its staging base: interleaved with the other
 // consumers' in Q's layout (each its own slice of every Q chunk), contiguous in a ring slot.
 __device__ __forceinline__ int o_chunk(int c, int cw) { return (RING_O ? c : c * NC + cw) * OBOX; }
@@ -466,16 +474,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
     // not wait for the other consumers' epilogues.
     if (wg == NC) named_arrive(2, 256);
 #endif
+    u32 o_pending = 0;  // RING_DEFER: the empty barrier of a slot still held for an O store
     FA3_TILE_LOOP {
       const WorkTile w = decode_tile(p, t);
       const u32 qo = QSPLIT ? 8 * (wg - 1) : 0;  // this consumer's Q barriers
       consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full + qo, k_full, v_full, k_empty,
-               v_empty, q_empty + qo, w, t, wg - 1, g0, jq);
+               v_empty, q_empty + qo, w, t, wg - 1, g0, jq, o_pending);
       if (w.count() > 0) {
         g0 += w.count();
         ++jq;
       }
     }
+    release_pending(o_pending, threadIdx.x % 32);
 #if FA3_PINGPONG
     if (wg == 1) named_sync(2, 256);  // the last consumer's final hand-off
 #endif

@@ -30,11 +30,22 @@ __device__ __forceinline__ int tiles_through(int row, int sq, int sk, int wr) {
   return jmax < 0 ? 0 : jmax / BK + 1;
 }
 
-// w is work tile wt (its index, for the epilogue's re-derivation).
+// RING_DEFER: hands back the ring slot of the previous tile's O store (`pending`: its empty
+// barrier, 0 for none) once the store has read it — thread 0, which issued the store, waits;
+// the other warps arrive at once.
+__device__ __forceinline__ void release_pending(u32& pending, int lane) {
+  if (RING_DEFER && pending != 0) {
+    if (threadIdx.x % 128 == 0) bulk_wait_read<0>();
+    warp_release(pending, lane);
+    pending = 0;
+  }
+}
+
+// w is work tile wt (its index, for the epilogue's re-derivation); o_pending: release_pending's.
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sO,
                                          u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
                                          u32 v_empty, u32 q_empty, const WorkTile& w, int wt,
-                                         int cw, int g0, int jq) {
+                                         int cw, int g0, int jq, u32& o_pending) {
   const int m = w.m, h = w.h, b = w.b, n_end = w.count();
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
@@ -86,6 +97,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
     skip = __shfl_sync(0xffffffffu, skip, 0);
   }
   u32 qf[QF][4];
+  // The first QKᵀ's slot is never the pending one (the ring has moved on by one); a skipped
+  // tile's or an empty tile's wait could be.
+  if (n_end == 0 || skip > 0) release_pending(o_pending, lane);
   if (n_end > 0) {
     mbar_wait(q_full, jq & 1);
     if constexpr (QRS) {
@@ -117,6 +131,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_take(cw);
       start_qk(sc, sQw, qf, sK + s0 * K_BYTES);
       turn_pass(cw);
+      release_pending(o_pending, lane);
       wait_acc<0, BK / 2>(sc);
       // RING_O: consumer 0 keeps the tile's last K slot for its O (released by the epilogue).
       if (!(RING_O && cw == 0 && n1 == 1)) warp_release(k_empty + 8 * s0, lane);
@@ -273,7 +288,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       tma_store_o(p, o_base, we, cw, wrow);
     else
       copy_o_rows(p, o_base, we, cw, wrow);
-    if (RING_O) warp_release((cw == 0 ? k_empty : v_empty) + 8 * s_last, lane);
+    if (RING_DEFER) o_pending = (cw == 0 ? k_empty : v_empty) + 8 * s_last;
+    else if (RING_O) warp_release((cw == 0 ? k_empty : v_empty) + 8 * s_last, lane);
   }
 #else
   {

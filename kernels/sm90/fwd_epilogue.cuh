@@ -70,8 +70,9 @@ __device__ __forceinline__ void tma_store_o(const Fa3Params& p, u32 o_base, cons
       tma_store_4d(&p.om, o_base + o_chunk(c, cw), c * 64, w.qs + wrow, w.h, w.tb);
   }
   bulk_commit();
-  // A persistent CTA's own buffer is next written one tile later: wait there instead.
-  if (!(OWN_O && FA3_PERSISTENT)) bulk_wait_read<0>();
+  // A persistent CTA's own buffer is next written one tile later: wait there instead
+  // (RING_DEFER: before the slot is handed back, see release_pending).
+  if (!(OWN_O && FA3_PERSISTENT) && !RING_DEFER) bulk_wait_read<0>();
 }
 
 // FA3_OTMA, step 2 where TMA may not write the whole tile (see the header): the warpgroup

@@ -664,6 +664,7 @@ fn fa3_persistent_schedulers() {
         "persist=2",
         "persist=2,sgroup=1",
         "persist=2,sgroup=5",
+        "persist=1,rdefer=0",
     ];
     for d in fa3::HEAD_DIMS {
         let dtype = if d == 96 { DType::F16 } else { DType::BF16 };

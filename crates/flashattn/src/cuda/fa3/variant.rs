@@ -72,6 +72,11 @@ pub struct Variant {
     pub kv_first: bool,
     /// Allows [`OStaging::Ring`] (`ring=0` turns it off for A/B runs).
     pub ring_o: bool,
+    /// With [`OStaging::Ring`], a consumer hands its O slot back after the next tile's first
+    /// QKᵀ issue instead of waiting for the store to read it before leaving the tile
+    /// (`FA3_RDEFER`; `rdefer=0` for A/B runs). H100, bench/RESULTS.md "Step 20c": d = 256
+    /// plain +0.0 / +0.7 / +0.4%, causal +1.7 / +0.9 / +1.6% at 2k / 4k / 8k.
+    pub ring_defer: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -174,6 +179,7 @@ impl Variant {
             qsplit: false,
             kv_first: false,
             ring_o: true,
+            ring_defer: true,
         }
     }
 
@@ -327,6 +333,7 @@ impl Variant {
                 "qsplit" => self.qsplit = n != 0,
                 "kvfirst" => self.kv_first = n != 0,
                 "ring" => self.ring_o = n != 0,
+                "rdefer" => self.ring_defer = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -507,6 +514,10 @@ impl Variant {
             .define("FA3_SUMB", u32::from(self.sums_bounded()))
             .define("FA3_QSPLIT", u32::from(self.splits_q()))
             .define("FA3_KVFIRST", u32::from(self.kv_first))
+            .define(
+                "FA3_RDEFER",
+                u32::from(self.ring_defer && self.o_staging() == Some(OStaging::Ring)),
+            )
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             // The kernel static_asserts its own layout against this.
             .define("FA3_SMEM", self.smem_bytes())
