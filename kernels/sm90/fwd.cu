@@ -485,6 +485,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
         ++jq;
       }
     }
+    // No later tile waits on the last slot; handed back anyway so that every held slot is
+    // released exactly once (the producer's ring accounting stays symmetric).
     release_pending(o_pending, threadIdx.x % 32);
 #if FA3_PINGPONG
     if (wg == 1) named_sync(2, 256);  // the last consumer's final hand-off
