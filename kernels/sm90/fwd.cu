@@ -188,6 +188,9 @@
 #ifndef FA3_QSPLIT
 #define FA3_QSPLIT 0
 #endif
+#ifndef FA3_QEARLY
+#define FA3_QEARLY 0
+#endif
 #ifndef FA3_RDEFER
 #define FA3_RDEFER 0
 #endif
@@ -251,6 +254,11 @@ constexpr bool RING_O = FA3_OTMA && FA3_OBUF == 3;
 // the tile; it hands the slot back after issuing the next tile's first QKᵀ, so the wait (the
 // store drains while every CTA stores at once) overlaps that GEMM instead of preceding it.
 constexpr bool RING_DEFER = RING_O && FA3_RDEFER;
+// FA3_QEARLY: a consumer releases its Q (slice) as soon as its last QKᵀ has completed (and, with
+// the sum bound, after that tile's vote, whose rare path reads Q again) instead of after its
+// last PV, so that a persistent producer's load of the next tile's Q goes out a softmax and a
+// PV earlier. Only where Q is read from shared memory to the end and holds no O.
+constexpr bool Q_EARLY = FA3_QEARLY && !Q_HOLDS_O && FA3_QRS != 1;
 // Offset of chunk c of consumer cw's staged O from its staging base: interleaved with the other
 // consumers' in Q's layout (each its own slice of every Q chunk), contiguous in a ring slot.
 __device__ __forceinline__ int o_chunk(int c, int cw) { return (RING_O ? c : c * NC + cw) * OBOX; }

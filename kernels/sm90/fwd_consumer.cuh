@@ -135,6 +135,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       wait_acc<0, BK / 2>(sc);
       // RING_O: consumer 0 keeps the tile's last K slot for its O (released by the epilogue).
       if (!(RING_O && cw == 0 && n1 == 1)) warp_release(k_empty + 8 * s0, lane);
+      if (Q_EARLY && n1 == 1) warp_release(q_empty, lane);
       const int tile = hi1 - 1;
       transform(sc, tile);
       float alpha[2];
@@ -154,6 +155,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       turn_pass(cw);
       wait_acc<1, BK / 2>(sc);
       if (!FA3_SUMB && !(RING_O && cw == 0 && it == n1 - 1)) warp_release(k_empty + 8 * s, lane);
+      if (!FA3_SUMB && Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);
       transform(sc, tile);
       // PV's wait sits in both arms of a branch on the softmax's vote: ptxas then cannot hoist
       // it above the exponentials (straight-line code gets it right after the QKᵀ wait, and the
@@ -170,6 +172,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
         sm.keep(sum);
       }
       warp_release(k_empty + 8 * s, lane);
+      if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);  // after the rare path's QKᵀ
 #else
       float alpha[2];
       const bool rescale = sm.step(sc, c, alpha);
@@ -214,9 +217,13 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(k_empty + 8 * s, lane);
 #else
       warp_release(k_empty + 8 * s, lane);
+      if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);
       transform(sc, tile);
       float alpha[2];
       if (sm.step(sc, c, alpha)) rescale_o<D / 8>(o, alpha);
+#endif
+#if FA3_SUMB
+      if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);
 #endif
       u32 pf[BK / KSTEP][4];
       to_pfrag(sc, pf);
@@ -228,7 +235,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
 #endif
     if (RING_O && cw == 0) named_arrive(BAR_PV_DONE, 256);
     // Q may be overwritten (persistent CTAs); when it stages O, only after the epilogue.
-    if (!Q_HOLDS_O && FA3_QRS != 1) warp_release(q_empty, lane);
+    if (!Q_HOLDS_O && FA3_QRS != 1 && !Q_EARLY) warp_release(q_empty, lane);
   }
 
   // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are

@@ -77,6 +77,10 @@ pub struct Variant {
     /// (`FA3_RDEFER`; `rdefer=0` for A/B runs). H100, bench/RESULTS.md "Step 20c": d = 256
     /// plain +0.0 / +0.7 / +0.4%, causal +1.7 / +0.9 / +1.6% at 2k / 4k / 8k.
     pub ring_defer: bool,
+    /// Q released after the tile's last QKᵀ instead of its last PV (`FA3_QEARLY`; `qearly=0`
+    /// for A/B runs): plain problems only. H100, bench/RESULTS.md "Step 21": d = 64 plain
+    /// +1.0..1.6% at 2k, d = 256 plain +0.6..0.9% at 2k, ±0.5% elsewhere.
+    pub q_early: bool,
 }
 
 /// Lazy rescaling threshold of the shipped kernels (`FA3_LAZY`, log2 units): a row's softmax
@@ -180,6 +184,7 @@ impl Variant {
             kv_first: false,
             ring_o: true,
             ring_defer: true,
+            q_early: !causal,
         }
     }
 
@@ -334,6 +339,7 @@ impl Variant {
                 "kvfirst" => self.kv_first = n != 0,
                 "ring" => self.ring_o = n != 0,
                 "rdefer" => self.ring_defer = n != 0,
+                "qearly" => self.q_early = n != 0,
                 "emu" if n <= 8 => self.emu = n,
                 "qrs" if matches!(n, 0 | 1 | 2 | 4) => self.qrs = n,
                 "lazy" if n <= 8 => self.lazy = n,
@@ -514,6 +520,7 @@ impl Variant {
             .define("FA3_SUMB", u32::from(self.sums_bounded()))
             .define("FA3_QSPLIT", u32::from(self.splits_q()))
             .define("FA3_KVFIRST", u32::from(self.kv_first))
+            .define("FA3_QEARLY", u32::from(self.q_early))
             .define(
                 "FA3_RDEFER",
                 u32::from(self.ring_defer && self.o_staging() == Some(OStaging::Ring)),
