@@ -96,6 +96,7 @@
 // FA3_QSPLIT=1 — every consumer's 64-row slice of Q is loaded (64-row boxes) and released on
 // barriers of its own; FA3_KVFIRST=1 — the producer loads a tile's first K before its Q. Both
 // shorten the gap between a persistent CTA's tiles where Q holds O (d = 192/256).
+// FA3_QEARLY=1 — Q is released after the tile's last QKᵀ rather than its last PV (see Q_EARLY).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
