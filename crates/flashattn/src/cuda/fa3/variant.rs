@@ -79,7 +79,7 @@ pub struct Variant {
     pub ring_defer: bool,
     /// Q released after the tile's last QKᵀ instead of its last PV (`FA3_QEARLY`; `qearly=0`
     /// for A/B runs): plain problems only. H100, bench/RESULTS.md "Step 21": d = 64 plain
-    /// +1.0..1.6% at 2k, d = 256 plain +0.6..0.9% at 2k, ±0.5% elsewhere.
+    /// +1.0..1.6% at 2k, d = 256 plain +0.6..0.9% at 2k, −0.3..+0.9% at 4k/8k.
     pub q_early: bool,
 }
 
