@@ -11,9 +11,13 @@
 //! ```
 //!
 //! (An override the host would not produce may need `FA3_SMEM=-`: the kernel checks its layout
-//! against that define.) Compiles through the kernel cache (`FLASHATTN_CACHE_DIR`).
+//! against that define.) Compiles through the kernel cache (`FLASHATTN_CACHE_DIR`). ptxas's
+//! performance notes (`C75xx`: serialized wgmma, injected waits, ignored setmaxnreg) are printed
+//! in brackets after the label; with `DUMP_SASS=DIR` each variant's SASS is also written to
+//! `DIR/<hash of the label>.sass`, the label on its first line.
 use flashattn::cuda::{fa3, fa3_fp8, jit};
 use rayon::prelude::*;
+use std::hash::{Hash, Hasher};
 use std::process::ExitCode;
 
 // The tests' helpers: `common::sass` is the disassembler call they use.
@@ -85,14 +89,28 @@ fn main() -> ExitCode {
             let label = spec.label();
             let c = jit::compile(spec, arch).map_err(|e| format!("{label}: {e}"))?;
             let r = &c.resources;
-            let lp = common::sass(&c.cubin)
+            let sass = common::sass(&c.cubin);
+            if let (Ok(dir), Some(text)) = (std::env::var("DUMP_SASS"), sass.as_ref()) {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                label.hash(&mut h);
+                let path = format!("{dir}/{:016x}.sass", h.finish());
+                std::fs::write(&path, format!("{label}\n{text}"))
+                    .map_err(|e| format!("{label}: writing {path}: {e}"))?;
+            }
+            let notes: Vec<&str> = c.log.lines().filter(|l| l.contains("(C75")).collect();
+            let lp = sass
                 .as_deref()
                 .and_then(main_loop)
                 .map_or("no loop found (nvdisasm?)".into(), |(n, u, g)| {
                     format!("loop {n} instructions, {u} R2UR, {g} wgmma")
                 });
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", notes.join(" | "))
+            };
             Ok(format!(
-                "{label}\n  {} registers, spill {} / {} bytes, stack {}; {lp}",
+                "{label}{notes}\n  {} registers, spill {} / {} bytes, stack {}; {lp}",
                 r.registers, r.spill_stores, r.spill_loads, r.stack_bytes
             ))
         })
