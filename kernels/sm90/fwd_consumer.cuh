@@ -217,14 +217,11 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       warp_release(k_empty + 8 * s, lane);
 #else
       warp_release(k_empty + 8 * s, lane);
-      if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);
       transform(sc, tile);
       float alpha[2];
       if (sm.step(sc, c, alpha)) rescale_o<D / 8>(o, alpha);
 #endif
-#if FA3_SUMB
-      if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);
-#endif
+      if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);  // after the sum bound's QKᵀ
       u32 pf[BK / KSTEP][4];
       to_pfrag(sc, pf);
       mbar_wait(v_full + 8 * s, ph);

@@ -450,6 +450,13 @@ impl Variant {
         })
     }
 
+    /// Whether the kernel hands Q back after the last QKᵀ ([`q_early`](Self::q_early)): only
+    /// where Q stays in shared memory to the end (not all in registers) and holds no O, so that
+    /// the other kernels keep their labels and cache entries (the kernel gates it likewise).
+    fn releases_q_early(&self) -> bool {
+        self.q_early && self.qrs != 1 && self.o_staging() != Some(OStaging::QSlice)
+    }
+
     /// Whether [`OStaging::Ring`] is used: at d = 256 (H100, bench/RESULTS.md "Step 18b", against
     /// O in Q: plain +0.9..1.2% at 2k–8k, causal +1.1% at 2k, +0.4% at 4k; d = 192 causal
     /// +0.8 / −0.4 / −0.9% at 2k / 4k / 8k, so not there), where a consumer's O fits a ring slot
@@ -520,7 +527,7 @@ impl Variant {
             .define("FA3_SUMB", u32::from(self.sums_bounded()))
             .define("FA3_QSPLIT", u32::from(self.splits_q()))
             .define("FA3_KVFIRST", u32::from(self.kv_first))
-            .define("FA3_QEARLY", u32::from(self.q_early))
+            .define("FA3_QEARLY", u32::from(self.releases_q_early()))
             .define(
                 "FA3_RDEFER",
                 u32::from(self.ring_defer && self.o_staging() == Some(OStaging::Ring)),
