@@ -73,32 +73,43 @@ __device__ __forceinline__ void producer(const Fa3Params& p, u32 sQ, u32 sK, u32
 
 // FA3_VTK: V tile as stored (src: BK key rows, NCH 128-byte chunks, 128B swizzle — K's layout)
 // -> Vᵀ slot (dst: D rows of BK = 128 bytes, 128B swizzle, keys permuted as fp8_key_of: position
-// 4t+i of a 16-key group holds key {2t, 2t+1, 2t+8, 2t+9}[i]). Lane (G = lane/4, t = lane%4)
-// gathers the 4 keys of its (group G, t) for 4 consecutive d (one 32-bit word of each key row)
-// and writes 4 words, one per d row; word q = (qb + G) mod QW makes the loads and the stores
-// hit 32 distinct banks. All 128 producer threads take part.
+// 4t+i of a 16-key group holds key {2t, 2t+1, 2t+8, 2t+9}[i]). An 8-bit transpose is a 16-bit
+// one plus a byte permute: ldmatrix.trans of the 8 × 8 b16 block (keys 16G+8h.., d bytes of
+// 16-byte segment e) gives lane (g = lane/4, t = lane%4) keys 2t, 2t+1 (+8h) × d bytes 2g, 2g+1,
+// so with h = 0 and 1 it holds keys {2t, 2t+1, 2t+8, 2t+9} of two d rows: one PRMT each makes
+// the word those rows keep at key position 4t of group G, and stmatrix (non-transposed) writes
+// lane (g, t)'s word to byte 4t of the row lane 8m+g addresses. A unit is one key group × two
+// segments (512 bytes, one ldmatrix.x4 + one stmatrix.x4 per warp; two units in flight, since
+// the loop is latency-bound and 24 producer registers hold no more); lanes g ≥ 4 hand out their
+// odd row first, so each stmatrix matrix covers rows n with distinct n mod 8 (conflict-free on
+// the swizzle, as are the loads: 8 consecutive keys of one segment). All 128 producer threads.
 __device__ __forceinline__ void transpose_v_tile(u32 src, u32 dst) {
-  constexpr int QW = (D < 128 ? D : 128) / 4;  // 32-bit words of a key row per chunk
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
-  const int G = lane >> 2, t = lane & 3;
+  const int m = lane >> 3, i = lane & 7;
+  const bool hi = (lane >> 2) >= 4;  // g >= 4
+  const u32 sel0 = hi ? 0x7531u : 0x6420u, sel1 = hi ? 0x6420u : 0x7531u;
+  // Warp w takes key groups w and w + 4 (units A, B) of every segment pair j: the two loads are
+  // 8192 bytes apart and the two stores differ in bit 2 of the swizzled 16-byte slot.
+  const int row8 = 2 * i + ((m & 1) ^ (i >= 4));  // the Vᵀ row (mod 16) this lane addresses
+  const int slot = warp ^ (row8 & 7);
+  const u32 ld_base = src + warp * 2048 + (8 * (m & 1) + i) * 128;
+  const u32 st_base = dst + row8 * 128 + (slot << 4);
+  const int st_b = (slot & 4) ? -64 : 64;
 #pragma unroll 1
-  for (int i = warp; i < NCH * QW; i += 4) {
-    const int c = i / QW, q = (i % QW + G) % QW;
-    u32 wv[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = 16 * G + 2 * t + (j & 1) + 8 * (j >> 1);
-      const u32 a = src + c * KCHUNK + row * 128 + ((((q >> 2) ^ (row & 7))) << 4) + (q & 3) * 4;
-      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(wv[j]) : "r"(a));
-    }
-    u32 o[4];
-    vt_quad(wv[0], wv[1], wv[2], wv[3], o);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int n = c * 128 + 4 * q + r;
-      const u32 a = dst + n * 128 + ((G ^ (n & 7)) << 4) + 4 * t;
-      asm volatile("st.shared.u32 [%0], %1;" ::"r"(a), "r"(o[r]) : "memory");
-    }
+  for (int j = 0; j < D / 32; ++j) {
+    const int e = 2 * j + (m >> 1);  // this lane's 16-byte segment of d
+    const u32 la = ld_base + (e >> 3) * KCHUNK + (((e & 7) ^ i) << 4);
+    u32 a0, a1, a2, a3, b0, b1, b2, b3;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+                 : "r"(la));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                 : "r"(la + 4 * 2048));
+    const u32 sa = st_base + e * 2048;
+    stmatrix_x4(sa, prmt(a0, a1, sel0), prmt(a0, a1, sel1), prmt(a2, a3, sel0), prmt(a2, a3, sel1));
+    stmatrix_x4(sa + st_b, prmt(b0, b1, sel0), prmt(b0, b1, sel1), prmt(b2, b3, sel0),
+                prmt(b2, b3, sel1));
   }
 }
 
