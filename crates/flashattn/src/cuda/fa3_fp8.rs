@@ -9,7 +9,7 @@
 //! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. Two
 //! ways, chosen by [`in_kernel_transpose`]: a **separate pre-pass kernel** (`fa3_fp8_vt`, one
 //! extra read and write of V, launched before the attention kernel on the same stream; the
-//! default above 1024 keys and at d = 256), or the **in-kernel transpose** (`FA3_VTK=1`: the
+//! default above 1024 keys, 2048 for causal problems), or the **in-kernel transpose** (`FA3_VTK=1`: the
 //! producer warpgroup TMA-loads V as stored and transposes it in shared memory;
 //! [`attention_into_raw_v`]).
 //!
@@ -41,24 +41,32 @@ pub const VT_SOURCE: &str = "sm90/fp8_vt.cu";
 pub const VT_ENTRY: &str = "fa3_fp8_vt";
 
 /// Whether [`forward`] transposes V inside the attention kernel (`FA3_VTK=1`) instead of the
-/// pre-pass, for head dim `d` and `sk` keys: `FLASHATTN_FP8_VT=kernel` or `prepass` overrides
-/// the shipped choice ([`vtk_by_default`]).
-pub fn in_kernel_transpose(d: usize, sk: usize) -> bool {
+/// pre-pass, for `sk` keys and the mask: `FLASHATTN_FP8_VT=kernel` or `prepass` overrides the
+/// shipped choice ([`vtk_by_default`]).
+pub fn in_kernel_transpose(sk: usize, causal: bool) -> bool {
     match std::env::var("FLASHATTN_FP8_VT").as_deref() {
         Ok("kernel") => true,
         Ok("prepass") => false,
-        _ => vtk_by_default(d, sk),
+        _ => vtk_by_default(sk, causal),
     }
 }
-/// The shipped choice: the in-kernel transpose for d ≤ 128 with at most [`VTK_MAX_SK`] keys,
-/// where the pre-pass's extra launch and pass over V cost more than the transpose's shared-memory
-/// traffic (H100, bench/RESULTS.md "Step 10", 1k: d = 64 +2..11%, d = 128 +6..22% over pre-pass
-/// + kernel; from 4k the pre-pass path is −0.3..+7% faster at d ≤ 128 and 15..43% at d = 256).
-pub fn vtk_by_default(d: usize, sk: usize) -> bool {
-    d <= 128 && sk <= VTK_MAX_SK
+/// The shipped choice: the in-kernel transpose up to [`VTK_MAX_SK`] keys, and for causal
+/// problems up to [`VTK_MAX_SK_CAUSAL`], where the pre-pass's extra launch and pass over V cost
+/// more than the transpose's shared-memory traffic inside a kernel that already has less work
+/// per tile. H100, d = 64 / 128 / 256 (bench/RESULTS.md "Step 22", three rounds), against
+/// pre-pass + kernel: 1k plain −1..+15%, 1k causal +5..12%, 2k causal +2..13%; 2k plain
+/// −6..0%, 4k plain −10..0%, 4k causal −9..+4%.
+pub fn vtk_by_default(sk: usize, causal: bool) -> bool {
+    sk <= if causal {
+        VTK_MAX_SK_CAUSAL
+    } else {
+        VTK_MAX_SK
+    }
 }
 /// Longest key sequence for which [`vtk_by_default`] picks the in-kernel transpose.
 pub const VTK_MAX_SK: usize = 1024;
+/// [`VTK_MAX_SK`] for causal problems.
+pub const VTK_MAX_SK_CAUSAL: usize = 2048;
 
 /// One compiled FP8 configuration of the sm90 forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -644,7 +652,7 @@ pub fn forward(
     if dm.b * dm.sq * dm.hq == 0 {
         return Ok((out, lse));
     }
-    if in_kernel_transpose(dm.d, dm.sk) {
+    if in_kernel_transpose(dm.sk, opts.causal) {
         attention_into_raw_v(gpu, q, k, v, opts, &out, &lse)?;
     } else {
         let vt = transpose_v(gpu, v)?;
@@ -676,10 +684,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vtk_default_only_for_short_keys_up_to_d128() {
-        assert!(vtk_by_default(64, 1) && vtk_by_default(128, VTK_MAX_SK));
-        assert!(!vtk_by_default(128, VTK_MAX_SK + 1));
-        assert!(!vtk_by_default(256, 16));
+    fn vtk_default_only_for_short_keys() {
+        assert!(vtk_by_default(1, false) && vtk_by_default(VTK_MAX_SK, false));
+        assert!(!vtk_by_default(VTK_MAX_SK + 1, false));
+        assert!(vtk_by_default(VTK_MAX_SK + 1, true) && vtk_by_default(VTK_MAX_SK_CAUSAL, true));
+        assert!(!vtk_by_default(VTK_MAX_SK_CAUSAL + 1, true));
     }
 
     #[test]
