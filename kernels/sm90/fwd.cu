@@ -97,6 +97,7 @@
 // barriers of its own; FA3_KVFIRST=1 — the producer loads a tile's first K before its Q. Both
 // shorten the gap between a persistent CTA's tiles where Q holds O (d = 192/256).
 // FA3_QEARLY=1 — Q is released after the tile's last QKᵀ rather than its last PV (see Q_EARLY).
+// FA3_LINEAR=1 — one CTA per tile in a 1-D grid, in the persistent tile order (see LINEAR below).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
@@ -198,6 +199,9 @@
 #ifndef FA3_KVFIRST
 #define FA3_KVFIRST 0
 #endif
+#ifndef FA3_LINEAR
+#define FA3_LINEAR 0
+#endif
 static_assert(FA3_EMU >= 0 && FA3_EMU <= 8, "exp2 emulation: n8-blocks of every 8");
 constexpr bool HAS_LEFT = FA3_WINDOW;                   // keys left of the window are masked
 constexpr bool HAS_RIGHT = FA3_WINDOW || FA3_CAUSAL;    // keys right of the diagonal (+wr) are masked
@@ -272,6 +276,11 @@ static_assert(!SPLIT || (FA3_PERSISTENT && !FA3_CAUSAL && !FA3_WINDOW && !PRESCA
                          PACK == 1 && D <= 128),
               "split tail: plain dense 16-bit persistent tiles, d <= 128");
 static_assert(!(DYN && VTK), "dynamic scheduling: not with the in-kernel V transpose");
+// FA3_LINEAR: one CTA per tile as without FA3_PERSISTENT, but a 1-D grid whose block index is
+// decoded in the persistent order (causal: longest first within L2-sized head groups), so the
+// hardware's in-order dispatch balances the tail as the dynamic scheduler does.
+static_assert(!FA3_LINEAR || (!FA3_PERSISTENT && PACK == 1 && !FA3_VARLEN),
+              "linear tile order: one CTA per tile, unpacked, dense");
 // FA3_QSPLIT: every consumer's 64-row slice of Q has its own full/empty barriers.
 constexpr bool QSPLIT = FA3_QSPLIT;
 constexpr int NQB = QSPLIT ? NC : 1;
@@ -402,6 +411,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
 #elif FA3_PERSISTENT
   const int total = p.m_tiles * p.heads_q * p.batch;
 #define FA3_TILE_LOOP for (int t = blockIdx.x; t < total; t += gridDim.x)
+#elif FA3_LINEAR
+#define FA3_TILE_LOOP for (int t = blockIdx.x, t_end = t + 1; t < t_end; ++t)
 #else
 #define FA3_TILE_LOOP for (int t = 0; t < 1; ++t)
 #endif

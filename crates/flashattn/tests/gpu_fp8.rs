@@ -168,6 +168,8 @@ fn fp8_matches_reference() {
             if causal {
                 shapes.push((1, 300, 129, 2, 1)); // sq > sk: empty rows
                 shapes.push((1, 65, 511, 1, 1)); // sq < sk: offset diagonal
+                                                 // From fa3_fp8::LINEAR_MIN_SK keys: one CTA per tile in the linear order.
+                shapes.push((1, 4097, fa3_fp8::LINEAR_MIN_SK + 1, 1, 1));
             }
             let hk = rng.range(1, 3);
             shapes.push((
@@ -272,9 +274,10 @@ fn fp8_variants_compile_without_spills() {
         return;
     }
     let specs = fa3_fp8::all_variants("sm_90a");
-    assert_eq!(specs.len(), 13);
+    assert_eq!(specs.len(), 18);
     // Spills only where `report::accepted_spill_bytes` allows them (the d = 256 kernels with
-    // the dynamic scheduler, at most 16 bytes).
+    // the dynamic scheduler, at most 16 bytes; the d = 256 in-kernel transpose's causal kernel
+    // in the linear order, at most 20).
     let bad = hopper_compile_audit(&specs, std::env::var("FP8_CUBIN_DIR").ok().as_deref());
     assert!(fa3_fp8::all_variants("sm_80").is_empty());
     assert!(

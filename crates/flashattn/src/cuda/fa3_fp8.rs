@@ -68,6 +68,12 @@ pub const VTK_MAX_SK: usize = 1024;
 /// [`VTK_MAX_SK`] for causal problems.
 pub const VTK_MAX_SK_CAUSAL: usize = 2048;
 
+/// Causal problems with at least this many keys run one CTA per tile in the linear order
+/// ([`Fp8Variant::linear`]). H100 (bench/RESULTS.md "Step 22", c6, two rounds against the
+/// blockIdx order): 4k / 8k causal d = 64 +4..6%, d = 128 −0..+2%, d = 256 with the in-kernel
+/// transpose +4..8%; at 2k d = 64 / 128 / 256 −3..+3%, so shorter problems keep the grid order.
+pub const LINEAR_MIN_SK: usize = 4096;
+
 /// One compiled FP8 configuration of the sm90 forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fp8Variant {
@@ -83,6 +89,10 @@ pub struct Fp8Variant {
     /// Persistent CTAs taking their tiles from a global counter (`FA3_PERSISTENT=2`; not with
     /// `vtk`).
     pub dynamic: bool,
+    /// Without `dynamic`: one CTA per tile in a 1-D grid decoded in the persistent tile order
+    /// (`FA3_LINEAR`; causal: longest first within L2-sized head groups), so the hardware's
+    /// in-order dispatch balances the causal tail.
+    pub linear: bool,
     /// Softmax exponentials on the FMA pipe for this many n8-blocks of every 8 (`FA3_EMU`).
     pub emu: usize,
     /// S = Q Kᵀ with Q's A fragments in registers (`FA3_QRS`: 0 off, 1 all, 2 / 4 half / quarter).
@@ -113,6 +123,7 @@ impl Fp8Variant {
             // at 4k and +1..5% at 8k; exp2 on the FMA pipe for 2 of every 8 n8-blocks at d = 64
             // +0..4% (the MUFU binds there).
             dynamic: d == 256 && !vtk,
+            linear: false,
             emu: if d == 64 { 2 } else { 0 },
             qrs: 0,
             // Lazy rescaling as the 16-bit kernels (p ≤ 2^8 stays inside e4m3's range).
@@ -126,6 +137,10 @@ impl Fp8Variant {
                     "emu" if n <= 8 => Fp8Variant { emu: n, ..v },
                     "qrs" if matches!(n, 0 | 1 | 2 | 4) => Fp8Variant { qrs: n, ..v },
                     "lazy" if n <= 8 => Fp8Variant { lazy: n, ..v },
+                    "linear" => Fp8Variant {
+                        linear: n != 0,
+                        ..v
+                    },
                     "persist" if !v.vtk => Fp8Variant {
                         dynamic: n == 2,
                         ..v
@@ -169,8 +184,29 @@ impl Fp8Variant {
             + 1024
     }
 
+    /// [`with_vt`](Self::with_vt) for a problem with `sk` keys: the linear tile order for
+    /// causal problems from [`LINEAR_MIN_SK`] keys unless `FLASHATTN_FP8_TUNE` sets `linear`.
+    pub fn for_keys(d: usize, causal: bool, vtk: bool, sk: usize) -> Fp8Variant {
+        let v = Self::with_vt(d, causal, vtk);
+        let tuned = std::env::var("FLASHATTN_FP8_TUNE")
+            .is_ok_and(|s| super::fa3::tune_knobs(&s).any(|(k, _)| k == "linear"));
+        if tuned {
+            v
+        } else {
+            Fp8Variant {
+                linear: causal && sk >= LINEAR_MIN_SK && !v.dynamic,
+                ..v
+            }
+        }
+    }
+
+    /// One CTA per tile in the 1-D linear order.
+    pub fn is_linear(&self) -> bool {
+        self.linear && !self.dynamic
+    }
+
     pub fn spec(&self) -> KernelSpec {
-        KernelSpec::new(super::fa3::SOURCE, super::fa3::ENTRY)
+        let spec = KernelSpec::new(super::fa3::SOURCE, super::fa3::ENTRY)
             .define("FA3_D", self.d)
             .define("FA3_BK", BK)
             .define("FA3_STAGES", self.stages)
@@ -190,7 +226,13 @@ impl Fp8Variant {
             .define("FA3_LAZY", self.lazy)
             .define("FA3_OTMA", u32::from(self.otma))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
-            .define("FA3_SMEM", self.smem_bytes())
+            .define("FA3_SMEM", self.smem_bytes());
+        // Passed only where it changes the kernel, so the others keep their labels.
+        if self.is_linear() {
+            spec.define("FA3_LINEAR", 1)
+        } else {
+            spec
+        }
     }
 }
 
@@ -200,7 +242,8 @@ pub fn vt_spec() -> KernelSpec {
 }
 
 /// Every shipped FP8 kernel for `arch` (compile-all): 3 head dims × {plain, causal} × {V
-/// pre-pass layout, in-kernel transpose} and the V pre-pass; none outside sm_90a.
+/// pre-pass layout, in-kernel transpose}, the causal ones that are not dynamic also in the
+/// linear tile order (long keys), and the V pre-pass; none outside sm_90a.
 pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     if arch != "sm_90a" {
         return vec![];
@@ -208,9 +251,13 @@ pub fn all_variants(arch: &str) -> Vec<KernelSpec> {
     let mut v: Vec<KernelSpec> = HEAD_DIMS
         .iter()
         .flat_map(|&d| {
-            [(false, false), (true, false), (false, true), (true, true)]
-                .map(|(c, vtk)| Fp8Variant::with_vt(d, c, vtk).spec())
+            [(false, false), (true, false), (false, true), (true, true)].map(|(c, vtk)| {
+                let short = Fp8Variant::with_vt(d, c, vtk);
+                let long = Fp8Variant::for_keys(d, c, vtk, LINEAR_MIN_SK);
+                (short.spec(), (long != short).then(|| long.spec()))
+            })
         })
+        .flat_map(|(short, long)| std::iter::once(short).chain(long))
         .collect();
     v.push(vt_spec());
     v
@@ -535,7 +582,7 @@ fn launch(
             "at least one key (use forward)",
         ));
     }
-    let var = Fp8Variant::with_vt(d, opts.causal, matches!(vs, VSource::Raw(_)));
+    let var = Fp8Variant::for_keys(d, opts.causal, matches!(vs, VSource::Raw(_)), sk);
     let smem = var.smem_bytes();
     let f = gpu.kernel_with_smem(&var.spec(), smem as u32)?;
     let m_tiles = sq.div_ceil(BQ);
@@ -547,7 +594,7 @@ fn launch(
     let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
     let sms = gpu.sm_count() as usize;
     let total = m_tiles * hq * b;
-    if var.dynamic && total > i32::MAX as usize - sms {
+    if (var.dynamic || var.is_linear()) && total > i32::MAX as usize - sms {
         return Err(Error::invalid(
             "q",
             format!("{total} work tiles"),
@@ -613,6 +660,8 @@ fn launch(
     let cfg = LaunchConfig {
         grid_dim: if var.dynamic {
             (total.min(sms) as u32, 1, 1)
+        } else if var.is_linear() {
+            (total as u32, 1, 1)
         } else {
             (m_tiles as u32, hq as u32, b as u32)
         },
@@ -692,6 +741,36 @@ mod tests {
     }
 
     #[test]
+    fn linear_order_only_for_long_causal_one_tile_ctas() {
+        if std::env::var("FLASHATTN_FP8_TUNE").is_ok() {
+            return; // the knobs override the rule under test
+        }
+        for d in HEAD_DIMS {
+            for vtk in [false, true] {
+                let long = Fp8Variant::for_keys(d, true, vtk, LINEAR_MIN_SK);
+                assert_eq!(long.is_linear(), !long.dynamic, "d={d} vtk={vtk}");
+                assert_eq!(
+                    long.spec().label().contains("FA3_LINEAR=1"),
+                    long.is_linear()
+                );
+                assert!(!Fp8Variant::for_keys(d, true, vtk, LINEAR_MIN_SK - 1).is_linear());
+                assert!(!Fp8Variant::for_keys(d, false, vtk, 1 << 20).is_linear());
+            }
+        }
+        // d = 256 on pre-transposed V is dynamic (already longest first): no linear kernel.
+        assert!(!Fp8Variant::for_keys(256, true, false, 1 << 16).is_linear());
+        // Compile-all has the 12 grid-order kernels, 5 linear ones and the pre-pass.
+        let n = all_variants("sm_90a");
+        assert_eq!(n.len(), 12 + 5 + 1);
+        assert_eq!(
+            n.iter()
+                .filter(|k| k.label().contains("FA3_LINEAR=1"))
+                .count(),
+            5
+        );
+    }
+
+    #[test]
     fn fp8_kernels_rescale_lazily() {
         for d in HEAD_DIMS {
             let v = Fp8Variant::new(d, true);
@@ -704,7 +783,7 @@ mod tests {
     fn variants_and_smem() {
         assert!(all_variants("sm_80").is_empty());
         let v = all_variants("sm_90a");
-        assert_eq!(v.len(), 13);
+        assert_eq!(v.len(), 18); // 12 grid-order, 5 linear, the pre-pass
         assert!(v.iter().any(|s| s.entry == VT_ENTRY));
         for d in HEAD_DIMS {
             let var = Fp8Variant::new(d, false);
