@@ -37,7 +37,8 @@ __device__ __forceinline__ void to_pfrag_e4m3(const float* sc, u32 (*pf)[4]) {
 
 // Vᵀ positions 4t..4t+3 of a 16-key group hold keys 2t, 2t+1, 2t+8, 2t+9 (fp8_key_of). Given
 // those keys' 32-bit words of four consecutive d bytes (k0, k1, k8, k9), o[r] is d row r's four
-// bytes at those positions: a 4×4 byte transpose (the pre-pass and the in-kernel transpose).
+// bytes at those positions: a 4×4 byte transpose (the pre-pass; the in-kernel transpose gets the
+// same layout from ldmatrix.trans and one PRMT per word, fwd_producer.cuh).
 __device__ __forceinline__ void vt_quad(u32 k0, u32 k1, u32 k8, u32 k9, u32* o) {
   const u32 x = prmt(k0, k1, 0x5140), y = prmt(k0, k1, 0x7362);
   const u32 u = prmt(k8, k9, 0x5140), v = prmt(k8, k9, 0x7362);

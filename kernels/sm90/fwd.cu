@@ -44,8 +44,8 @@
 // as fp8.cuh describes) and P is converted to e4m3 in registers. FA3_VTK=0: Vᵀ [batch, heads_k, d,
 // skp] comes from the separate pre-pass fp8_vt.cu and is loaded by TMA. FA3_VTK=1: in-kernel
 // transpose — the producer loads V as stored (like K) into a 2-slot staging ring and the whole
-// producer warpgroup transposes it into the Vᵀ slot (32-bit shared loads, byte permutes, 32-bit
-// stores, both conflict-free on the 128B swizzle), then fences the async proxy and signals v_full. Descales: c = scale·log2e·q_descale·k_descale
+// producer warpgroup transposes it into the Vᵀ slot (ldmatrix.trans, byte permutes, stmatrix,
+// both conflict-free on the 128B swizzle; transpose_v_tile), then fences the async proxy and signals v_full. Descales: c = scale·log2e·q_descale·k_descale
 // (per tensor or per (batch, head): p.qd/p.kd/p.vd with element strides), O ·= v_descale at the
 // end. FP8 takes dense inputs, plain or causal, BK = 128 (a Vᵀ row is one 128-byte swizzle row).
 // FA3_OTMA=1 — the epilogue stages each consumer's normalised 64 × D tile of O in shared memory
@@ -97,7 +97,8 @@
 // barriers of its own; FA3_KVFIRST=1 — the producer loads a tile's first K before its Q. Both
 // shorten the gap between a persistent CTA's tiles where Q holds O (d = 192/256).
 // FA3_QEARLY=1 — Q is released after the tile's last QKᵀ rather than its last PV (see Q_EARLY).
-// FA3_LINEAR=1 — one CTA per tile in a 1-D grid, in the persistent tile order (see LINEAR below).
+// FA3_LINEAR=1 — one CTA per tile in a 1-D grid, in the persistent tile order (see its
+// static_assert below).
 // Defines: FA3_D (head dim: 64, 96, 128, 192, 256; 96 is padded to 128 in shared memory, the
 // TMA zero-fills the pad), FA3_BK (key tile), FA3_STAGES, FA3_DT (0 bf16, 1 f16, 2 e4m3), FA3_CAUSAL,
 // FA3_OVERLAP, FA3_PINGPONG, FA3_PERSISTENT, FA3_NC, FA3_OTMA/FA3_OBUF, FA3_SMEM (the host's
