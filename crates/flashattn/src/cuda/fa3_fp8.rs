@@ -9,9 +9,9 @@
 //! The PV wgmma on 8-bit types needs both operands K-major, i.e. Vᵀ with keys contiguous. Two
 //! ways, chosen by [`in_kernel_transpose`]: a **separate pre-pass kernel** (`fa3_fp8_vt`, one
 //! extra read and write of V, launched before the attention kernel on the same stream; the
-//! default above 1024 keys, 2048 for causal problems), or the **in-kernel transpose** (`FA3_VTK=1`: the
-//! producer warpgroup TMA-loads V as stored and transposes it in shared memory;
-//! [`attention_into_raw_v`]).
+//! default above 1024 keys, 2048 for causal problems), or the **in-kernel transpose**
+//! (`FA3_VTK=1`: the producer warpgroup TMA-loads V as stored and transposes it in shared
+//! memory; [`attention_into_raw_v`]).
 //!
 //! Envelope: sm 9.0; head dims 64, 128, 256; dense (no cu_seqlens); no mask or causal
 //! (bottom-right); GQA/MQA; any lengths; a positive finite scale. Sliding windows, softcap,
