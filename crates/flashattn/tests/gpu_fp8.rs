@@ -168,7 +168,8 @@ fn fp8_matches_reference() {
             if causal {
                 shapes.push((1, 300, 129, 2, 1)); // sq > sk: empty rows
                 shapes.push((1, 65, 511, 1, 1)); // sq < sk: offset diagonal
-                                                 // From fa3_fp8::LINEAR_MIN_SK keys: one CTA per tile in the linear order (3
+
+                // From fa3_fp8::LINEAR_MIN_SK keys: one CTA per tile in the linear order (3
                 // query tiles × 2 heads, the last of each partial; a partial last key tile).
                 shapes.push((1, 300, fa3_fp8::LINEAR_MIN_SK + 4, 2, 1));
             }
