@@ -110,8 +110,16 @@ impl Fp8Variant {
         Self::with_vt(d, causal, false)
     }
 
-    /// [`new`](Self::new) for either V path (`vtk`: in-kernel transpose).
+    /// [`new`](Self::new) for either V path (`vtk`: in-kernel transpose), for short keys.
     pub fn with_vt(d: usize, causal: bool, vtk: bool) -> Fp8Variant {
+        Self::for_keys(d, causal, vtk, 0)
+    }
+
+    /// The shipped configuration for head dim `d`, the mask, the V path and `sk` keys (the
+    /// linear tile order for causal problems from [`LINEAR_MIN_SK`] keys), then the
+    /// `FLASHATTN_FP8_TUNE` overrides.
+    pub fn for_keys(d: usize, causal: bool, vtk: bool, sk: usize) -> Fp8Variant {
+        let dynamic = d == 256 && !vtk;
         let mut v = Fp8Variant {
             d,
             causal,
@@ -122,8 +130,8 @@ impl Fp8Variant {
             // dynamic scheduler at d = 256 causal +4..5% at 4k and +4..9% at 8k, plain −1.4..+1.8%
             // at 4k and +1..5% at 8k; exp2 on the FMA pipe for 2 of every 8 n8-blocks at d = 64
             // +0..4% (the MUFU binds there).
-            dynamic: d == 256 && !vtk,
-            linear: false,
+            dynamic,
+            linear: causal && sk >= LINEAR_MIN_SK && !dynamic,
             emu: if d == 64 { 2 } else { 0 },
             qrs: 0,
             // Lazy rescaling as the 16-bit kernels (p ≤ 2^8 stays inside e4m3's range).
@@ -182,22 +190,6 @@ impl Fp8Variant {
             + 8 * (2 + 4 * self.stages)
             + if self.dynamic { 40 } else { 0 }
             + 1024
-    }
-
-    /// [`with_vt`](Self::with_vt) for a problem with `sk` keys: the linear tile order for
-    /// causal problems from [`LINEAR_MIN_SK`] keys unless `FLASHATTN_FP8_TUNE` sets `linear`.
-    pub fn for_keys(d: usize, causal: bool, vtk: bool, sk: usize) -> Fp8Variant {
-        let v = Self::with_vt(d, causal, vtk);
-        let tuned = std::env::var("FLASHATTN_FP8_TUNE")
-            .is_ok_and(|s| super::fa3::tune_knobs(&s).any(|(k, _)| k == "linear"));
-        if tuned {
-            v
-        } else {
-            Fp8Variant {
-                linear: causal && sk >= LINEAR_MIN_SK && !v.dynamic,
-                ..v
-            }
-        }
     }
 
     /// One CTA per tile in the 1-D linear order.
@@ -783,7 +775,10 @@ mod tests {
     fn variants_and_smem() {
         assert!(all_variants("sm_80").is_empty());
         let v = all_variants("sm_90a");
-        assert_eq!(v.len(), 18); // 12 grid-order, 5 linear, the pre-pass
+        // 12 grid-order kernels and the pre-pass (+ the linear ones, counted in
+        // linear_order_only_for_long_causal_one_tile_ctas).
+        let grid_order = v.iter().filter(|s| !s.label().contains("FA3_LINEAR=1"));
+        assert_eq!(grid_order.count(), 13);
         assert!(v.iter().any(|s| s.entry == VT_ENTRY));
         for d in HEAD_DIMS {
             let var = Fp8Variant::new(d, false);
