@@ -70,7 +70,7 @@ pub const VTK_MAX_SK_CAUSAL: usize = 2048;
 
 /// Causal problems with at least this many keys run one CTA per tile in the linear order
 /// ([`Fp8Variant::linear`]). H100 (bench/RESULTS.md "Step 22", c6, two rounds against the
-/// blockIdx order): 4k / 8k causal d = 64 +4..6%, d = 128 −0..+2%, d = 256 with the in-kernel
+/// blockIdx order): 4k / 8k causal d = 64 +4..6%, d = 128 −1..+4%, d = 256 with the in-kernel
 /// transpose +4..8%; at 2k d = 64 / 128 / 256 −3..+3%, so shorter problems keep the grid order.
 pub const LINEAR_MIN_SK: usize = 4096;
 
@@ -89,7 +89,7 @@ pub struct Fp8Variant {
     /// Persistent CTAs taking their tiles from a global counter (`FA3_PERSISTENT=2`; not with
     /// `vtk`).
     pub dynamic: bool,
-    /// Without `dynamic`: one CTA per tile in a 1-D grid decoded in the persistent tile order
+    /// Never with `dynamic`: one CTA per tile in a 1-D grid decoded in the persistent tile order
     /// (`FA3_LINEAR`; causal: longest first within L2-sized head groups), so the hardware's
     /// in-order dispatch balances the causal tail.
     pub linear: bool,
@@ -160,6 +160,8 @@ impl Fp8Variant {
                 }
             }
         }
+        // The dynamic scheduler already takes its tiles longest first (a tune may set both).
+        v.linear &= !v.dynamic;
         v
     }
 
@@ -192,11 +194,6 @@ impl Fp8Variant {
             + 1024
     }
 
-    /// One CTA per tile in the 1-D linear order.
-    pub fn is_linear(&self) -> bool {
-        self.linear && !self.dynamic
-    }
-
     pub fn spec(&self) -> KernelSpec {
         let spec = KernelSpec::new(super::fa3::SOURCE, super::fa3::ENTRY)
             .define("FA3_D", self.d)
@@ -220,7 +217,7 @@ impl Fp8Variant {
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             .define("FA3_SMEM", self.smem_bytes());
         // Passed only where it changes the kernel, so the others keep their labels.
-        if self.is_linear() {
+        if self.linear {
             spec.define("FA3_LINEAR", 1)
         } else {
             spec
@@ -586,7 +583,7 @@ fn launch(
     let (om, o_tma) = if var.otma { o_map(out) } else { ([0; 16], 0) };
     let sms = gpu.sm_count() as usize;
     let total = m_tiles * hq * b;
-    if (var.dynamic || var.is_linear()) && total > i32::MAX as usize - sms {
+    if (var.dynamic || var.linear) && total > i32::MAX as usize - sms {
         return Err(Error::invalid(
             "q",
             format!("{total} work tiles"),
@@ -652,7 +649,7 @@ fn launch(
     let cfg = LaunchConfig {
         grid_dim: if var.dynamic {
             (total.min(sms) as u32, 1, 1)
-        } else if var.is_linear() {
+        } else if var.linear {
             (total as u32, 1, 1)
         } else {
             (m_tiles as u32, hq as u32, b as u32)
@@ -740,17 +737,14 @@ mod tests {
         for d in HEAD_DIMS {
             for vtk in [false, true] {
                 let long = Fp8Variant::for_keys(d, true, vtk, LINEAR_MIN_SK);
-                assert_eq!(long.is_linear(), !long.dynamic, "d={d} vtk={vtk}");
-                assert_eq!(
-                    long.spec().label().contains("FA3_LINEAR=1"),
-                    long.is_linear()
-                );
-                assert!(!Fp8Variant::for_keys(d, true, vtk, LINEAR_MIN_SK - 1).is_linear());
-                assert!(!Fp8Variant::for_keys(d, false, vtk, 1 << 20).is_linear());
+                assert_eq!(long.linear, !long.dynamic, "d={d} vtk={vtk}");
+                assert_eq!(long.spec().label().contains("FA3_LINEAR=1"), long.linear);
+                assert!(!Fp8Variant::for_keys(d, true, vtk, LINEAR_MIN_SK - 1).linear);
+                assert!(!Fp8Variant::for_keys(d, false, vtk, 1 << 20).linear);
             }
         }
         // d = 256 on pre-transposed V is dynamic (already longest first): no linear kernel.
-        assert!(!Fp8Variant::for_keys(256, true, false, 1 << 16).is_linear());
+        assert!(!Fp8Variant::for_keys(256, true, false, 1 << 16).linear);
         // Compile-all has the 12 grid-order kernels, 5 linear ones and the pre-pass.
         let n = all_variants("sm_90a");
         assert_eq!(n.len(), 12 + 5 + 1);
