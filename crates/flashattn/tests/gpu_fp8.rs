@@ -550,18 +550,26 @@ fn fp8_bench() {
                     fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
                 });
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
-                // FP8_BENCH_TUNES_<d>="stages=2;stages=4": extra kernel-only rows per setting.
+                // FP8_BENCH_TUNES_<d>="stages=2;stages=4": extra rows per setting, the kernel
+                // on the kept Vᵀ and with the in-kernel transpose.
                 if let Ok(tunes) = std::env::var(format!("FP8_BENCH_TUNES_{d}")) {
                     for t in tunes.split(';').filter(|t| !t.is_empty()) {
                         std::env::set_var("FLASHATTN_FP8_TUNE", t);
                         let ms = event_median_ms(&gpu, 20, 8, || {
                             fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                         });
+                        let vk_ms = event_median_ms(&gpu, 20, 8, || {
+                            fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
+                                .unwrap()
+                        });
                         println!(
-                            "TUNE d={d} causal={} seq={s} {t}: {:.1} TFLOP/s (default {:.1})",
+                            "TUNE d={d} causal={} seq={s} {t}: kernel {:.1} vtk {:.1} TFLOP/s \
+                             (default {:.1} / {:.1})",
                             causal as u8,
                             tf(ms),
-                            tf(k_ms)
+                            tf(vk_ms),
+                            tf(k_ms),
+                            tf(v_ms)
                         );
                         std::env::remove_var("FLASHATTN_FP8_TUNE");
                     }
