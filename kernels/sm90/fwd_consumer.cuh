@@ -159,7 +159,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       transform(sc, tile);
       // PV's wait sits in both arms of a branch on the softmax's vote: ptxas then cannot hoist
       // it above the exponentials (straight-line code gets it right after the QKᵀ wait, and the
-      // softmax no longer overlaps PV).
+      // softmax no longer overlaps PV). The vote spans the warpgroup, as wgmma.wait_group is
+      // warpgroup-collective: all four warps must execute the same one (compute-sanitizer's
+      // synccheck stops a kernel whose warps wait in different arms).
 #if FA3_SUMB
       float sum[2];
       const bool fits = sm.at_base(sc, c, sum);
@@ -175,7 +177,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
       if (Q_EARLY && it == n1 - 1) warp_release(q_empty, lane);  // after the rare path's QKᵀ
 #else
       float alpha[2];
-      const bool rescale = sm.step(sc, c, alpha);
+      const bool rescale = warpgroup_any(2 + NC + cw, sm.step(sc, c, alpha));
       if (rescale) {
         wait_acc<0, D / 2>(o);
         rescale_o<D / 8>(o, alpha);

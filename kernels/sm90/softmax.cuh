@@ -11,9 +11,11 @@
 // EMU of every 8 n8-blocks of a row take their exponentials from exp2_poly (FMA pipe), the rest
 // from the MUFU: where the MUFU bounds the loop (FP8 d = 64) the two pipes share the work.
 // The running output needs rescaling only when some row's base moved: step() says whether any
-// row of the warp did (a warp vote), and the caller skips rescale_o otherwise. The branch on that
-// warp-uniform answer also keeps ptxas from hoisting the PV wgmma wait above the exponentials
-// (without it the wait lands right after the QKᵀ wait and softmax no longer overlaps PV).
+// row of the warp did (a warp vote), and the caller skips rescale_o otherwise. Where PV is in
+// flight the caller widens the vote to the warpgroup and waits for PV in both arms of the
+// branch: that keeps ptxas from hoisting the wait above the exponentials (without it the wait
+// lands right after the QKᵀ wait and softmax no longer overlaps PV), and the warpgroup-uniform
+// branch keeps the four warps on one wgmma.wait_group instruction, as the instruction requires.
 // LAZY = 0: the base is the row maximum (it moves whenever the maximum grows; exact skip).
 // LAZY = T > 0: a row keeps its old base while the new row maximum exceeds it by at most T in
 // log2 units (p ≤ 2^T then: exact in f32, bf16, f16 and e4m3 for T ≤ 8), so after the first

@@ -188,30 +188,76 @@ fn fp8_matches_reference() {
                     Fp8Scaling::PerTensor
                 };
                 let seed = rng.next_u64() % 1_000_000;
-                let q = rand_heads([b, sq, hq, d], seed);
-                let k = rand_heads([b, sk, hk, d], seed + 1);
-                let v = rand_heads([b, sk, hk, d], seed + 2);
-                for vtk in [false, true] {
-                    let o = run_fp8(&gpu, (&q, &k, &v), scaling, causal, vtk);
-                    let tol = 2.0 * o.err_model + 1e-2;
-                    tally.record(
-                        o.err_deq <= tol && o.lse <= 1e-3 && o.err_raw <= 0.15,
-                        format!(
-                            "fp8 {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk} {scaling:?}: \
-                             err vs dequantised ref {:.2e} (tol {tol:.2e}, P-quant model {:.2e}), \
-                             vs unquantised {:.2e}, lse {:.2e}",
-                            if vtk { "in-kernel-vt" } else { "prepass-vt" },
-                            o.err_deq,
-                            o.err_model,
-                            o.err_raw,
-                            o.lse,
-                        ),
-                    );
-                }
+                check_both_v_paths(
+                    &gpu,
+                    &mut tally,
+                    [b, sq, sk, hq, hk, d],
+                    causal,
+                    scaling,
+                    seed,
+                );
             }
         }
     }
     tally.finish("fp8");
+}
+
+/// One shape through both V paths (pre-pass and in-kernel transpose), each against the f64
+/// reference on the dequantised inputs (within twice the P-quantisation model's error) and on
+/// the unquantised ones.
+fn check_both_v_paths(
+    gpu: &Gpu,
+    tally: &mut Tally,
+    [b, sq, sk, hq, hk, d]: [usize; 6],
+    causal: bool,
+    scaling: Fp8Scaling,
+    seed: u64,
+) {
+    let q = rand_heads([b, sq, hq, d], seed);
+    let k = rand_heads([b, sk, hk, d], seed + 1);
+    let v = rand_heads([b, sk, hk, d], seed + 2);
+    for vtk in [false, true] {
+        let o = run_fp8(gpu, (&q, &k, &v), scaling, causal, vtk);
+        let tol = 2.0 * o.err_model + 1e-2;
+        tally.record(
+            o.err_deq <= tol && o.lse <= 1e-3 && o.err_raw <= 0.15,
+            format!(
+                "fp8 {} d={d} causal={causal} b={b} sq={sq} sk={sk} hq={hq} hk={hk} {scaling:?}: \
+                 err vs dequantised ref {:.2e} (tol {tol:.2e}, P-quant model {:.2e}), \
+                 vs unquantised {:.2e}, lse {:.2e}",
+                if vtk { "in-kernel-vt" } else { "prepass-vt" },
+                o.err_deq,
+                o.err_model,
+                o.err_raw,
+                o.lse,
+            ),
+        );
+    }
+}
+
+/// Every FP8 kernel on one small shape (two query tiles, a full and a partial key tile, GQA):
+/// the case set compute-sanitizer (memcheck, racecheck, synccheck) runs, `gpu_fp8
+/// fp8_sanitizer_small`.
+#[test]
+fn fp8_sanitizer_small() {
+    let Some(gpu) = hopper_or_skip("fp8 GPU test") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    for d in fa3_fp8::HEAD_DIMS {
+        for causal in [false, true] {
+            let shape = [1, 150, 200, 4, 2, d];
+            check_both_v_paths(
+                &gpu,
+                &mut tally,
+                shape,
+                causal,
+                Fp8Scaling::PerHead,
+                d as u64,
+            );
+        }
+    }
+    tally.finish("fp8 sanitizer set");
 }
 
 #[test]
