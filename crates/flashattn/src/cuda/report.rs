@@ -52,7 +52,7 @@ pub fn accepted_spill_bytes(label: &str) -> u32 {
         // live (NVRTC: 20 / 20 bytes, one 8-byte refill per key tile; 24 / 24 with the
         // warpgroup-wide rescale vote, one more 4-byte store and reload per key tile) and is
         // still 4..8% faster than the grid order from 4k (bench/RESULTS.md "Step 22", c6; the
-        // vote left its 4k causal rate unchanged, "Step 23c").
+        // vote moved its 4k causal rate by 0..−1%, "Step 23c").
         (
             &[
                 "fa3_fwd[",
