@@ -47,7 +47,8 @@
 // producer warpgroup transposes it into the Vᵀ slot (ldmatrix.trans, byte permutes, stmatrix,
 // both conflict-free on the 128B swizzle; transpose_v_tile), then fences the async proxy and
 // signals v_full. Descales: c = scale·log2e·q_descale·k_descale (per tensor or per (batch,
-// head): p.qd/p.kd/p.vd with element strides), O ·= v_descale at the end. FP8 takes dense inputs, plain or causal, BK = 128 (a Vᵀ row is one 128-byte swizzle row).
+// head): p.qd/p.kd/p.vd with element strides), O ·= v_descale at the end. FP8 takes dense
+// inputs, plain or causal, BK = 128 (a Vᵀ row is one 128-byte swizzle row).
 // FA3_OTMA=1 — the epilogue stages each consumer's normalised 64 × D tile of O in shared memory
 // (stmatrix, 128B swizzle: 64-column boxes of 64 rows × 128 bytes) and one thread stores it with
 // TMA through p.om (16-bit O; FP8 writes bf16), instead of 4-byte per-thread global stores that

@@ -18,10 +18,11 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
 #endif
 #if FA3_PERSISTENT || FA3_LINEAR
   // Persistent (and FA3_LINEAR's one-CTA tiles, dispatched in blockIdx order): the query
-  // tiles of one (head, batch) are adjacent, so CTAs running together share K/V in L2. Causal: longest-processing-time order within groups of G = sched_group
-  // (head, batch) pairs — the group's last query tiles first, then the second last, ... — so
-  // that the CTAs take one tile of every length class (G = all pairs: the static stride's
-  // order) while those running together read the K/V of at most about 2·G heads.
+  // tiles of one (head, batch) are adjacent, so CTAs running together share K/V in L2.
+  // Causal: longest-processing-time order within groups of G = sched_group (head, batch)
+  // pairs — the group's last query tiles first, then the second last, ... — so that the CTAs
+  // take one tile of every length class (G = all pairs: the static stride's order) while those
+  // running together read the K/V of at most about 2·G heads.
 #if FA3_CAUSAL
   // A smaller group of the hb mod G leftover pairs comes first: its longest tiles then start
   // with the launch instead of running alone at its end.
