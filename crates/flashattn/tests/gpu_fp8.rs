@@ -5,7 +5,7 @@
 //! GPU tests skip with a printed reason without a GPU or on a GPU that is not sm 9.0.
 //!
 //! Env: `FP8_CUBIN_DIR=dir` writes the FP8 cubins there (for `cuobjdump -sass`);
-//! `FP8_BENCH=1` (`FP8_BENCH_SEQ=1024,...`) runs the benchmark.
+//! `FP8_BENCH=1` (`FP8_BENCH_SEQ=1024,...`, `FP8_BENCH_DIMS=64,128,256`) runs the benchmark.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -122,8 +122,13 @@ fn run_fp8(
     let r = if vtk {
         fa3_fp8::attention_into_raw_v(gpu, &dq, &dk, &dv, &opts, &out, &lse)
     } else {
-        fa3_fp8::transpose_v(gpu, &dv)
-            .and_then(|vt| fa3_fp8::attention_into(gpu, &dq, &dk, &vt, &opts, &out, &lse))
+        // The pre-pass into a poisoned Vᵀ, so that a byte it leaves unwritten (padding keys
+        // included) turns O into NaN.
+        fa3_fp8::Fp8VTransposed::uninit(gpu, &dv).and_then(|mut vt| {
+            vt.fill_poison()?;
+            fa3_fp8::transpose_v_into(gpu, &dv, &mut vt)?;
+            fa3_fp8::attention_into(gpu, &dq, &dk, &vt, &opts, &out, &lse)
+        })
     };
     if let Err(e) = r {
         eprintln!("fp8 launch failed: {e}");
@@ -544,7 +549,12 @@ fn fp8_bench() {
         "kern ms"
     );
     let mut json = Vec::new();
-    for d in [64usize, 128, 256] {
+    let dims: Vec<usize> = std::env::var("FP8_BENCH_DIMS")
+        .unwrap_or_else(|_| "64,128,256".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    for d in dims {
         for &s in &seqs {
             let b = (16384 / s).max(1);
             let h = 2048 / d;

@@ -301,6 +301,26 @@ pub struct Fp8VTransposed {
 }
 
 impl Fp8VTransposed {
+    /// A Vᵀ buffer for `v`'s shape whose contents are undefined until [`transpose_v_into`]
+    /// writes them.
+    pub fn uninit(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
+        let [b, sk, hk, d] = v.shape;
+        let skp = sk.div_ceil(16) * 16;
+        Ok(Fp8VTransposed {
+            data: DeviceBuffer::uninit(gpu, (b * hk * d * skp).max(16))?,
+            descale: v.descale.clone(),
+            shape: v.shape,
+            per_head: v.per_head,
+            skp,
+        })
+    }
+
+    /// Fills the buffer with 0xFF bytes (e4m3 NaN), to catch bytes a transpose leaves
+    /// unwritten in tests.
+    pub fn fill_poison(&self) -> Result<()> {
+        self.data.fill_bytes(0xFF)
+    }
+
     /// Keys per Vᵀ row: sk rounded up to 16.
     pub fn padded_keys(&self) -> usize {
         self.skp
@@ -425,15 +445,7 @@ fn check(
 /// The pre-pass: V → Vᵀ (permuted keys, zero padded to a multiple of 16 keys), into a new
 /// buffer.
 pub fn transpose_v(gpu: &Gpu, v: &Fp8DeviceTensor) -> Result<Fp8VTransposed> {
-    let [b, sk, hk, d] = v.shape;
-    let skp = sk.div_ceil(16) * 16;
-    let out = Fp8VTransposed {
-        data: DeviceBuffer::uninit(gpu, (b * hk * d * skp).max(16))?,
-        descale: v.descale.clone(),
-        shape: v.shape,
-        per_head: v.per_head,
-        skp,
-    };
+    let out = Fp8VTransposed::uninit(gpu, v)?;
     launch_vt(gpu, v, &out)?;
     Ok(out)
 }
