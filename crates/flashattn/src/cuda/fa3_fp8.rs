@@ -99,6 +99,10 @@ pub struct Fp8Variant {
     pub qrs: usize,
     /// Lazy rescaling threshold in log2 units (`FA3_LAZY`; 0 = rescale O on every key tile).
     pub lazy: usize,
+    /// Q released after a tile's last QKᵀ instead of its last PV (`FA3_QEARLY`).
+    pub qearly: bool,
+    /// A tile's first K loaded before its Q (`FA3_KVFIRST`; the pre-pass layout only).
+    pub kvfirst: bool,
 }
 
 impl Fp8Variant {
@@ -136,6 +140,8 @@ impl Fp8Variant {
             qrs: 0,
             // Lazy rescaling as the 16-bit kernels (p ≤ 2^8 stays inside e4m3's range).
             lazy: super::fa3::LAZY_RESCALE,
+            qearly: false,
+            kvfirst: false,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for (k, n) in super::fa3::tune_knobs(&s) {
@@ -145,6 +151,14 @@ impl Fp8Variant {
                     "emu" if n <= 8 => Fp8Variant { emu: n, ..v },
                     "qrs" if matches!(n, 0 | 1 | 2 | 4) => Fp8Variant { qrs: n, ..v },
                     "lazy" if n <= 8 => Fp8Variant { lazy: n, ..v },
+                    "qearly" => Fp8Variant {
+                        qearly: n != 0,
+                        ..v
+                    },
+                    "kvfirst" if !v.vtk => Fp8Variant {
+                        kvfirst: n != 0,
+                        ..v
+                    },
                     "linear" => Fp8Variant {
                         linear: n != 0,
                         ..v
@@ -216,12 +230,15 @@ impl Fp8Variant {
             .define("FA3_OTMA", u32::from(self.otma))
             .define("FA3_OBUF", self.o_staging().map_or(0, |o| o as u32))
             .define("FA3_SMEM", self.smem_bytes());
-        // Passed only where it changes the kernel, so the others keep their labels.
-        if self.linear {
-            spec.define("FA3_LINEAR", 1)
-        } else {
-            spec
-        }
+        // Passed only where they change the kernel, so the others keep their labels.
+        [
+            ("FA3_LINEAR", self.linear),
+            ("FA3_QEARLY", self.qearly),
+            ("FA3_KVFIRST", self.kvfirst),
+        ]
+        .into_iter()
+        .filter(|&(_, on)| on)
+        .fold(spec, |spec, (name, _)| spec.define(name, 1))
     }
 }
 
