@@ -107,9 +107,10 @@ pub struct Fp8Variant {
 
 impl Fp8Variant {
     /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0,
-    /// persist=0|2,emu=E,qrs=N,lazy=T"` overrides the ring depth, the TMA-store epilogue, the
-    /// scheduler, the exp2 emulation, Q in registers and lazy rescaling (benchmarks) when it
-    /// fits in shared memory.
+    /// persist=0|2,emu=E,qrs=N,lazy=T,linear=0|1,qearly=1,kvfirst=1"` overrides the ring depth,
+    /// the TMA-store epilogue, the scheduler, the exp2 emulation, Q in registers, lazy
+    /// rescaling, the linear tile order, the Q release and the first loads' order (benchmarks)
+    /// when it fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
@@ -783,6 +784,24 @@ mod tests {
                 .count(),
             5
         );
+    }
+
+    #[test]
+    fn boundary_knobs_reach_the_kernel_only_when_set() {
+        if std::env::var("FLASHATTN_FP8_TUNE").is_ok() {
+            return; // the knobs change the default under test
+        }
+        let base = Fp8Variant::for_keys(256, true, false, 4096);
+        let label = base.spec().label();
+        assert!(!label.contains("FA3_QEARLY") && !label.contains("FA3_KVFIRST"));
+        let both = Fp8Variant {
+            qearly: true,
+            kvfirst: true,
+            ..base
+        };
+        let label = both.spec().label();
+        assert!(label.contains("FA3_QEARLY=1") && label.contains("FA3_KVFIRST=1"));
+        assert_eq!(both.smem_bytes(), base.smem_bytes());
     }
 
     #[test]
