@@ -103,14 +103,17 @@ pub struct Fp8Variant {
     pub qearly: bool,
     /// A tile's first K loaded before its Q (`FA3_KVFIRST`; the pre-pass layout only).
     pub kvfirst: bool,
+    /// Persistent causal order: (head, batch) pairs per longest-first group (0: the L2 rule of
+    /// `fa3::sched_group`).
+    pub group: usize,
 }
 
 impl Fp8Variant {
     /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0,
-    /// persist=0|2,emu=E,qrs=N,lazy=T,linear=0|1,qearly=1,kvfirst=1"` overrides the ring depth,
-    /// the TMA-store epilogue, the scheduler, the exp2 emulation, Q in registers, lazy
-    /// rescaling, the linear tile order, the Q release and the first loads' order (benchmarks)
-    /// when it fits in shared memory.
+    /// persist=0|2,emu=E,qrs=N,lazy=T,linear=0|1,qearly=1,kvfirst=1,group=G"` overrides the
+    /// ring depth, the TMA-store epilogue, the scheduler, the exp2 emulation, Q in registers,
+    /// lazy rescaling, the linear tile order, the Q release, the first loads' order and the
+    /// causal longest-first group (benchmarks) when it fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
@@ -143,6 +146,7 @@ impl Fp8Variant {
             lazy: super::fa3::LAZY_RESCALE,
             qearly: false,
             kvfirst: false,
+            group: 0,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for (k, n) in super::fa3::tune_knobs(&s) {
@@ -160,6 +164,7 @@ impl Fp8Variant {
                         kvfirst: n != 0,
                         ..v
                     },
+                    "group" => Fp8Variant { group: n, ..v },
                     "linear" => Fp8Variant {
                         linear: n != 0,
                         ..v
@@ -672,7 +677,8 @@ fn launch(
         kd_h: kd.1,
         vd_b: vd.0,
         vd_h: vd.1,
-        sched_group: super::fa3::sched_group(0, true, m_tiles, hq * b, sms, 2 * sk * d) as i32,
+        sched_group: super::fa3::sched_group(var.group, true, m_tiles, hq * b, sms, 2 * sk * d)
+            as i32,
         tile_ctr,
         ..Fa3Params::zeroed()
     };
