@@ -618,13 +618,20 @@ fn fp8_bench() {
                             fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
                                 .unwrap()
                         });
+                        let pk_ms = event_median_ms(&gpu, 20, 8, || {
+                            fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
+                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse)
+                                .unwrap()
+                        });
                         println!(
-                            "TUNE d={d} causal={} seq={s} {t}: kernel {:.1} vtk {:.1} TFLOP/s \
-                             (default {:.1} / {:.1})",
+                            "TUNE d={d} causal={} seq={s} {t}: kernel {:.1} pre-pass+kernel {:.1} \
+                             vtk {:.1} TFLOP/s (default {:.1} / {:.1} / {:.1})",
                             causal as u8,
                             tf(ms),
+                            tf(pk_ms),
                             tf(vk_ms),
                             tf(k_ms),
+                            tf(f_ms),
                             tf(v_ms)
                         );
                         std::env::remove_var("FLASHATTN_FP8_TUNE");
