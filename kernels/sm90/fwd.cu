@@ -273,6 +273,16 @@ __device__ __forceinline__ int o_chunk(int c, int cw) { return (RING_O ? c : c *
 // read the tile's last K slot (all its QKᵀ complete); consumer 0's last PV has read the last V slot.
 constexpr int BAR_K_READ = 2 + 2 * NC, BAR_PV_DONE = 3 + 2 * NC;
 constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
+// FP8 with DYN: the producer thread publishes each tile decoded, with its descale factors
+// (c = scale·log2e·q_descale·k_descale and v_descale), and the consumers hold the slot until
+// their epilogue: no integer divisions and no dependent global loads on the consumers' path
+// between two tiles (each load stalled a consumer ~700 cycles at every tile boundary; see
+// fwd_scheduler.cuh).
+constexpr bool SLOT_HELD = FP8 && DYN;
+constexpr int SLOT_BYTES = SLOT_HELD ? 32 : 4;  // one published tile
+// Tile slots in the ring: a held slot comes back only after its tile's epilogue, so SLOT_HELD
+// keeps four, for the producer to run as far ahead over short (causal) tiles as with two.
+constexpr int NSLOT = SLOT_HELD ? 4 : 2;
 constexpr bool SPLIT = FA3_SPLIT;          // split tail (split.cuh)
 static_assert(!SPLIT || (FA3_PERSISTENT && !FA3_CAUSAL && !FA3_WINDOW && !PRESCALE && !FA3_VARLEN && !FP8 &&
                          PACK == 1 && D <= 128),
@@ -288,7 +298,7 @@ constexpr bool QSPLIT = FA3_QSPLIT;
 constexpr int NQB = QSPLIT ? NC : 1;
 static_assert(!QSPLIT || (PACK == 1 && !FP8), "per-consumer Q: 16-bit, unpacked");
 constexpr int SMEM_BYTES = Q_BYTES + STAGES * (K_BYTES + V_BYTES) + R_BYTES + OWN_BYTES +
-                           8 * (2 * NQB + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? 40 : 0) + 1024;
+                           8 * (2 * NQB + 4 * STAGES) + (VTK ? 16 : 0) + (DYN ? NSLOT * (16 + SLOT_BYTES) : 0) + 1024;
 static_assert(FA3_OBUF >= 0 && FA3_OBUF <= 3, "O staging: Q slice, own buffer, VTK ring, K/V ring");
 static_assert(!RING_O || (NC == 2 && STAGES >= 2 && FA3_PERSISTENT && !FP8 && PACK == 1 &&
                           ONCH * OBOX <= K_BYTES && K_BYTES == V_BYTES && !FA3_SUMB && !SPLIT &&
@@ -370,10 +380,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
   const u32 v_empty = k_empty + 8 * STAGES;
   const u32 q_empty = v_empty + 8 * STAGES;  // NQB barriers
   const u32 r_full = q_empty + 8 * NQB;       // 2 barriers (FA3_VTK)
-  // DYN: 2 + 2 barriers, then 2 tile slots.
+  // DYN: NSLOT + NSLOT barriers, then NSLOT tile slots (SLOT_BYTES each).
   [[maybe_unused]] const u32 t_full = r_full + (VTK ? 16 : 0);
-  [[maybe_unused]] const u32 t_empty = t_full + 16;
-  [[maybe_unused]] const u32 t_slots = t_empty + 16;
+  [[maybe_unused]] const u32 t_empty = t_full + 8 * NSLOT;
+  [[maybe_unused]] const u32 t_slots = t_empty + 8 * NSLOT;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < NQB; ++i) {
@@ -391,7 +401,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       mbar_init(r_full + 8, 1);
     }
     if (DYN) {
-      for (int s = 0; s < 2; ++s) {
+      for (int s = 0; s < NSLOT; ++s) {
         mbar_init(t_full + 8 * s, 1);
         mbar_init(t_empty + 8 * s, 128 * NC);  // every consumer thread
       }
@@ -459,19 +469,19 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
       int k = 0;
       for (int u = blockIdx.x; u < units; u = gridDim.x + atomicAdd((int*)p.tile_ctr, 1)) {
         if (!SPLIT || p.split_ranges == 0 || u < p.t_main) {
-          tile_publish(t_slots, t_full, t_empty, k++, u);
+          tile_publish(p, t_slots, t_full, t_empty, k++, u);
           produce(u);
         } else {
           for (int j = 0; j < 2; ++j) {
             int tail, lo, hi;
             const int c = u - p.t_main;
             if (!split_piece(c, j, p.split_w, p.split_ranges, p.split_n, &tail, &lo, &hi)) break;
-            tile_publish(t_slots, t_full, t_empty, k++, p.t_main + 2 * c + j);
+            tile_publish(p, t_slots, t_full, t_empty, k++, p.t_main + 2 * c + j);
             produce(p.t_main + 2 * c + j);
           }
         }
       }
-      tile_publish(t_slots, t_full, t_empty, k, TILE_END);
+      tile_publish(p, t_slots, t_full, t_empty, k, TILE_END);
 #else
       FA3_TILE_LOOP produce(t);
 #endif
@@ -498,14 +508,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) fa3_fwd(const __grid_c
 #endif
     u32 o_pending = 0;  // RING_DEFER: the empty barrier of a slot still held for an O store
     FA3_TILE_LOOP {
-      const WorkTile w = decode_tile(p, t);
+#if FA3_PERSISTENT == 2
+      const u32 slot = SLOT_HELD ? t_slots + SLOT_BYTES * (k % NSLOT) : 0;
+#else
+      const u32 slot = 0;
+#endif
+      const WorkTile w = SLOT_HELD ? slot_tile(p, slot) : decode_tile(p, t);
       const u32 qo = QSPLIT ? 8 * (wg - 1) : 0;  // this consumer's Q barriers
       consumer(p, sQ, sK, sV, FA3_OBUF == 2 ? sR : sO, q_full + qo, k_full, v_full, k_empty,
-               v_empty, q_empty + qo, w, t, wg - 1, g0, jq, o_pending);
+               v_empty, q_empty + qo, w, t, wg - 1, g0, jq, o_pending, slot);
       if (w.count() > 0) {
         g0 += w.count();
         ++jq;
       }
+#if FA3_PERSISTENT == 2
+      // SLOT_HELD: the slot goes back once the epilogue has read it (tile_take did not).
+      if (SLOT_HELD) mbar_arrive(t_empty + 8 * (k % NSLOT));
+#endif
     }
     // No later tile waits on the last slot; handed back anyway so that every held slot is
     // released exactly once (the producer's ring accounting stays symmetric).

@@ -4,8 +4,10 @@
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once
 
-// Defined in fwd_scheduler.cuh (persistent FP8 epilogues re-derive their tile with it).
+// Defined in fwd_scheduler.cuh (persistent FP8 epilogues re-derive their tile with them).
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t);
+__device__ __forceinline__ int ld_shared_b32(u32 a);
+__device__ __forceinline__ WorkTile slot_tile(const Fa3Params& p, u32 a);
 
 // FA3_SUMB, the rare path: some row of the warpgroup failed the sum bound (softmax.cuh), so the
 // tile's scores — overwritten by the exponentials — are computed again from K slot sKs (held
@@ -45,7 +47,7 @@ __device__ __forceinline__ void release_pending(u32& pending, int lane) {
 __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32 sV, u32 sO,
                                          u32 q_full, u32 k_full, u32 v_full, u32 k_empty,
                                          u32 v_empty, u32 q_empty, const WorkTile& w, int wt,
-                                         int cw, int g0, int jq, u32& o_pending) {
+                                         int cw, int g0, int jq, u32& o_pending, u32 slot) {
   const int m = w.m, h = w.h, b = w.b, n_end = w.count();
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
   const int row0 = m * BQ + cw * 64 + warp * 16 + g;
@@ -53,7 +55,9 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   const int wl = FA3_WINDOW ? p.wl : 0, wr = FA3_WINDOW ? p.wr : 0;
   // Prescaled scores are already in log2 units.
   float c = PRESCALE ? 1.0f : p.scale_log2;
-  if constexpr (FP8) {
+  if constexpr (SLOT_HELD) {
+    c = __int_as_float(ld_shared_b32(slot + 24));  // published with the tile
+  } else if constexpr (FP8) {
     const int hk = h / p.group;
     c *= ((const float*)p.qd)[b * p.qd_b + h * p.qd_h] * ((const float*)p.kd)[b * p.kd_b + hk * p.kd_h];
   }
@@ -242,7 +246,12 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   // tile's coordinates here (a little integer math) instead of keeping them live across the main
   // loop, where the d = 256 consumers would otherwise spill (16-bit kernels: no need, and their
   // SASS stays as it was).
-#if FA3_PERSISTENT && FA3_DT == 2
+#if FA3_PERSISTENT == 2 && FA3_DT == 2
+  // SLOT_HELD: read again from the tile's slot, still held (no register kept across the loop).
+  (void)wt;
+  const WorkTile we = slot_tile(p, slot);
+  const int erow0 = we.m * BQ + cw * 64 + warp * 16 + g;
+#elif FA3_PERSISTENT && FA3_DT == 2
   int wt_opaque = wt;
   asm volatile("" : "+r"(wt_opaque));
   const WorkTile we = decode_tile(p, wt_opaque);
@@ -271,7 +280,8 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   sm.finish(c, inv, lse);
   if constexpr (FP8) {
     // Read here rather than before the main loop: one register less across it.
-    const float v_descale = ((const float*)p.vd)[we.b * p.vd_b + (we.h / p.group) * p.vd_h];
+    const float v_descale = SLOT_HELD ? __int_as_float(ld_shared_b32(slot + 28))
+                                      : ((const float*)p.vd)[we.b * p.vd_b + (we.h / p.group) * p.vd_h];
     inv[0] *= v_descale, inv[1] *= v_descale;
   }
 #if FA3_OTMA

@@ -210,7 +210,9 @@ impl Fp8Variant {
             + staging
             + own
             + 8 * (2 + 4 * self.stages)
-            + if self.dynamic { 40 } else { 0 }
+            // The dynamic scheduler's 4 + 4 barriers and 4 tile slots of 32 bytes (the tile
+            // decoded, with its descales).
+            + if self.dynamic { 4 * (16 + 32) } else { 0 }
             + 1024
     }
 
@@ -844,7 +846,7 @@ mod tests {
         assert!(v256.dynamic);
         assert_eq!(
             v256.smem_bytes(),
-            32768 + 2 * 65536 + 65536 + 80 + 40 + 1024
+            32768 + 2 * 65536 + 65536 + 80 + 192 + 1024
         );
         assert!(v256.smem_bytes() <= SMEM_LIMIT);
         // In-kernel transpose: + two 32 KiB staging tiles and their barriers, which then stage

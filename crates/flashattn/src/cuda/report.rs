@@ -36,17 +36,19 @@ impl KernelReport {
 /// Spill (and stack) bytes accepted for the kernel labelled `label` (`entry[DEFINE=..]`): only
 /// where the spilling variant measured faster than its spill-free alternative; the bound keeps
 /// it from growing. With the softmax overlapping the PV wgmma (its P fragments live beside the
-/// new scores), the d = 256 kernels that keep the most state hold 8–16 bytes in local memory:
-/// FP8 with the dynamic scheduler (plain: values kept across a tile's main loop, stored before it
-/// and reloaded in the epilogue; causal: also two values around its PV issue, 3–4 L1-resident
-/// accesses per key tile; +4..9% at 4k–8k over one CTA per tile, bench/RESULTS.md "Step 10" /
-/// "Step 11b"), and the 16-bit static persistent varlen kernel (values kept across the main
-/// loop only; short varlen batches). SASS checked with cuobjdump.
+/// new scores), the d = 256 kernels that keep the most state hold bytes in local memory:
+/// FP8 with the dynamic scheduler (plain 8 / 8: values kept across a tile's main loop, stored
+/// before it and reloaded in the epilogue; causal 32 / 36: also two values around its PV issue,
+/// two L1-resident loads per key tile as before, and since the tile is published decoded with
+/// its descales (SLOT_HELD) the rest in the tile's prologue and epilogue, once per tile; +4..9%
+/// at 4k–8k over one CTA per tile, bench/RESULTS.md "Step 10" / "Step 11b", and the published
+/// tile +1..2% at 2k–4k causal, "Step 24"), and the 16-bit static persistent varlen kernel
+/// (values kept across the main loop only; short varlen batches). SASS checked with cuobjdump.
 pub fn accepted_spill_bytes(label: &str) -> u32 {
     const ACCEPTED: &[(&[&str], u32)] = &[
         (
             &["fa3_fwd[", "FA3_D=256,", "FA3_DT=2,", "FA3_PERSISTENT=2,"],
-            16,
+            36,
         ),
         // The in-kernel transpose's causal kernel in the linear order keeps its decoded tile
         // live (NVRTC: 20 / 20 bytes, one 8-byte refill per key tile; 24 / 24 with the
