@@ -27,7 +27,9 @@
 // counter p.tile_ctr[0] is zero at launch; the last CTA to finish taking tiles, counted in
 // p.tile_ctr[1], zeroes both for the next launch, so the host keeps one buffer per device and
 // never clears it); the producer thread hands the tile index to the consumers through
-// a two-slot ring in shared memory (tile_full / tile_empty barriers). Causal persistent order:
+// a two-slot ring in shared memory (tile_full / tile_empty barriers; FP8: four slots, each the
+// tile decoded with its descale factors, held by the consumers until their epilogue —
+// SLOT_HELD). Causal persistent order:
 // longest first within groups of p.sched_group (head, batch) pairs (a smaller leftover group
 // first), so that the CTAs running together share the K/V of few heads in L2.
 //
