@@ -28,7 +28,7 @@ echo "compile rc=$?"
 : > "$OUT/sass.txt"
 for f in "$OUT"/cubins/*.cubin; do
   s=$("$CUOBJ" -sass "$f")
-  printf '%s: QGMMA %s HGMMA %s F2FP.E4M3 %s LDL %s STL %s\n' "$(basename "$f" | cut -c1-60)" \
+  printf '%s: QGMMA %s HGMMA %s F2FP.E4M3 %s LDL %s STL %s\n' "$(basename "$f" .cubin)" \
     "$(grep -c QGMMA <<<"$s")" "$(grep -c HGMMA <<<"$s")" "$(grep -c 'F2FP.SATFINITE.E4M3' <<<"$s")" \
     "$(grep -c LDL <<<"$s")" "$(grep -c STL <<<"$s")" >> "$OUT/sass.txt"
   grep -o 'QGMMA[.A-Z0-9x]*' <<<"$s" | sort | uniq -c | sed 's/^/    /' >> "$OUT/sass.txt"

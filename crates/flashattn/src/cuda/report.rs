@@ -42,7 +42,7 @@ impl KernelReport {
 /// two L1-resident loads per key tile as before, and since the tile is published decoded with
 /// its descales (SLOT_HELD) the rest in the tile's prologue and epilogue, once per tile; +4..9%
 /// at 4k–8k over one CTA per tile, bench/RESULTS.md "Step 10" / "Step 11b", and the published
-/// tile +1..2% at 2k–4k causal, "Step 24"), and the 16-bit static persistent varlen kernel
+/// tile +1..2% at 2k–4k causal, "Step 25"), and the 16-bit static persistent varlen kernel
 /// (values kept across the main loop only; short varlen batches). SASS checked with cuobjdump.
 pub fn accepted_spill_bytes(label: &str) -> u32 {
     const ACCEPTED: &[(&[&str], u32)] = &[

@@ -95,11 +95,20 @@ pub fn hopper_compile_audit(
             bad.push(format!("{}: {:?}\n{}", spec.label(), r, c.log));
         }
         if let Some(d) = cubin_dir {
-            let name: String = spec
-                .label()
+            // The label without its FA3_ prefixes, sanitised; a long one (the linear-order FP8
+            // kernels' passed the file system's 255 bytes) cut and told apart by a hash.
+            let label = spec.label();
+            let mut name: String = label
+                .replace("FA3_", "")
                 .chars()
                 .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
                 .collect();
+            if name.len() > 200 {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                label.hash(&mut h);
+                name = format!("{}_{:016x}", &name[..180], h.finish());
+            }
             std::fs::create_dir_all(d).unwrap();
             std::fs::write(format!("{d}/{name}.cubin"), &c.cubin).unwrap();
         }
