@@ -278,8 +278,8 @@ constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
 // FP8 with DYN: the producer thread publishes each tile decoded, with its descale factors
 // (c = scale·log2e·q_descale·k_descale and v_descale), and the consumers hold the slot until
 // their epilogue: no integer divisions and no dependent global loads on the consumers' path
-// between two tiles (each load stalled a consumer ~700 cycles at every tile boundary; see
-// fwd_scheduler.cuh).
+// between two tiles (a consumer spent ~1400 cycles between its epilogue and its next tile's Q
+// wait on them: bench/RESULTS.md "Step 25").
 constexpr bool SLOT_HELD = FP8 && DYN;
 constexpr int SLOT_BYTES = SLOT_HELD ? 32 : 4;  // one published tile
 // Tile slots in the ring: a held slot comes back only after its tile's epilogue, so SLOT_HELD

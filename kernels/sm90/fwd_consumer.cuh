@@ -242,19 +242,14 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   }
 
   // Epilogue: normalise, write O (16-bit pairs) and the LSE; rows past the sequence's sq are
-  // not written (varlen: they belong to the next sequence). Persistent FP8 CTAs re-derive the
-  // tile's coordinates here (a little integer math) instead of keeping them live across the main
-  // loop, where the d = 256 consumers would otherwise spill (16-bit kernels: no need, and their
-  // SASS stays as it was).
-#if FA3_PERSISTENT == 2 && FA3_DT == 2
-  // SLOT_HELD: read again from the tile's slot, still held (no register kept across the loop).
+  // not written (varlen: they belong to the next sequence). Persistent FP8 CTAs (always the
+  // dynamic scheduler: SLOT_HELD) read the tile's coordinates again from its slot, still held,
+  // instead of keeping them live across the main loop, where the d = 256 consumers would
+  // otherwise spill (16-bit kernels: no need, and their SASS stays as it was).
+#if FA3_PERSISTENT && FA3_DT == 2
+  static_assert(SLOT_HELD, "persistent FP8 kernels take their tiles from the dynamic scheduler");
   (void)wt;
   const WorkTile we = slot_tile(p, slot);
-  const int erow0 = we.m * BQ + cw * 64 + warp * 16 + g;
-#elif FA3_PERSISTENT && FA3_DT == 2
-  int wt_opaque = wt;
-  asm volatile("" : "+r"(wt_opaque));
-  const WorkTile we = decode_tile(p, wt_opaque);
   const int erow0 = we.m * BQ + cw * 64 + warp * 16 + g;
 #else
   (void)wt;
