@@ -329,8 +329,8 @@ fn fp8_variants_compile_without_spills() {
     let specs = fa3_fp8::all_variants("sm_90a");
     assert_eq!(specs.len(), 18);
     // Spills only where `report::accepted_spill_bytes` allows them (the d = 256 kernels with
-    // the dynamic scheduler, at most 36 bytes; the d = 256 in-kernel transpose's causal kernel
-    // in the linear order, at most 24).
+    // the dynamic scheduler, at most 8 bytes plain and 36 causal; the d = 256 in-kernel
+    // transpose's causal kernel in the linear order, at most 24).
     let bad = hopper_compile_audit(&specs, std::env::var("FP8_CUBIN_DIR").ok().as_deref());
     assert!(fa3_fp8::all_variants("sm_80").is_empty());
     assert!(

@@ -47,7 +47,23 @@ impl KernelReport {
 pub fn accepted_spill_bytes(label: &str) -> u32 {
     const ACCEPTED: &[(&[&str], u32)] = &[
         (
-            &["fa3_fwd[", "FA3_D=256,", "FA3_DT=2,", "FA3_PERSISTENT=2,"],
+            &[
+                "fa3_fwd[",
+                "FA3_D=256,",
+                "FA3_DT=2,",
+                "FA3_CAUSAL=0,",
+                "FA3_PERSISTENT=2,",
+            ],
+            8,
+        ),
+        (
+            &[
+                "fa3_fwd[",
+                "FA3_D=256,",
+                "FA3_DT=2,",
+                "FA3_CAUSAL=1,",
+                "FA3_PERSISTENT=2,",
+            ],
             36,
         ),
         // The in-kernel transpose's causal kernel in the linear order keeps its decoded tile
