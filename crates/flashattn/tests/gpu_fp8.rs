@@ -549,6 +549,15 @@ fn fp8_bench() {
         "kern ms"
     );
     let mut json = Vec::new();
+    // FP8_BENCH_COOL_MS=N: the GPU idles N ms before every timed column, so that each column's
+    // few-ms burst starts below the power cap, as each shape of the bf16 sweep does (host work
+    // between shapes); unset, the columns run back to back and the long rows run capped
+    // (bench/RESULTS.md "Step 26b").
+    let cool_ms: u64 = std::env::var("FP8_BENCH_COOL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let cool = || std::thread::sleep(std::time::Duration::from_millis(cool_ms));
     let dims: Vec<usize> = std::env::var("FP8_BENCH_DIMS")
         .unwrap_or_else(|_| "64,128,256".into())
         .split(',')
@@ -590,18 +599,22 @@ fn fp8_bench() {
                 let p = Problem::new(&Qkv::dense(&bq, &bk, &bv), &opts).unwrap();
                 let bout = DeviceTensor::alloc(&gpu, DType::BF16, &p.q_shape).unwrap();
                 let blse = DeviceTensor::alloc(&gpu, DType::F32, &p.lse_shape()).unwrap();
+                cool();
                 let b_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3::forward_into(&gpu, &p, &gq, &gk, &gv, &bout, &blse).unwrap()
                 });
+                cool();
                 let k_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                 });
                 // The pre-pass into a kept Vᵀ (transpose_v_into), then the kernel.
                 let mut vt2 = fa3_fp8::transpose_v(&gpu, &dv).unwrap();
+                cool();
                 let f_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
                     fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse).unwrap()
                 });
+                cool();
                 let v_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
                 });
