@@ -8,7 +8,7 @@ layout, the same memory as ours), random non-zero values, several sets rotated s
 serves them; CUDA events around each call after warm-up; the median is reported. FLOPs by
 FlashAttention's convention: fwd 4*b*h*s*s*d (halved for causal), bwd 2.5x fwd.
 """
-import argparse, json, sys
+import argparse, json, sys, time
 import torch
 from torch.nn.attention import sdpa_kernel, SDPBackend
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--sets", type=int, default=3)
+    ap.add_argument("--cooldown-ms", type=int, default=0,
+                    help="idle time before each timing (the same power state for every case)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
@@ -80,6 +82,8 @@ def main():
                                     outs.append(F.scaled_dot_product_attention(t[0], t[1], t[2], is_causal=causal))
                                 def fn(t, _o={id(t): o for t, o in zip(sets, outs)}):
                                     torch.autograd.grad(_o[id(t)], (t[0], t[1], t[2]), t[3], retain_graph=True)
+                            torch.cuda.synchronize()
+                            time.sleep(a.cooldown_ms / 1000)
                             ms = bench(fn, sets, a.warmup, a.repeats)
                         rows.append(dict(impl="sdpa_" + name, pass_=a.pass_, d=d, seqlen=s, batch=batch,
                                          heads=heads, causal=causal, ms=round(ms, 5),

@@ -4,6 +4,7 @@
 #                                          binary taking the same options)
 # Env: PASS=fwd|bwd FAMILY=fa2|fa3|auto HEAD_DIMS=64,128,256 SEQLENS=512,...,16384 MASKS=both
 #      TILES=128x64w8,... (fa2 tile overrides, timed one after another) REPEATS=30
+#      COOLDOWN_MS=N (ours and the anchors idle N ms before every case)
 #      OUT=dir for logs (default /tmp/fa_bench). Prints one table with ours/FLASH and ours/cuDNN.
 set -uo pipefail
 BENCH=${1:?usage: run_gpu.sh BENCH_BIN}
@@ -17,9 +18,11 @@ args=(--json --pass "$PASS" --family "$FAMILY" --head-dims "$HEAD_DIMS" --seqlen
       --masks "$MASKS" --repeats "$REPEATS")
 [ -n "${TILES:-}" ] && args+=(--tile "$TILES")
 [ -n "${MEM_SEQLEN:-}" ] && args+=(--mem-seqlen "$MEM_SEQLEN")
+# COOLDOWN_MS: ours and the anchors idle this long before every case (same power state for all).
+anc_extra=(); [ -n "${COOLDOWN_MS:-}" ] && { args+=(--cooldown-ms "$COOLDOWN_MS"); anc_extra=(--cooldown-ms "$COOLDOWN_MS"); }
 "$BENCH" "${args[@]}" > "$OUT/ours_$TAG.json" 2> "$OUT/ours_$TAG.err" || { echo "ours failed:"; tail -5 "$OUT/ours_$TAG.err"; }
 PYTHONUNBUFFERED=1 python3 "$HERE/anchors.py" --pass "$PASS" --head-dims "$HEAD_DIMS" --seqlens "$SEQLENS" \
-  --masks "$MASKS" --repeats "$REPEATS" > "$OUT/anchors_$TAG.json" 2> "$OUT/anchors_$TAG.err" \
+  --masks "$MASKS" --repeats "$REPEATS" ${anc_extra[@]+"${anc_extra[@]}"} > "$OUT/anchors_$TAG.json" 2> "$OUT/anchors_$TAG.err" \
   || { echo "anchors failed:"; tail -5 "$OUT/anchors_$TAG.err"; }
 # SASS check of every kernel the run compiled: the FA2 kernels must use the tensor cores (HMMA),
 # the Hopper ones wgmma (HGMMA; QGMMA for FP8) and TMA (UTMALDG loads, UTMASTG O stores).

@@ -39,6 +39,10 @@ pub struct CudaBenchArgs {
     /// Timed calls per case (median reported).
     #[arg(long, default_value_t = 30)]
     pub repeats: usize,
+    /// Idle time before each case's warm-up, so that every case starts from the same power
+    /// state (sustained runs hold an H100 at its power cap, bench/RESULTS.md "Step 26b").
+    #[arg(long, default_value_t = 0)]
+    pub cooldown_ms: u64,
     /// Input sets rotated between calls (each set q, k, v is 3 × tokens × hidden × 2 bytes).
     #[arg(long, default_value_t = 3)]
     pub sets: usize,
@@ -137,6 +141,8 @@ fn time_case(
             fa2::forward_into(gpu, problem, &s.q, &s.k, &s.v, &s.out, &s.lse, opts, None)?;
         }
     }
+    gpu.synchronize()?;
+    std::thread::sleep(std::time::Duration::from_millis(args.cooldown_ms));
     for i in 0..args.warmup {
         call(&sets[i % sets.len()])?;
     }
