@@ -82,8 +82,9 @@ def main():
                                     outs.append(F.scaled_dot_product_attention(t[0], t[1], t[2], is_causal=causal))
                                 def fn(t, _o={id(t): o for t, o in zip(sets, outs)}):
                                     torch.autograd.grad(_o[id(t)], (t[0], t[1], t[2]), t[3], retain_graph=True)
-                            torch.cuda.synchronize()
-                            time.sleep(a.cooldown_ms / 1000)
+                            if a.cooldown_ms > 0:
+                                torch.cuda.synchronize()
+                                time.sleep(a.cooldown_ms / 1000)
                             ms = bench(fn, sets, a.warmup, a.repeats)
                         rows.append(dict(impl="sdpa_" + name, pass_=a.pass_, d=d, seqlen=s, batch=batch,
                                          heads=heads, causal=causal, ms=round(ms, 5),
