@@ -143,38 +143,31 @@ __device__ __forceinline__ int ld_shared_b32(u32 a) {
 }
 __device__ __forceinline__ void tile_publish(const Fa3Params& p, u32 slots, u32 full, u32 empty,
                                              int k, int t) {
-  if constexpr (SLOT_HELD) {
-    const int s = k % NSLOT;
-    const u32 a = slots + SLOT_BYTES * s;
-    const bool wait = k >= NSLOT;
-    const u32 par = ((k / NSLOT) + 1) & 1;  // parity of the slot's previous use
-    if (t != TILE_END) {
-      // Decoded and loaded before the wait: the loads' latency overlaps it.
-      const WorkTile w = decode_tile(p, t);
-      const int hk = w.h / p.group;
-      const float qk = ((const float*)p.qd)[w.b * p.qd_b + w.h * p.qd_h] *
-                       ((const float*)p.kd)[w.b * p.kd_b + hk * p.kd_h];
-      const float vd = ((const float*)p.vd)[w.b * p.vd_b + hk * p.vd_h];
-      if (wait) mbar_wait(empty + 8 * s, par);
-      st_shared_b32(a + 4, w.m);
-      st_shared_b32(a + 8, w.h);
-      st_shared_b32(a + 12, w.b);
-      st_shared_b32(a + 16, w.n_lo);
-      st_shared_b32(a + 20, w.n_hi);
-      st_shared_b32(a + 24, __float_as_uint(p.scale_log2 * qk));  // as consumer() would compute it
-      st_shared_b32(a + 28, __float_as_uint(vd));
-    } else if (wait) {
-      mbar_wait(empty + 8 * s, par);
-    }
-    st_shared_b32(a, t);
-    mbar_arrive(full + 8 * s);
-  } else {
-    (void)p;
-    const int s = k & 1;
-    if (k >= 2) mbar_wait(empty + 8 * s, ((k >> 1) + 1) & 1);
-    asm volatile("st.shared.b32 [%0], %1;" ::"r"(slots + 4 * s), "r"(t) : "memory");
-    mbar_arrive(full + 8 * s);
+  const u32 uk = k;  // use k >= 0: unsigned, so the slot and parity are a mask and a shift
+  const u32 s = uk % NSLOT;
+  const u32 a = slots + SLOT_BYTES * s;
+  const bool wait = k >= NSLOT;
+  const u32 par = ((uk / NSLOT) + 1) & 1;  // parity of the slot's previous use
+  if (SLOT_HELD && t != TILE_END) {
+    // Decoded and loaded before the wait: the loads' latency overlaps it.
+    const WorkTile w = decode_tile(p, t);
+    const int hk = w.h / p.group;
+    const float qk = ((const float*)p.qd)[w.b * p.qd_b + w.h * p.qd_h] *
+                     ((const float*)p.kd)[w.b * p.kd_b + hk * p.kd_h];
+    const float vd = ((const float*)p.vd)[w.b * p.vd_b + hk * p.vd_h];
+    if (wait) mbar_wait(empty + 8 * s, par);
+    st_shared_b32(a + 4, w.m);
+    st_shared_b32(a + 8, w.h);
+    st_shared_b32(a + 12, w.b);
+    st_shared_b32(a + 16, w.n_lo);
+    st_shared_b32(a + 20, w.n_hi);
+    st_shared_b32(a + 24, __float_as_uint(p.scale_log2 * qk));  // as consumer() would compute it
+    st_shared_b32(a + 28, __float_as_uint(vd));
+  } else if (wait) {
+    mbar_wait(empty + 8 * s, par);
   }
+  st_shared_b32(a, t);
+  mbar_arrive(full + 8 * s);
 }
 // SLOT_HELD: the work tile a slot holds (dense FP8), its fields broadcast from lane 0 so that
 // ptxas knows them warp-uniform (as tile_take's index).
@@ -194,8 +187,7 @@ __device__ __forceinline__ WorkTile slot_tile(const Fa3Params& p, u32 a) {
 __device__ __forceinline__ int tile_take(u32 slots, u32 full, u32 empty, int k) {
   const int s = k % NSLOT;
   mbar_wait(full + 8 * s, (k / NSLOT) & 1);
-  int t;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(t) : "r"(slots + SLOT_BYTES * s) : "memory");
+  const int t = ld_shared_b32(slots + SLOT_BYTES * s);
   if (!SLOT_HELD) mbar_arrive(empty + 8 * s);
   // Warp-uniform, but ptxas only knows that of a broadcast: the split tail branches on t after
   // the main loop, and a branch it takes for divergent moves the next tile's ring positions out of
