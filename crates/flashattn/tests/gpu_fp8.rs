@@ -624,13 +624,16 @@ fn fp8_bench() {
                 if let Ok(tunes) = std::env::var(format!("FP8_BENCH_TUNES_{d}")) {
                     for t in tunes.split(';').filter(|t| !t.is_empty()) {
                         std::env::set_var("FLASHATTN_FP8_TUNE", t);
+                        cool();
                         let ms = event_median_ms(&gpu, 20, 8, || {
                             fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                         });
+                        cool();
                         let vk_ms = event_median_ms(&gpu, 20, 8, || {
                             fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
                                 .unwrap()
                         });
+                        cool();
                         let pk_ms = event_median_ms(&gpu, 20, 8, || {
                             fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
                             fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse)
