@@ -5,6 +5,14 @@
 // WorkTile), in the order fwd.cu lists; not a standalone header.
 #pragma once
 
+// A dense tile's sequence: the whole of q and k, from row 0, batch b in the TMA maps.
+__device__ __forceinline__ void dense_sequence(const Fa3Params& p, WorkTile& w) {
+  w.qs = w.ks = 0;
+  w.sq = p.sq;
+  w.sk = p.sk;
+  w.tb = w.b;
+}
+
 __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   WorkTile w;
 #if FA3_SPLIT
@@ -58,10 +66,7 @@ __device__ __forceinline__ WorkTile decode_tile(const Fa3Params& p, int t) {
   w.sk = ck[w.b + 1] - w.ks;
   w.tb = 0;
 #else
-  w.qs = w.ks = 0;
-  w.sq = p.sq;
-  w.sk = p.sk;
-  w.tb = w.b;
+  dense_sequence(p, w);
 #endif
   const int sq = w.sq, sk = w.sk;
   w.n_lo = 0;
@@ -178,10 +183,7 @@ __device__ __forceinline__ WorkTile slot_tile(const Fa3Params& p, u32 a) {
   w.b = __shfl_sync(0xffffffffu, ld_shared_b32(a + 12), 0);
   w.n_lo = __shfl_sync(0xffffffffu, ld_shared_b32(a + 16), 0);
   w.n_hi = __shfl_sync(0xffffffffu, ld_shared_b32(a + 20), 0);
-  w.qs = w.ks = 0;
-  w.sq = p.sq;
-  w.sk = p.sk;
-  w.tb = w.b;
+  dense_sequence(p, w);
   return w;
 }
 __device__ __forceinline__ int tile_take(u32 slots, u32 full, u32 empty, int k) {
