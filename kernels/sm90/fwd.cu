@@ -282,6 +282,10 @@ constexpr bool DYN = FA3_PERSISTENT == 2;  // tiles from a global counter
 // wait on them: bench/RESULTS.md "Step 25").
 constexpr bool SLOT_HELD = FP8 && DYN;
 constexpr int SLOT_BYTES = SLOT_HELD ? 32 : 4;  // one published tile
+// SLOT_HELD slot layout: {t, m, h, b, n_lo, n_hi, c, v_descale}; byte offsets of the fields the
+// consumers read besides the tile (tile_publish writes them, slot_tile and consumer() read them).
+constexpr u32 SLOT_M = 4, SLOT_H = 8, SLOT_B = 12, SLOT_NLO = 16, SLOT_NHI = 20, SLOT_C = 24,
+              SLOT_VD = 28;
 // Tile slots in the ring: a held slot comes back only after its tile's epilogue, so SLOT_HELD
 // keeps four, for the producer to run as far ahead over short (causal) tiles as with two.
 constexpr int NSLOT = SLOT_HELD ? 4 : 2;

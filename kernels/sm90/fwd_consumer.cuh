@@ -56,7 +56,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   // Prescaled scores are already in log2 units.
   float c = PRESCALE ? 1.0f : p.scale_log2;
   if constexpr (SLOT_HELD) {
-    c = __int_as_float(ld_shared_b32(slot + 24));  // published with the tile
+    c = __int_as_float(ld_shared_b32(slot + SLOT_C));  // published with the tile
   } else if constexpr (FP8) {
     const int hk = h / p.group;
     c *= ((const float*)p.qd)[b * p.qd_b + h * p.qd_h] * ((const float*)p.kd)[b * p.kd_b + hk * p.kd_h];
@@ -275,7 +275,7 @@ __device__ __forceinline__ void consumer(const Fa3Params& p, u32 sQ, u32 sK, u32
   sm.finish(c, inv, lse);
   if constexpr (FP8) {
     // Read here rather than before the main loop: one register less across it.
-    const float v_descale = SLOT_HELD ? __int_as_float(ld_shared_b32(slot + 28))
+    const float v_descale = SLOT_HELD ? __int_as_float(ld_shared_b32(slot + SLOT_VD))
                                       : ((const float*)p.vd)[we.b * p.vd_b + (we.h / p.group) * p.vd_h];
     inv[0] *= v_descale, inv[1] *= v_descale;
   }

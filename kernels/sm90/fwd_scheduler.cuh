@@ -161,13 +161,13 @@ __device__ __forceinline__ void tile_publish(const Fa3Params& p, u32 slots, u32 
                      ((const float*)p.kd)[w.b * p.kd_b + hk * p.kd_h];
     const float vd = ((const float*)p.vd)[w.b * p.vd_b + hk * p.vd_h];
     if (wait) mbar_wait(empty + 8 * s, par);
-    st_shared_b32(a + 4, w.m);
-    st_shared_b32(a + 8, w.h);
-    st_shared_b32(a + 12, w.b);
-    st_shared_b32(a + 16, w.n_lo);
-    st_shared_b32(a + 20, w.n_hi);
-    st_shared_b32(a + 24, __float_as_uint(p.scale_log2 * qk));  // as consumer() would compute it
-    st_shared_b32(a + 28, __float_as_uint(vd));
+    st_shared_b32(a + SLOT_M, w.m);
+    st_shared_b32(a + SLOT_H, w.h);
+    st_shared_b32(a + SLOT_B, w.b);
+    st_shared_b32(a + SLOT_NLO, w.n_lo);
+    st_shared_b32(a + SLOT_NHI, w.n_hi);
+    st_shared_b32(a + SLOT_C, __float_as_uint(p.scale_log2 * qk));  // as consumer() would compute it
+    st_shared_b32(a + SLOT_VD, __float_as_uint(vd));
   } else if (wait) {
     mbar_wait(empty + 8 * s, par);
   }
@@ -178,11 +178,11 @@ __device__ __forceinline__ void tile_publish(const Fa3Params& p, u32 slots, u32 
 // ptxas knows them warp-uniform (as tile_take's index).
 __device__ __forceinline__ WorkTile slot_tile(const Fa3Params& p, u32 a) {
   WorkTile w;
-  w.m = __shfl_sync(0xffffffffu, ld_shared_b32(a + 4), 0);
-  w.h = __shfl_sync(0xffffffffu, ld_shared_b32(a + 8), 0);
-  w.b = __shfl_sync(0xffffffffu, ld_shared_b32(a + 12), 0);
-  w.n_lo = __shfl_sync(0xffffffffu, ld_shared_b32(a + 16), 0);
-  w.n_hi = __shfl_sync(0xffffffffu, ld_shared_b32(a + 20), 0);
+  w.m = __shfl_sync(0xffffffffu, ld_shared_b32(a + SLOT_M), 0);
+  w.h = __shfl_sync(0xffffffffu, ld_shared_b32(a + SLOT_H), 0);
+  w.b = __shfl_sync(0xffffffffu, ld_shared_b32(a + SLOT_B), 0);
+  w.n_lo = __shfl_sync(0xffffffffu, ld_shared_b32(a + SLOT_NLO), 0);
+  w.n_hi = __shfl_sync(0xffffffffu, ld_shared_b32(a + SLOT_NHI), 0);
   dense_sequence(p, w);
   return w;
 }
