@@ -864,6 +864,108 @@ fn fa3_split_tail() {
     tally.finish("fa3 split tail");
 }
 
+/// Persistent CTAs that each walk many tiles on small problems: `grid=2` launches two CTAs, so
+/// the static stride, the dynamic scheduler and, at d = 96 / 128, the split tail run 6–8 tiles
+/// per CTA, and every hand-off between a CTA's tiles (the next Q, the O buffer or ring slots,
+/// the deferred slot release, the tile published by the producer) runs each time — paths that
+/// full-size problems reach only with hundreds of tiles. Every head of out and LSE against the
+/// f64 reference, NaN-poisoned outputs that must come back finite; odd lengths, sq ≠ sk, GQA,
+/// plain and causal, every head dim, dense and varlen. Small enough that compute-sanitizer
+/// (racecheck, synccheck, memcheck) runs it in minutes: `gpu_fa3 fa3_multitile_small`.
+#[test]
+fn fa3_multitile_small() {
+    let Some(gpu) = hopper_warm_or_skip("fa3 GPU test") else {
+        return;
+    };
+    let mut tally = Tally::default();
+    let schedulers = ["persist=1,grid=2", "persist=2,grid=2"];
+    for d in fa3::HEAD_DIMS {
+        let dtype = if d == 96 { DType::F16 } else { DType::BF16 };
+        // (label, batch, sq, sk, heads_q, heads_k, causal); the split tail at d = 96 / 128:
+        // 15 tiles of 6 key tiles on two CTAs, a tail of one tile in two ranges.
+        let mut cases = vec![
+            ("plain", 1, 333, 300, 4, 2, false),
+            ("causal", 2, 300, 333, 2, 1, true),
+        ];
+        if matches!(d, 96 | 128) {
+            cases.push(("split tail", 1, 300, 700, 5, 5, false));
+        }
+        for (what, b, sq, sk, hq, hk, causal) in cases {
+            let split = if what == "split tail" { ",split=1" } else { "" };
+            let tunes = schedulers.map(|t| format!("{t}{split}"));
+            let label = format!("d={d} {what} b={b} sq={sq} sk={sk} hq={hq} hk={hk}");
+            let q = rand_tensor(dtype, &[b, sq, hq, d], 41 + d as u64);
+            let k = rand_tensor(dtype, &[b, sk, hk, d], 42 + d as u64);
+            let v = rand_tensor(dtype, &[b, sk, hk, d], 43 + d as u64);
+            let opts = AttnOptions::new().causal(causal);
+            let qkv = Qkv::dense(&q, &k, &v);
+            let problem = Problem::new(&qkv, &opts).unwrap();
+            warm_fa3(&gpu, &[&problem], &tunes);
+            let heads: Vec<(usize, usize)> = (0..b)
+                .flat_map(|bi| (0..hq).map(move |h| (bi, h)))
+                .collect();
+            let refs = HeadRefs::new(&qkv, &opts, &heads, false);
+            let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+            let dev = [up(&q), up(&k), up(&v)];
+            for tune in &tunes {
+                if tune.contains("split=1") && fa3::split_plan(&gpu, &problem, tune).is_none() {
+                    tally.record(false, format!("{label} [{tune}]: no split tail planned"));
+                    continue;
+                }
+                let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
+                let (e, le, finite) = match &r {
+                    Ok(bits) => head_errs(&refs, bits),
+                    Err(err) => {
+                        eprintln!("{label} [{tune}]: {err}");
+                        (f64::INFINITY, f64::INFINITY, false)
+                    }
+                };
+                tally.record(
+                    finite && e <= tol(dtype) && le <= common::lse_tol(dtype),
+                    format!("{label} [{tune}]: finite {finite}, rel_err {e:.2e}, lse_err {le:.2e}"),
+                );
+            }
+        }
+        // Varlen (causal; sequences of 300, 1 and 170 queries): first sequence against the
+        // reference, every row finite.
+        let seqs = [(300, 333), (1, 1), (170, 150)];
+        let (cq, ck) = cu_seqlens(&seqs);
+        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
+        let case = SchedCase {
+            label: format!("d={d} varlen causal {seqs:?}"),
+            q: rand_tensor(dtype, &[tq, 4, d], 44),
+            k: rand_tensor(dtype, &[tk, 2, d], 45),
+            v: rand_tensor(dtype, &[tk, 2, d], 46),
+            cu: Some((cq, ck)),
+            causal: true,
+        };
+        let (qkv, opts) = (case.qkv(), case.opts());
+        let problem = Problem::new(&qkv, &opts).unwrap();
+        let tunes = schedulers.map(String::from);
+        warm_fa3(&gpu, &[&problem], &tunes);
+        let refs = sample_refs(&qkv, &opts, true);
+        let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
+        let dev = [up(&case.q), up(&case.k), up(&case.v)];
+        for tune in &tunes {
+            let (ok, what) = match run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune)
+            {
+                Ok(x) => {
+                    let out: Vec<f32> = x.0.iter().map(|&b| f32::from_bits(b)).collect();
+                    let finite = out.iter().all(|v| v.is_finite());
+                    let e = refs.errs(&out, None).0;
+                    (
+                        finite && e <= tol(dtype),
+                        format!("finite {finite}, rel_err {e:.2e}"),
+                    )
+                }
+                Err(err) => (false, format!("failed: {err}")),
+            };
+            tally.record(ok, format!("{} [{tune}]: {what}", case.label));
+        }
+    }
+    tally.finish("fa3 multitile small");
+}
+
 /// The sum bound (`sumb=1`, see `Variant::sum_bound`) on inputs built to defeat it: key
 /// magnitudes grow towards key 0 (the kernels walk the key tiles downwards, so every later tile's
 /// scores outgrow the bases set before it) and two keys near the start are scaled far enough that

@@ -43,8 +43,8 @@ pub use maps::out_uses_tma;
 use maps::{bshd, encode_packed};
 pub(crate) use maps::{encode_map, encode_raw, o_map};
 pub(crate) use params::Fa3Params;
-use sched::split_of;
 pub use sched::split_plan;
+use sched::{persistent_grid, split_of};
 pub(crate) use sched::{sched_group, tile_counter};
 use variant::needs_full;
 pub use variant::{
@@ -343,7 +343,7 @@ pub fn forward_into_with(
                 "fewer than 2^31 - 16 x (multiprocessors)",
             ));
         }
-        (total.min(sms) as u32, 1, 1)
+        (persistent_grid(total, sms, var.grid_cap) as u32, 1, 1)
     } else {
         // Packed: grid y runs over key heads (a CTA takes all the query heads of one).
         (

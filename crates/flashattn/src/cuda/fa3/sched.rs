@@ -72,6 +72,19 @@ pub(crate) fn split_tail(
     ))
 }
 
+/// Persistent CTAs for `tiles` work tiles on `sms` multiprocessors with the `grid` knob `cap`
+/// ([`Variant::grid_cap`]): 0 = one per SM (at most one per tile), 1 = the fewest CTAs that
+/// still take `⌈tiles / sms⌉` rounds, n > 1 = at most n.
+pub(crate) fn persistent_grid(tiles: usize, sms: usize, cap: usize) -> usize {
+    let full = tiles.min(sms);
+    match cap {
+        _ if full == 0 => full,
+        0 => full,
+        1 => tiles.div_ceil(tiles.div_ceil(full)),
+        n => full.min(n),
+    }
+}
+
 /// The split tail of `var` launched on `problem` with `sms` multiprocessors ([`split_tail`]).
 pub(super) fn split_of(
     var: &Variant,
@@ -82,7 +95,7 @@ pub(super) fn split_of(
         return None;
     }
     let tiles = (problem.max_sq * var.pack).div_ceil(var.bq()) * problem.heads_q * problem.batch;
-    let grid = tiles.min(sms);
+    let grid = persistent_grid(tiles, sms, var.grid_cap);
     let ranges = if var.split_ranges > 0 {
         var.split_ranges.min(8 * grid)
     } else {
@@ -104,6 +117,19 @@ pub fn split_plan(gpu: &Gpu, problem: &Problem, tune: &str) -> Option<(usize, us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn persistent_grid_keeps_the_rounds() {
+        // 2048 tiles on 132 SMs: 16 rounds either way, on 128 CTAs with `grid=1`.
+        assert_eq!(persistent_grid(2048, 132, 0), 132);
+        assert_eq!(persistent_grid(2048, 132, 1), 128);
+        assert_eq!(persistent_grid(1024, 132, 1), 128);
+        assert_eq!(persistent_grid(4096, 132, 1), 128);
+        assert_eq!(persistent_grid(100, 132, 1), 100);
+        assert_eq!(persistent_grid(2048, 132, 120), 120);
+        assert_eq!(persistent_grid(2048, 132, 500), 132);
+        assert_eq!(persistent_grid(0, 132, 1), 0);
+    }
 
     #[test]
     fn split_tail_cuts_only_a_partly_filled_last_round_that_pays() {

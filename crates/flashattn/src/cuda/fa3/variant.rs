@@ -27,6 +27,11 @@ pub struct Variant {
     /// Persistent causal order: (head, batch) pairs per longest-first group; 0 = automatic
     /// (a launch parameter, not part of the compiled kernel).
     pub sched_group: usize,
+    /// Persistent CTAs launched (`grid`, a launch parameter): 0 = one per SM, the shipped
+    /// choice; 1 = the fewest that take the same number of rounds of tiles (H100: 0.99 at plain
+    /// d = 128, bench/RESULTS.md "Step 29"); n > 1 = at most n — so that a small problem walks
+    /// many tiles per CTA (the tests and compute-sanitizer runs of the hand-offs between tiles).
+    pub grid_cap: usize,
     /// GQA packing (`FA3_PACK`): the query heads of a group (this many, a power of two
     /// dividing 64) share each tile's rows, so their K/V head is streamed once per tile; 1 = off.
     pub pack: usize,
@@ -167,6 +172,7 @@ impl Variant {
             persistent: false,
             dynamic: false,
             sched_group: 0,
+            grid_cap: 0,
             pack: 1,
             nc,
             emu: 0,
@@ -304,7 +310,7 @@ impl Variant {
         }
     }
 
-    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0,split=0,splitr=264,sumb=0"`
+    /// `FLASHATTN_FA3_TUNE="bk=64,stages=3,overlap=0,pingpong=0,persist=1,grid=2,otma=0,emu=2,qrs=1,lazy=0,skip=0,wgb=0,split=0,splitr=264,sumb=0"`
     /// overrides knobs (benchmarks); an override whose shared memory would not fit is ignored.
     fn apply_env(&mut self) {
         if let Ok(s) = std::env::var("FLASHATTN_FA3_TUNE") {
@@ -327,6 +333,7 @@ impl Variant {
                     self.dynamic = n == 2;
                 }
                 "sgroup" => self.sched_group = n,
+                "grid" => self.grid_cap = n,
                 // pack=0 turns GQA packing off (benchmarks).
                 "pack" if n == 0 => self.pack = 1,
                 "otma" => self.otma = n != 0,
