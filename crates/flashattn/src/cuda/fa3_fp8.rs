@@ -106,14 +106,18 @@ pub struct Fp8Variant {
     /// Persistent causal order: (head, batch) pairs per longest-first group (0: the L2 rule of
     /// `fa3::sched_group`).
     pub group: usize,
+    /// Persistent CTAs of the dynamic scheduler at most (`grid`, a launch parameter; 0 = one per
+    /// SM): `grid=2` makes a small problem walk many tiles per CTA (compute-sanitizer runs).
+    pub grid: usize,
 }
 
 impl Fp8Variant {
     /// The shipped configuration for head dim `d`; `FLASHATTN_FP8_TUNE="stages=N,otma=0,
-    /// persist=0|2,emu=E,qrs=N,lazy=T,linear=0|1,qearly=1,kvfirst=1,group=G"` overrides the
-    /// ring depth, the TMA-store epilogue, the scheduler, the exp2 emulation, Q in registers,
-    /// lazy rescaling, the linear tile order, the Q release, the first loads' order and the
-    /// causal longest-first group (benchmarks) when it fits in shared memory.
+    /// persist=0|2,emu=E,qrs=N,lazy=T,linear=0|1,qearly=1,kvfirst=1,group=G,grid=N"` overrides
+    /// the ring depth, the TMA-store epilogue, the scheduler, the exp2 emulation, Q in registers,
+    /// lazy rescaling, the linear tile order, the Q release, the first loads' order, the
+    /// causal longest-first group and the dynamic scheduler's CTAs (benchmarks, sanitizer runs)
+    /// when it fits in shared memory.
     pub fn new(d: usize, causal: bool) -> Fp8Variant {
         Self::with_vt(d, causal, false)
     }
@@ -147,6 +151,7 @@ impl Fp8Variant {
             qearly: false,
             kvfirst: false,
             group: 0,
+            grid: 0,
         };
         if let Ok(s) = std::env::var("FLASHATTN_FP8_TUNE") {
             for (k, n) in super::fa3::tune_knobs(&s) {
@@ -165,6 +170,7 @@ impl Fp8Variant {
                         ..v
                     },
                     "group" => Fp8Variant { group: n, ..v },
+                    "grid" => Fp8Variant { grid: n, ..v },
                     "linear" => Fp8Variant {
                         linear: n != 0,
                         ..v
@@ -686,7 +692,8 @@ fn launch(
     };
     let cfg = LaunchConfig {
         grid_dim: if var.dynamic {
-            (total.min(sms) as u32, 1, 1)
+            let cap = if var.grid > 0 { var.grid } else { sms };
+            (total.min(cap) as u32, 1, 1)
         } else if var.linear {
             (total as u32, 1, 1)
         } else {
