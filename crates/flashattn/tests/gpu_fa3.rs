@@ -834,13 +834,7 @@ fn fa3_split_tail() {
         // "": the shipped static stride; persist=2: the dynamic scheduler (both split).
         for tune in ["", "persist=2", "split=0"] {
             let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
-            let (e, le, finite) = match &r {
-                Ok(bits) => head_errs(&refs, bits),
-                Err(e) => {
-                    eprintln!("{label} [{tune}]: {e}");
-                    (f64::INFINITY, f64::INFINITY, false)
-                }
-            };
+            let (e, le, finite) = launch_head_errs(&refs, &r, &label, tune);
             tally.record(
                 finite && e <= tol(dtype) && le <= common::lse_tol(dtype),
                 format!(
@@ -865,7 +859,7 @@ fn fa3_split_tail() {
 }
 
 /// Persistent CTAs that each walk many tiles on small problems: `grid=2` launches two CTAs, so
-/// the static stride, the dynamic scheduler and, at d = 96 / 128, the split tail run 6–8 tiles
+/// the static stride, the dynamic scheduler and, at d = 96 / 128, the split tail run 4–8 tiles
 /// per CTA, and every hand-off between a CTA's tiles (the next Q, the O buffer or ring slots,
 /// the deferred slot release, the tile published by the producer) runs each time — paths that
 /// full-size problems reach only with hundreds of tiles. Every head of out and LSE against the
@@ -913,13 +907,7 @@ fn fa3_multitile_small() {
                     continue;
                 }
                 let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
-                let (e, le, finite) = match &r {
-                    Ok(bits) => head_errs(&refs, bits),
-                    Err(err) => {
-                        eprintln!("{label} [{tune}]: {err}");
-                        (f64::INFINITY, f64::INFINITY, false)
-                    }
-                };
+                let (e, le, finite) = launch_head_errs(&refs, &r, &label, tune);
                 tally.record(
                     finite && e <= tol(dtype) && le <= common::lse_tol(dtype),
                     format!("{label} [{tune}]: finite {finite}, rel_err {e:.2e}, lse_err {le:.2e}"),
@@ -1030,6 +1018,23 @@ fn head_errs(refs: &HeadRefs, bits: &Bits) -> (f64, f64, bool) {
     let finite = out.iter().chain(&lse).all(|x| x.is_finite());
     let (e, le) = refs.errs(&out, Some(&lse));
     (e, le, finite)
+}
+
+/// [`head_errs`] of a launch's result; a failed launch (its error printed under `label` and
+/// `tune`) reads as infinite errors, not finite.
+fn launch_head_errs(
+    refs: &HeadRefs,
+    r: &Result<Bits, flashattn::Error>,
+    label: &str,
+    tune: &str,
+) -> (f64, f64, bool) {
+    match r {
+        Ok(bits) => head_errs(refs, bits),
+        Err(e) => {
+            eprintln!("{label} [{tune}]: {e}");
+            (f64::INFINITY, f64::INFINITY, false)
+        }
+    }
 }
 
 /// Where two results differ: elements and largest difference of out and of the LSE, and out's

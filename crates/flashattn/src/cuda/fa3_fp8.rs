@@ -106,8 +106,9 @@ pub struct Fp8Variant {
     /// Persistent causal order: (head, batch) pairs per longest-first group (0: the L2 rule of
     /// `fa3::sched_group`).
     pub group: usize,
-    /// Persistent CTAs of the dynamic scheduler at most (`grid`, a launch parameter; 0 = one per
-    /// SM): `grid=2` makes a small problem walk many tiles per CTA (compute-sanitizer runs).
+    /// Persistent CTAs of the dynamic scheduler (`grid`, a launch parameter, as the 16-bit
+    /// kernels' `grid_cap`: 0 = one per SM, 1 = the fewest with the same rounds, n > 1 = at most
+    /// n): `grid=2` makes a small problem walk many tiles per CTA (compute-sanitizer runs).
     pub grid: usize,
 }
 
@@ -692,8 +693,11 @@ fn launch(
     };
     let cfg = LaunchConfig {
         grid_dim: if var.dynamic {
-            let cap = if var.grid > 0 { var.grid } else { sms };
-            (total.min(cap) as u32, 1, 1)
+            (
+                super::fa3::persistent_grid(total, sms, var.grid) as u32,
+                1,
+                1,
+            )
         } else if var.linear {
             (total as u32, 1, 1)
         } else {

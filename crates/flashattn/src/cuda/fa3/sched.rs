@@ -78,7 +78,7 @@ pub(crate) fn split_tail(
 pub(crate) fn persistent_grid(tiles: usize, sms: usize, cap: usize) -> usize {
     let full = tiles.min(sms);
     match cap {
-        _ if full == 0 => full,
+        _ if full == 0 => 0,
         0 => full,
         1 => tiles.div_ceil(tiles.div_ceil(full)),
         n => full.min(n),
