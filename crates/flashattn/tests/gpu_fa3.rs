@@ -691,20 +691,13 @@ fn fa3_persistent_schedulers() {
             (700, 1000),
             (260, 300),
         ];
-        let (mut cq, mut ck) = (vec![0i32], vec![0i32]);
-        for s in seqs {
-            cq.push(cq.last().unwrap() + s.0);
-            ck.push(ck.last().unwrap() + s.1);
-        }
-        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
-        cases.push(SchedCase {
-            label: format!("varlen causal {seqs:?}"),
-            q: rand_tensor(dtype, &[tq, 24, d], 14),
-            k: rand_tensor(dtype, &[tk, 6, d], 15),
-            v: rand_tensor(dtype, &[tk, 6, d], 16),
-            cu: Some((cq, ck)),
-            causal: true,
-        });
+        cases.push(SchedCase::varlen_causal(
+            String::new(),
+            dtype,
+            &seqs,
+            (24, 6, d),
+            14,
+        ));
         let problems: Vec<Problem> = cases
             .iter()
             .map(|c| Problem::new(&c.qkv(), &c.opts()).unwrap())
@@ -917,16 +910,7 @@ fn fa3_multitile_small() {
         // Varlen (causal; sequences of 300, 1 and 170 queries): first sequence against the
         // reference, every row finite.
         let seqs = [(300, 333), (1, 1), (170, 150)];
-        let (cq, ck) = cu_seqlens(&seqs);
-        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
-        let case = SchedCase {
-            label: format!("d={d} varlen causal {seqs:?}"),
-            q: rand_tensor(dtype, &[tq, 4, d], 44),
-            k: rand_tensor(dtype, &[tk, 2, d], 45),
-            v: rand_tensor(dtype, &[tk, 2, d], 46),
-            cu: Some((cq, ck)),
-            causal: true,
-        };
+        let case = SchedCase::varlen_causal(format!("d={d} "), dtype, &seqs, (4, 2, d), 44);
         let (qkv, opts) = (case.qkv(), case.opts());
         let problem = Problem::new(&qkv, &opts).unwrap();
         let tunes = schedulers.map(String::from);
@@ -1296,6 +1280,27 @@ struct SchedCase {
 }
 
 impl SchedCase {
+    /// Packed causal sequences of (query, key) lengths `seqs`, random tensors of
+    /// (heads_q, heads_k, d), seeds `seed`.. .
+    fn varlen_causal(
+        prefix: String,
+        dtype: DType,
+        seqs: &[(usize, usize)],
+        (hq, hk, d): (usize, usize, usize),
+        seed: u64,
+    ) -> SchedCase {
+        let (cq, ck) = cu_seqlens(seqs);
+        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
+        SchedCase {
+            label: format!("{prefix}varlen causal {seqs:?}"),
+            q: rand_tensor(dtype, &[tq, hq, d], seed),
+            k: rand_tensor(dtype, &[tk, hk, d], seed + 1),
+            v: rand_tensor(dtype, &[tk, hk, d], seed + 2),
+            cu: Some((cq, ck)),
+            causal: true,
+        }
+    }
+
     fn qkv(&self) -> Qkv<'_> {
         match &self.cu {
             Some((cq, ck)) => Qkv::varlen(&self.q, &self.k, &self.v, cq, ck),
