@@ -720,14 +720,8 @@ fn fa3_persistent_schedulers() {
             let base = run("persist=0").expect("one CTA per tile");
             // The baseline itself: finite everywhere (no unwritten tile) and, on three query
             // heads of the first sequence, within tolerance of the f64 reference.
-            let out0 = Tensor::from_f32(
-                base.0.iter().map(|&b| f32::from_bits(b)).collect(),
-                &problem.q_shape,
-            )
-            .unwrap();
-            let finite = out0.to_f32_vec().iter().all(|x| x.is_finite());
             let refs = sample_refs(&qkv, &opts, cu.is_some());
-            let e = sample_err(&refs, &out0);
+            let (finite, e) = sample_check(&refs, &base);
             tally.record(
                 finite && e <= tol(dtype),
                 format!("d={d} {label} persist=0: finite {finite}, sampled rel_err {e:.2e}"),
@@ -757,13 +751,7 @@ fn fa3_persistent_schedulers() {
                 );
                 let (ok, what) = match run(tune) {
                     Ok(x) => {
-                        let out = Tensor::from_f32(
-                            x.0.iter().map(|&b| f32::from_bits(b)).collect(),
-                            &problem.q_shape,
-                        )
-                        .unwrap();
-                        let finite = out.to_f32_vec().iter().all(|v| v.is_finite());
-                        let e = sample_err(&refs, &out);
+                        let (finite, e) = sample_check(&refs, &x);
                         let vs = bits_diff(&x, &base);
                         (
                             finite && e <= tol(dtype),
@@ -922,9 +910,7 @@ fn fa3_multitile_small() {
             let (ok, what) = match run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune)
             {
                 Ok(x) => {
-                    let out: Vec<f32> = x.0.iter().map(|&b| f32::from_bits(b)).collect();
-                    let finite = out.iter().all(|v| v.is_finite());
-                    let e = refs.errs(&out, None).0;
+                    let (finite, e) = sample_check(&refs, &x);
                     (
                         finite && e <= tol(dtype),
                         format!("finite {finite}, rel_err {e:.2e}"),
@@ -1313,15 +1299,17 @@ impl SchedCase {
 }
 
 /// The f64 reference on query heads 0, 1 and the last of the first batch element (dense) or
-/// sequence (varlen), computed on those heads alone; [`sample_err`] compares an output with it.
+/// sequence (varlen), computed on those heads alone; [`sample_check`] compares a launch's output with it.
 fn sample_refs(qkv: &Qkv<'_>, opts: &AttnOptions, varlen: bool) -> HeadRefs {
     let hq = qkv.q.shape()[qkv.q.shape().len() - 2];
     HeadRefs::new(qkv, opts, &[(0, 0), (0, 1), (0, hq - 1)], varlen)
 }
 
-/// Relative error of `out` on the heads of [`sample_refs`].
-fn sample_err(refs: &HeadRefs, out: &Tensor) -> f64 {
-    refs.errs(&out.to_f32_vec(), None).0
+/// Out of a launch's `bits` against [`sample_refs`]: (every element finite, relative error on
+/// the sampled heads).
+fn sample_check(refs: &HeadRefs, bits: &Bits) -> (bool, f64) {
+    let out: Vec<f32> = bits.0.iter().map(|&b| f32::from_bits(b)).collect();
+    (out.iter().all(|v| v.is_finite()), refs.errs(&out, None).0)
 }
 
 /// The f64 reference on the (batch, query head) pairs `heads` of a problem, each computed on
