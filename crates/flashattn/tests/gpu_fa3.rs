@@ -749,17 +749,11 @@ fn fa3_persistent_schedulers() {
                         }
                     ),
                 );
-                let (ok, what) = match run(tune) {
-                    Ok(x) => {
-                        let (finite, e) = sample_check(&refs, &x);
-                        let vs = bits_diff(&x, &base);
-                        (
-                            finite && e <= tol(dtype),
-                            format!("finite {finite}, sampled rel_err {e:.2e}; against one CTA per tile: {vs}"),
-                        )
-                    }
-                    Err(e) => (false, format!("failed: {e}")),
-                };
+                let r = run(tune);
+                let (ok, mut what) = sample_verdict(&refs, &r, tol(dtype));
+                if let Ok(x) = &r {
+                    what += &format!("; against one CTA per tile: {}", bits_diff(x, &base));
+                }
                 tally.record(ok, format!("d={d} {label} [{tune}]: {what}"));
             }
         }
@@ -907,17 +901,8 @@ fn fa3_multitile_small() {
         let up = |t: &Tensor| DeviceTensor::upload(&gpu, t).unwrap();
         let dev = [up(&case.q), up(&case.k), up(&case.v)];
         for tune in &tunes {
-            let (ok, what) = match run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune)
-            {
-                Ok(x) => {
-                    let (finite, e) = sample_check(&refs, &x);
-                    (
-                        finite && e <= tol(dtype),
-                        format!("finite {finite}, rel_err {e:.2e}"),
-                    )
-                }
-                Err(err) => (false, format!("failed: {err}")),
-            };
+            let r = run_bits(&gpu, &problem, [&dev[0], &dev[1], &dev[2]], None, tune);
+            let (ok, what) = sample_verdict(&refs, &r, tol(dtype));
             tally.record(ok, format!("{} [{tune}]: {what}", case.label));
         }
     }
@@ -1310,6 +1295,21 @@ fn sample_refs(qkv: &Qkv<'_>, opts: &AttnOptions, varlen: bool) -> HeadRefs {
 fn sample_check(refs: &HeadRefs, bits: &Bits) -> (bool, f64) {
     let out: Vec<f32> = bits.0.iter().map(|&b| f32::from_bits(b)).collect();
     (out.iter().all(|v| v.is_finite()), refs.errs(&out, None).0)
+}
+
+/// [`sample_check`] of a launch's result as a verdict: it passes when every element is finite
+/// and the sampled relative error is within `tol`; the message gives both, or the launch's error.
+fn sample_verdict(refs: &HeadRefs, r: &Result<Bits, flashattn::Error>, tol: f64) -> (bool, String) {
+    match r {
+        Ok(bits) => {
+            let (finite, e) = sample_check(refs, bits);
+            (
+                finite && e <= tol,
+                format!("finite {finite}, sampled rel_err {e:.2e}"),
+            )
+        }
+        Err(e) => (false, format!("failed: {e}")),
+    }
 }
 
 /// The f64 reference on the (batch, query head) pairs `heads` of a problem, each computed on
