@@ -43,7 +43,7 @@ pub use maps::out_uses_tma;
 use maps::{bshd, encode_packed};
 pub(crate) use maps::{encode_map, encode_raw, o_map};
 pub(crate) use params::Fa3Params;
-use sched::split_of;
+use sched::{split_of, work_and_grid};
 pub use sched::split_plan;
 pub(crate) use sched::{persistent_grid, sched_group, tile_counter};
 use variant::needs_full;
@@ -320,8 +320,9 @@ pub fn forward_into_with(
             "grid within (2^31-1, 65535, 65535)",
         ));
     }
-    let total = m_tiles * problem.heads_q * problem.batch;
-    if let Some((t_main, ranges, w)) = split_of(&var, problem, sms) {
+    let (total, persistent_ctas) = work_and_grid(&var, problem, sms);
+    debug_assert_eq!(total, m_tiles * problem.heads_q * problem.batch);
+    if let Some((t_main, ranges, w)) = split_of(&var, problem, total, persistent_ctas) {
         // Two pieces' slots per range, one per consumer warp: its accumulator and (m, l).
         let warp_slot = (var.d / 8 + 1) * 32 * 16;
         let ws_bytes = 2 * ranges * 4 * var.nc * warp_slot;
@@ -343,7 +344,7 @@ pub fn forward_into_with(
                 "fewer than 2^31 - 16 x (multiprocessors)",
             ));
         }
-        (persistent_grid(total, sms, var.grid_cap) as u32, 1, 1)
+        (persistent_ctas as u32, 1, 1)
     } else {
         // Packed: grid y runs over key heads (a CTA takes all the query heads of one).
         (

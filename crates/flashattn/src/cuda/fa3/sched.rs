@@ -85,17 +85,25 @@ pub(crate) fn persistent_grid(tiles: usize, sms: usize, cap: usize) -> usize {
     }
 }
 
-/// The split tail of `var` launched on `problem` with `sms` multiprocessors ([`split_tail`]).
+/// The work tiles of `var` on `problem` (query tiles of packed rows × query heads × batch) and
+/// the persistent CTAs that take them on `sms` multiprocessors: the one count that both the
+/// launch's grid and its split tail ([`split_of`]) are derived from.
+pub(super) fn work_and_grid(var: &Variant, problem: &Problem, sms: usize) -> (usize, usize) {
+    let tiles = (problem.max_sq * var.pack).div_ceil(var.bq()) * problem.heads_q * problem.batch;
+    (tiles, persistent_grid(tiles, sms, var.grid_cap))
+}
+
+/// The split tail of `var` launched on `problem` as `tiles` work tiles on `grid` persistent
+/// CTAs ([`work_and_grid`], [`split_tail`]).
 pub(super) fn split_of(
     var: &Variant,
     problem: &Problem,
-    sms: usize,
+    tiles: usize,
+    grid: usize,
 ) -> Option<(usize, usize, usize)> {
     if !var.splits() || var.split != 1 || problem.batch == 0 || problem.max_sq == 0 {
         return None;
     }
-    let tiles = (problem.max_sq * var.pack).div_ceil(var.bq()) * problem.heads_q * problem.batch;
-    let grid = persistent_grid(tiles, sms, var.grid_cap);
     let ranges = if var.split_ranges > 0 {
         var.split_ranges.min(8 * grid)
     } else {
@@ -107,11 +115,9 @@ pub(super) fn split_of(
 /// The split tail that [`forward_into_with`](super::forward_into_with) runs for `problem` with knobs `tune` on `gpu`
 /// (tests, benchmarks): (whole tiles before it, ranges, key tiles in it), `None` without one.
 pub fn split_plan(gpu: &Gpu, problem: &Problem, tune: &str) -> Option<(usize, usize, usize)> {
-    split_of(
-        &Variant::tuned(problem, false, tune),
-        problem,
-        gpu.sm_count() as usize,
-    )
+    let var = Variant::tuned(problem, false, tune);
+    let (tiles, grid) = work_and_grid(&var, problem, gpu.sm_count() as usize);
+    split_of(&var, problem, tiles, grid)
 }
 
 #[cfg(test)]
