@@ -43,9 +43,9 @@ pub use maps::out_uses_tma;
 use maps::{bshd, encode_packed};
 pub(crate) use maps::{encode_map, encode_raw, o_map};
 pub(crate) use params::Fa3Params;
-use sched::{split_of, work_and_grid};
 pub use sched::split_plan;
 pub(crate) use sched::{persistent_grid, sched_group, tile_counter};
+use sched::{split_of, work_and_grid};
 use variant::needs_full;
 pub use variant::{
     all_variants, OStaging, Variant, LAZY_RESCALE, LONG_CAUSAL_SQ, PERSIST_MAX_SK, SHORT_CAUSAL_SQ,
