@@ -15,7 +15,7 @@ use common::{
     rel_err, Rng, Tally,
 };
 use flashattn::cuda::fa3_fp8::{self, Fp8DeviceTensor};
-use flashattn::cuda::{fa3, DeviceTensor, Gpu};
+use flashattn::cuda::{fa3, DeviceBuffer, DeviceTensor, Gpu};
 use flashattn::fp8::{e4m3_from_f32, e4m3_to_f32, incoherent_qk, Fp8Scaling, Fp8Tensor};
 use flashattn::{AttnOptions, DType, Problem, Qkv, Tensor};
 
@@ -619,6 +619,47 @@ fn fp8_bench() {
                     fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
                 });
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
+                // FP8_BENCH_GAP=1: where a call with the pre-pass loses time beyond the pre-pass
+                // and the kernel timed apart. Twice, alternating: the pre-pass into a Vᵀ the
+                // kernel does not read (its presence without the data dependency), a memset of
+                // V's size (dirty L2 lines without the pre-pass), the memset alone, and the
+                // pre-pass + kernel and the kernel alone again as the reference.
+                if std::env::var("FP8_BENCH_GAP").as_deref() == Ok("1") {
+                    let scratch = DeviceBuffer::zeros(&gpu, n).unwrap();
+                    for round in 0..2 {
+                        cool();
+                        let other = event_median_ms(&gpu, 30, 8, || {
+                            fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
+                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
+                        });
+                        cool();
+                        let memset = event_median_ms(&gpu, 30, 8, || {
+                            scratch.fill_bytes(0x11).unwrap();
+                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
+                        });
+                        cool();
+                        let memset_alone = event_median_ms(&gpu, 30, 8, || {
+                            scratch.fill_bytes(0x11).unwrap();
+                        });
+                        cool();
+                        let with_vt = event_median_ms(&gpu, 30, 8, || {
+                            fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
+                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse)
+                                .unwrap()
+                        });
+                        cool();
+                        let alone = event_median_ms(&gpu, 30, 8, || {
+                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
+                        });
+                        println!(
+                            "GAP d={d} causal={} seq={s} round {round}: ms kernel {alone:.4}, \
+                             pre-pass {vt_ms:.4}, pre-pass + kernel {with_vt:.4}, pre-pass \
+                             elsewhere + kernel {other:.4}, memset {memset_alone:.4}, memset + \
+                             kernel {memset:.4}",
+                            causal as u8
+                        );
+                    }
+                }
                 // FP8_BENCH_TUNES_<d>="stages=2;stages=4": extra rows per setting, the kernel
                 // on the kept Vᵀ and with the in-kernel transpose.
                 if let Ok(tunes) = std::env::var(format!("FP8_BENCH_TUNES_{d}")) {
