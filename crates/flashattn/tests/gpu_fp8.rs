@@ -622,11 +622,17 @@ fn fp8_bench() {
                 // FP8_BENCH_GAP=1: where a call with the pre-pass loses time beyond the pre-pass
                 // and the kernel timed apart. Twice, alternating: the pre-pass into a Vᵀ the
                 // kernel does not read (its presence without the data dependency), a memset of
-                // V's size (dirty L2 lines without the pre-pass), the memset alone, and the
-                // pre-pass + kernel and the kernel alone again as the reference.
+                // V's size (dirty L2 lines without the pre-pass), the memset alone, the
+                // pre-pass + kernel and the kernel alone again as the reference, and the
+                // in-kernel transpose (the other way to take V per call).
                 if std::env::var("FP8_BENCH_GAP").as_deref() == Ok("1") {
                     let scratch = DeviceBuffer::zeros(&gpu, n).unwrap();
                     for round in 0..2 {
+                        cool();
+                        let in_kernel_first = event_median_ms(&gpu, 30, 8, || {
+                            fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
+                                .unwrap()
+                        });
                         cool();
                         let other = event_median_ms(&gpu, 30, 8, || {
                             fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
@@ -651,8 +657,25 @@ fn fp8_bench() {
                         let alone = event_median_ms(&gpu, 30, 8, || {
                             fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
                         });
+                        cool();
+                        let in_kernel = event_median_ms(&gpu, 30, 8, || {
+                            fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
+                                .unwrap()
+                        });
+                        // Both ways must agree after these runs (the same scores, V in another
+                        // layout).
+                        let o_vtk = out.download().unwrap().to_f32_vec();
+                        fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap();
+                        let o_vt = out.download().unwrap().to_f32_vec();
+                        let diff = o_vtk
+                            .iter()
+                            .zip(&o_vt)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, |m, x| if x.is_nan() { f32::NAN } else { m.max(x) });
                         println!(
-                            "GAP d={d} causal={} seq={s} round {round}: ms kernel {alone:.4}, \
+                            "GAP d={d} causal={} seq={s} round {round}: ms in-kernel transpose \
+                             {in_kernel_first:.4} first, {in_kernel:.4} last (max |ΔO| against \
+                             the kernel on Vᵀ {diff:.2e}), kernel {alone:.4}, \
                              pre-pass {vt_ms:.4}, pre-pass + kernel {with_vt:.4}, pre-pass \
                              elsewhere + kernel {other:.4}, memset {memset_alone:.4}, memset + \
                              kernel {memset:.4}",
