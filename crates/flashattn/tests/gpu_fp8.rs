@@ -672,6 +672,10 @@ fn fp8_bench() {
                             .zip(&o_vt)
                             .map(|(a, b)| (a - b).abs())
                             .fold(0f32, |m, x| if x.is_nan() { f32::NAN } else { m.max(x) });
+                        assert!(
+                            diff <= 1e-2,
+                            "in-kernel transpose and kernel on Vᵀ disagree: max |ΔO| {diff}"
+                        );
                         println!(
                             "GAP d={d} causal={} seq={s} round {round}: ms in-kernel transpose \
                              {in_kernel_first:.4} first, {in_kernel:.4} last (max |ΔO| against \
