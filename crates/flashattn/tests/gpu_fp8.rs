@@ -603,21 +603,26 @@ fn fp8_bench() {
                 let b_ms = event_median_ms(&gpu, 30, 8, || {
                     fa3::forward_into(&gpu, &p, &gq, &gk, &gv, &bout, &blse).unwrap()
                 });
+                // The ways a call can take V: the kernel on a kept Vᵀ, the pre-pass into a Vᵀ
+                // and then the kernel on it, and the in-kernel transpose.
+                let kernel_on = |v: &fa3_fp8::Fp8VTransposed| {
+                    fa3_fp8::attention_into(&gpu, &dq, &dk, v, &opts, &out, &lse).unwrap()
+                };
+                let prepass_then_kernel = |v: &mut fa3_fp8::Fp8VTransposed| {
+                    fa3_fp8::transpose_v_into(&gpu, &dv, v).unwrap();
+                    kernel_on(v)
+                };
+                let in_kernel_transpose = || {
+                    fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
+                };
                 cool();
-                let k_ms = event_median_ms(&gpu, 30, 8, || {
-                    fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
-                });
+                let k_ms = event_median_ms(&gpu, 30, 8, || kernel_on(&vt));
                 // The pre-pass into a kept Vᵀ (transpose_v_into), then the kernel.
                 let mut vt2 = fa3_fp8::transpose_v(&gpu, &dv).unwrap();
                 cool();
-                let f_ms = event_median_ms(&gpu, 30, 8, || {
-                    fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
-                    fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse).unwrap()
-                });
+                let f_ms = event_median_ms(&gpu, 30, 8, || prepass_then_kernel(&mut vt2));
                 cool();
-                let v_ms = event_median_ms(&gpu, 30, 8, || {
-                    fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse).unwrap()
-                });
+                let v_ms = event_median_ms(&gpu, 30, 8, &in_kernel_transpose);
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
                 // FP8_BENCH_GAP=1: where a call with the pre-pass loses time beyond the pre-pass
                 // and the kernel timed apart. Twice, alternating: the pre-pass into a Vᵀ the
@@ -629,43 +634,32 @@ fn fp8_bench() {
                     let scratch = DeviceBuffer::zeros(&gpu, n).unwrap();
                     for round in 0..2 {
                         cool();
-                        let in_kernel_first = event_median_ms(&gpu, 30, 8, || {
-                            fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
-                                .unwrap()
-                        });
+                        let in_kernel_first = event_median_ms(&gpu, 30, 8, &in_kernel_transpose);
                         cool();
                         let other = event_median_ms(&gpu, 30, 8, || {
                             fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
-                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
+                            kernel_on(&vt)
                         });
                         cool();
                         let memset = event_median_ms(&gpu, 30, 8, || {
                             scratch.fill_bytes(0x11).unwrap();
-                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
+                            kernel_on(&vt)
                         });
                         cool();
                         let memset_alone = event_median_ms(&gpu, 30, 8, || {
                             scratch.fill_bytes(0x11).unwrap();
                         });
                         cool();
-                        let with_vt = event_median_ms(&gpu, 30, 8, || {
-                            fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
-                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse)
-                                .unwrap()
-                        });
+                        let with_vt =
+                            event_median_ms(&gpu, 30, 8, || prepass_then_kernel(&mut vt2));
                         cool();
-                        let alone = event_median_ms(&gpu, 30, 8, || {
-                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
-                        });
+                        let alone = event_median_ms(&gpu, 30, 8, || kernel_on(&vt));
                         cool();
-                        let in_kernel = event_median_ms(&gpu, 30, 8, || {
-                            fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
-                                .unwrap()
-                        });
+                        let in_kernel = event_median_ms(&gpu, 30, 8, &in_kernel_transpose);
                         // Both ways must agree after these runs (the same scores, V in another
                         // layout).
                         let o_vtk = out.download().unwrap().to_f32_vec();
-                        fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap();
+                        kernel_on(&vt);
                         let o_vt = out.download().unwrap().to_f32_vec();
                         let diff = o_vtk
                             .iter()
@@ -693,20 +687,11 @@ fn fp8_bench() {
                     for t in tunes.split(';').filter(|t| !t.is_empty()) {
                         std::env::set_var("FLASHATTN_FP8_TUNE", t);
                         cool();
-                        let ms = event_median_ms(&gpu, 20, 8, || {
-                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt, &opts, &out, &lse).unwrap()
-                        });
+                        let ms = event_median_ms(&gpu, 20, 8, || kernel_on(&vt));
                         cool();
-                        let vk_ms = event_median_ms(&gpu, 20, 8, || {
-                            fa3_fp8::attention_into_raw_v(&gpu, &dq, &dk, &dv, &opts, &out, &lse)
-                                .unwrap()
-                        });
+                        let vk_ms = event_median_ms(&gpu, 20, 8, &in_kernel_transpose);
                         cool();
-                        let pk_ms = event_median_ms(&gpu, 20, 8, || {
-                            fa3_fp8::transpose_v_into(&gpu, &dv, &mut vt2).unwrap();
-                            fa3_fp8::attention_into(&gpu, &dq, &dk, &vt2, &opts, &out, &lse)
-                                .unwrap()
-                        });
+                        let pk_ms = event_median_ms(&gpu, 20, 8, || prepass_then_kernel(&mut vt2));
                         println!(
                             "TUNE d={d} causal={} seq={s} {t}: kernel {:.1} pre-pass+kernel {:.1} \
                              vtk {:.1} TFLOP/s (default {:.1} / {:.1} / {:.1})",
