@@ -55,7 +55,8 @@ pub fn in_kernel_transpose(sk: usize, causal: bool) -> bool {
 /// more than the transpose's shared-memory traffic inside a kernel that already has less work
 /// per tile. H100, d = 64 / 128 / 256 (bench/RESULTS.md "Step 22", three rounds), against
 /// pre-pass + kernel: 1k plain −1..+15%, 1k causal +5..12%, 2k causal +2..13%; 2k plain
-/// −6..0%, 4k plain −10..0%, 4k causal −9..+4%.
+/// −6..0%, 4k plain −10..0%, 4k causal −9..+4%. H200, alternating rounds (d = 128 / 256 at
+/// 4k, "Step 33b"): the in-kernel transpose 5–17% slower than the pre-pass path.
 pub fn vtk_by_default(sk: usize, causal: bool) -> bool {
     sk <= if causal {
         VTK_MAX_SK_CAUSAL
