@@ -626,11 +626,11 @@ fn fp8_bench() {
                 let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
                 // FP8_BENCH_GAP=1: what the pre-pass adds to a call. The columns above run in a
                 // fixed order, so their differences also carry the GPU's power state
-                // (bench/RESULTS.md "Step 33b"). Twice, alternating: the pre-pass into a Vᵀ the
-                // kernel does not read (its presence without the data dependency), a memset of
-                // V's size (dirty L2 lines without the pre-pass), the memset alone, the
-                // pre-pass + kernel and the kernel alone again as the reference, and the
-                // in-kernel transpose (the other way to take V per call).
+                // (bench/RESULTS.md "Step 33b"). Two rounds, each in this order: the in-kernel
+                // transpose, the pre-pass into a Vᵀ the kernel does not read (its presence
+                // without the data dependency), a memset of V's size (dirty L2 lines without the
+                // pre-pass), the memset alone, the pre-pass + kernel, the kernel alone, and the
+                // in-kernel transpose again (after the round's sustained load).
                 if std::env::var("FP8_BENCH_GAP").as_deref() == Ok("1") {
                     let scratch = DeviceBuffer::zeros(&gpu, n).unwrap();
                     for round in 0..2 {
